@@ -1,0 +1,1 @@
+"""Host-side data: TFDS builders, grain pipelines, tokenizer and transforms."""

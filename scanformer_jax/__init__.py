@@ -1,0 +1,1 @@
+"""ScanFormer in JAX/Flax: referring expression comprehension by iterative scanning."""

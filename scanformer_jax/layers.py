@@ -1,0 +1,186 @@
+"""ViLT building blocks shared by ScanFormer and the plain ViLT forward.
+
+Parameter names here are the project's parameter layout: `vilt.py` (weight import)
+and `model.py` both build on these modules, so a converted ViLT checkpoint loads
+into ScanFormer by name.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scanformer_jax.config import ModelConfig
+
+# Additive attention bias of a key that must get zero weight. Finite so that a row
+# whose keys are all masked gives a uniform (not NaN) softmax; exp(-1e9) is exactly
+# 0 in float32 next to any real logit.
+NEG_INF = -1e9
+
+# GELU as in BERT/ViLT (erf form, not the tanh approximation).
+gelu = functools.partial(nn.gelu, approximate=False)
+
+
+def dense(cfg: ModelConfig, features: int, name: str) -> nn.Dense:
+  return nn.Dense(
+      features, dtype=cfg.compute_dtype, param_dtype=jnp.float32, name=name,
+      kernel_init=nn.initializers.normal(cfg.initializer_range))
+
+
+def layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype,
+                      param_dtype=jnp.float32, name=name)
+
+
+def embed(cfg: ModelConfig, num: int, name: str) -> nn.Embed:
+  return nn.Embed(num, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+                  embedding_init=nn.initializers.normal(cfg.initializer_range), name=name)
+
+
+class TextEmbeddings(nn.Module):
+  """BERT embeddings: word + position + token type, then LayerNorm."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, text_ids: jax.Array,
+               token_type_ids: Optional[jax.Array] = None) -> jax.Array:
+    cfg = self.cfg
+    _, length = text_ids.shape
+    if length > cfg.max_text_len:
+      raise ValueError(f"text length {length} exceeds max_text_len {cfg.max_text_len}")
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(text_ids)
+    x = embed(cfg, cfg.vocab_size, "word")(text_ids)  # [B, L, D]
+    x = x + embed(cfg, cfg.max_text_len, "position")(jnp.arange(length))[None]
+    x = x + embed(cfg, cfg.type_vocab_size, "token_type")(token_type_ids)
+    return layer_norm(cfg, "norm")(x)
+
+
+class PatchEmbed(nn.Module):
+  """Linear projection of flattened patches; kernel in conv layout [p, p, 3, D]."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, patches: jax.Array) -> jax.Array:
+    """patches: [..., p*p*3] pixels in (row, col, channel) order -> [..., D]."""
+    cfg = self.cfg
+    p, d = cfg.patch_size, cfg.hidden_size
+    fan_in = p * p * 3
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, 3, d), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
+    dtype = cfg.compute_dtype
+    out = jnp.dot(patches.astype(dtype), kernel.reshape(fan_in, d).astype(dtype))
+    return out + bias.astype(dtype)
+
+
+def patchify(image: jax.Array, patch_size: int) -> jax.Array:
+  """[B, H, W, C] -> [B, (H/p)*(W/p), p*p*C], patches in row-major order."""
+  b, h, w, c = image.shape
+  p = patch_size
+  x = image.reshape(b, h // p, p, w // p, p, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5)  # [B, gh, gw, p, p, C]
+  return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def interpolation_matrix(out_size: int, in_size: int) -> np.ndarray:
+  """[out, in] weights of 1-D linear interpolation with align_corners=True."""
+  if out_size == 1:
+    coords = np.zeros((1,))
+  else:
+    coords = np.arange(out_size) * ((in_size - 1) / (out_size - 1))
+  lower = np.clip(np.floor(coords).astype(np.int64), 0, in_size - 1)
+  upper = np.clip(lower + 1, 0, in_size - 1)
+  frac = coords - lower
+  weights = np.zeros((out_size, in_size), np.float64)
+  weights[np.arange(out_size), lower] += 1.0 - frac
+  weights[np.arange(out_size), upper] += frac
+  return weights.astype(np.float32)
+
+
+def interpolate_pos_grid(grid: jax.Array, out_h: int, out_w: int) -> jax.Array:
+  """Bilinear (align_corners=True) resize of a position grid [g, g, D] -> [h, w, D]."""
+  gh, gw, _ = grid.shape
+  rows = jnp.asarray(interpolation_matrix(out_h, gh))  # [h, g]
+  cols = jnp.asarray(interpolation_matrix(out_w, gw))  # [w, g]
+  return jnp.einsum("hi,ijd,wj->hwd", rows, grid, cols,
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+  """Scaled dot-product attention with an additive bias, softmax in float32.
+
+  q: [B, Tq, H, Dh]; k, v: [B, Tk, H, Dh]; bias broadcastable to [B, H, Tq, Tk].
+  Returns [B, Tq, H, Dh].
+  """
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  logits = logits * scale + bias
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+class Attention(nn.Module):
+  """Multi-head attention whose keys/values are a cache plus the queries' own tokens."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, bias: jax.Array,
+               past: Optional[tuple[jax.Array, jax.Array]] = None):
+    """x: [B, T, D] (normed); bias: [B, 1, T|1, Tc+T]; past: ([B, Tc, H, Dh]) * 2.
+
+    Returns (out [B, T, D], (k, v) of x's own tokens [B, T, H, Dh] each).
+    """
+    cfg = self.cfg
+    b, t, _ = x.shape
+    split = lambda y: y.reshape(b, t, cfg.num_heads, cfg.head_dim)
+    q = split(dense(cfg, cfg.hidden_size, "query")(x))
+    k = split(dense(cfg, cfg.hidden_size, "key")(x))
+    v = split(dense(cfg, cfg.hidden_size, "value")(x))
+    if past is None:
+      keys, values = k, v
+    else:
+      keys = jnp.concatenate([past[0].astype(k.dtype), k], axis=1)
+      values = jnp.concatenate([past[1].astype(v.dtype), v], axis=1)
+    chex.assert_shape(bias, (None, 1, None, keys.shape[1]))
+    out = attend(q, keys, values, bias).reshape(b, t, cfg.hidden_size)
+    return dense(cfg, cfg.hidden_size, "out")(out), (k, v)
+
+
+class Mlp(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = gelu(dense(self.cfg, self.cfg.mlp_dim, "fc1")(x))
+    return dense(self.cfg, self.cfg.hidden_size, "fc2")(x)
+
+
+class EncoderLayer(nn.Module):
+  """Pre-LN transformer layer (ViLT): x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, bias: jax.Array,
+               past: Optional[tuple[jax.Array, jax.Array]] = None):
+    """Returns (y [B, T, D], (k, v) of this layer for x's tokens)."""
+    chex.assert_rank(x, 3)
+    attn_out, kv = Attention(self.cfg, name="attn")(
+        layer_norm(self.cfg, "norm_attn")(x), bias, past)
+    x = x + attn_out
+    x = x + Mlp(self.cfg, name="mlp")(layer_norm(self.cfg, "norm_mlp")(x))
+    return x, kv
+
+
+def final_norm(cfg: ModelConfig) -> nn.LayerNorm:
+  """The backbone's closing LayerNorm (ViLT `layernorm`)."""
+  return layer_norm(cfg, "final_norm")
