@@ -27,18 +27,18 @@ NEG_INF = -1e9
 gelu = functools.partial(nn.gelu, approximate=False)
 
 
-def dense(cfg: ModelConfig, features: int, name: str) -> nn.Dense:
+def dense(cfg: ModelConfig, features: int, name: Optional[str] = None) -> nn.Dense:
   return nn.Dense(
       features, dtype=cfg.compute_dtype, param_dtype=jnp.float32, name=name,
       kernel_init=nn.initializers.normal(cfg.initializer_range))
 
 
-def layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
+def layer_norm(cfg: ModelConfig, name: Optional[str] = None) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype,
                       param_dtype=jnp.float32, name=name)
 
 
-def embed(cfg: ModelConfig, num: int, name: str) -> nn.Embed:
+def embed(cfg: ModelConfig, num: int, name: Optional[str] = None) -> nn.Embed:
   return nn.Embed(num, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
                   embedding_init=nn.initializers.normal(cfg.initializer_range), name=name)
 

@@ -1,0 +1,58 @@
+"""Prediction heads: patch selection (after Encoder1), box and IoU (on REG tokens)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from scanformer_jax.config import ModelConfig
+from scanformer_jax.layers import dense, layer_norm
+
+
+class SelectionHead(nn.Module):
+  """LayerNorm + Dense -> one logit per patch: take this patch's children?"""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, N, D] -> [B, N] float32 logits."""
+    x = layer_norm(self.cfg, "norm")(x)
+    return dense(self.cfg, 1, "logit")(x)[..., 0].astype(jnp.float32)
+
+
+class Mlp(nn.Module):
+  """`depth - 1` hidden ReLU layers of width hidden_size, then `out` features."""
+
+  cfg: ModelConfig
+  depth: int
+  out: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for i in range(self.depth - 1):
+      x = nn.relu(dense(self.cfg, self.cfg.hidden_size, f"hidden_{i}")(x))
+    return dense(self.cfg, self.out, "out")(x).astype(jnp.float32)
+
+
+class BoxHead(nn.Module):
+  """REG feature -> normalized (cx, cy, w, h) in (0, 1)."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, reg: jax.Array) -> jax.Array:
+    """reg: [B, D] -> [B, 4]."""
+    return jax.nn.sigmoid(Mlp(self.cfg, self.cfg.box_head_layers, 4, name="mlp")(reg))
+
+
+class IouHead(nn.Module):
+  """REG feature -> predicted IoU of this scale's box (an early-exit signal)."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, reg: jax.Array) -> jax.Array:
+    """reg: [B, D] -> [B]."""
+    return jax.nn.sigmoid(Mlp(self.cfg, 2, 1, name="mlp")(reg)[..., 0])
