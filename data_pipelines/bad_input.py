@@ -1,0 +1,115 @@
+"""Bad samples: what counts as bad, and the per-epoch counts that get logged.
+
+A sample is bad when its image does not decode, its expression is empty, or its box
+has zero area or lies outside the image. Bad samples are skipped (training) or
+turned into `valid=False` rows (evaluation), counted by reason, and the counts are
+logged once per epoch. If more than `max_bad_fraction` of the samples seen in an
+epoch are bad, the pipeline stops with a `DataError` naming the dataset.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from data_pipelines.contract import BAD_REASONS
+from data_pipelines.errors import DataError
+
+log = logging.getLogger("data_pipelines")
+
+# Boxes may stick out of the image by this many pixels (COCO rounding) before
+# they count as "outside the image"; they are clipped to the image.
+BOX_TOLERANCE_PX = 1.0
+
+
+class BadSample(Exception):
+  """Raised by a per-sample transform; `reason` is one of BAD_REASONS."""
+
+  def __init__(self, reason: str, detail: str = ""):
+    assert reason in BAD_REASONS, reason
+    super().__init__(f"{reason}: {detail}")
+    self.reason = reason
+    self.detail = detail
+
+
+def check_expression(text: str) -> str:
+  text = " ".join(str(text).split())
+  if not text:
+    raise BadSample("expression", "empty expression")
+  return text
+
+
+def check_box(box_xyxy: np.ndarray, width: int, height: int) -> np.ndarray:
+  """Validates a pixel (x0, y0, x1, y1) box against the image; returns it clipped."""
+  box = np.asarray(box_xyxy, np.float64)
+  if box.shape != (4,) or not np.all(np.isfinite(box)):
+    raise BadSample("box", f"malformed box {box!r}")
+  x0, y0, x1, y1 = box
+  if x1 - x0 <= 0 or y1 - y0 <= 0:
+    raise BadSample("box", f"zero-area box {box.tolist()}")
+  t = BOX_TOLERANCE_PX
+  if x0 < -t or y0 < -t or x1 > width + t or y1 > height + t:
+    raise BadSample("box", f"box {box.tolist()} outside the {width}x{height} image")
+  out = np.array([max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)])
+  if out[2] - out[0] <= 0 or out[3] - out[1] <= 0:
+    raise BadSample("box", f"box {box.tolist()} has no area inside the image")
+  return out
+
+
+class SkipStats:
+  """Counts good/bad/truncated samples per epoch, logs them, enforces the limit."""
+
+  def __init__(self, name: str, max_bad_fraction: float):
+    self.name = name
+    self.max_bad_fraction = max_bad_fraction
+    self.epoch = None  # epoch currently being counted
+    self.good = 0
+    self.bad = np.zeros(len(BAD_REASONS), np.int64)
+    self.truncated = 0
+    self.totals = {"good": 0, "truncated": 0, **{r: 0 for r in BAD_REASONS}}
+
+  def update(self, epoch: int, good: int, bad: np.ndarray, truncated: int) -> None:
+    if self.epoch is None:
+      self.epoch = epoch
+    elif epoch > self.epoch:
+      self.end_epoch()
+      self.epoch = epoch
+    self.good += int(good)
+    self.bad += np.asarray(bad, np.int64)
+    self.truncated += int(truncated)
+    self.totals["good"] += int(good)
+    self.totals["truncated"] += int(truncated)
+    for r, n in zip(BAD_REASONS, np.asarray(bad).tolist()):
+      self.totals[r] += int(n)
+    # Fail early on a clearly broken dataset instead of at the end of an epoch.
+    if self.good + self.bad.sum() >= 1000:
+      self._check()
+
+  def _check(self) -> None:
+    seen = self.good + int(self.bad.sum())
+    if seen and self.bad.sum() / seen > self.max_bad_fraction:
+      raise DataError(
+          f"{self.name}: {int(self.bad.sum())} of {seen} samples are bad "
+          f"({self._reasons()}), more than max_bad_fraction="
+          f"{self.max_bad_fraction}. Check the dataset (`scanformer data inspect`) "
+          "or raise max_bad_fraction if this is expected.")
+
+  def _reasons(self) -> str:
+    return ", ".join(f"{r}: {int(n)}" for r, n in zip(BAD_REASONS, self.bad))
+
+  def end_epoch(self) -> None:
+    """Logs this epoch's counts and checks the bad fraction."""
+    if self.epoch is None:
+      return
+    nbad = int(self.bad.sum())
+    if nbad or self.truncated:
+      log.warning("%s epoch %d: %d samples used, %d bad skipped (%s), %d expressions "
+                  "truncated", self.name, self.epoch, self.good, nbad, self._reasons(),
+                  self.truncated)
+    else:
+      log.info("%s epoch %d: %d samples used, none bad", self.name, self.epoch, self.good)
+    self._check()
+    self.good = 0
+    self.bad[:] = 0
+    self.truncated = 0
