@@ -1,0 +1,105 @@
+"""Training objective (DESIGN.md section 4), as a total plus a dict of named terms.
+
+    total = sum_s w_s * (l1_weight * L1_s + giou_weight * (1 - GIoU_s))
+          + ratio_weight * sum_{s>=1} mean_b (keep_{s,b} - target_ratio[s])^2
+          + iou_weight * sum_s mean_b |pred_iou_s - stop_gradient(IoU_s)|   (IoU head)
+
+Box terms average over valid samples only (rows with `valid=False` weigh nothing).
+`keep_{s,b}` is the fraction of scale-s patches sample b took; in the dense training
+path the taken masks are hard 0/1 with straight-through gradients, so the ratio term
+trains the selection head.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from scanformer_jax import box_ops
+from scanformer_jax.experiment import LossConfig
+
+
+def _masked_mean(x: jax.Array, weight: jax.Array) -> jax.Array:
+  """Mean of `x [B]` over rows with weight 1 (0 when there are none)."""
+  return jnp.sum(x * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
+def keep_ratios(taken: Sequence[jax.Array]) -> jax.Array:
+  """Per-sample fraction of patches taken at every scale: tuple of [B, N_s] -> [B, S]."""
+  return jnp.stack([t.astype(jnp.float32).mean(axis=-1) for t in taken], axis=-1)
+
+
+def scale_weights(cfg: LossConfig, num_scales: int) -> tuple[float, ...]:
+  weights = cfg.scale_weights or (1.0,) * num_scales
+  if len(weights) != num_scales:
+    raise ValueError(f"loss.scale_weights needs {num_scales} entries, got {weights}")
+  return tuple(weights)
+
+
+def box_losses(boxes: jax.Array, gt: jax.Array, valid: jax.Array
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per-scale L1 (summed over the 4 coordinates), 1 - GIoU and IoU.
+
+  boxes [B, S, 4] and gt [B, 4] in normalized cx, cy, w, h; valid [B].
+  Returns (l1 [S], giou_loss [S], iou [B, S]); the first two are valid-sample means.
+  """
+  chex.assert_rank(boxes, 3)
+  chex.assert_shape(gt, (boxes.shape[0], 4))
+  gt = gt[:, None, :].astype(jnp.float32)  # [B, 1, 4]
+  boxes = boxes.astype(jnp.float32)
+  weight = valid.astype(jnp.float32)[:, None]  # [B, 1]
+  l1 = jnp.abs(boxes - gt).sum(-1)  # [B, S]
+  giou = box_ops.giou_cxcywh(boxes, gt)  # [B, S]
+  iou = box_ops.iou_cxcywh(boxes, gt)  # [B, S]
+  denom = jnp.maximum(weight.sum(), 1.0)
+  return (l1 * weight).sum(0) / denom, ((1.0 - giou) * weight).sum(0) / denom, iou
+
+
+def ratio_loss(keep: jax.Array, target: Sequence[float], valid: jax.Array) -> jax.Array:
+  """sum_{s>=1} mean_b (keep[b, s] - target[s])^2; keep [B, S]."""
+  chex.assert_rank(keep, 2)
+  if len(target) != keep.shape[1]:
+    raise ValueError(f"loss.target_ratio needs {keep.shape[1]} entries, got {tuple(target)}")
+  sq = (keep - jnp.asarray(target, jnp.float32)[None]) ** 2  # [B, S]
+  weight = valid.astype(jnp.float32)
+  return sum(_masked_mean(sq[:, s], weight) for s in range(1, keep.shape[1]))
+
+
+def scanformer_loss(out: Any, gt_box: jax.Array, valid: jax.Array, cfg: LossConfig
+                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The training loss of one batch and its named terms (all scalars).
+
+  `out` is the model output (boxes, taken, pred_iou). Terms: `l1`, `giou` (summed
+  over scales with w_s, unweighted by l1/giou weights), `l1_s{k}`, `giou_s{k}`,
+  `ratio`, `iou_head` (when the model has the head), `keep_s{k}` (mean keep ratio,
+  a metric) and `iou_s{k}` (mean IoU with the ground truth, a metric).
+  """
+  boxes = out.boxes  # [B, S, 4]
+  num_scales = boxes.shape[1]
+  weights = jnp.asarray(scale_weights(cfg, num_scales), jnp.float32)  # [S]
+  l1, giou_loss, iou = box_losses(boxes, gt_box, valid)
+  keep = keep_ratios(out.taken)  # [B, S]
+  terms = {
+      "l1": jnp.sum(weights * l1),
+      "giou": jnp.sum(weights * giou_loss),
+      "ratio": ratio_loss(keep, cfg.target_ratio, valid),
+  }
+  total = (cfg.l1_weight * terms["l1"] + cfg.giou_weight * terms["giou"]
+           + cfg.ratio_weight * terms["ratio"])
+  pred_iou = getattr(out, "pred_iou", None)
+  if pred_iou is not None:
+    chex.assert_equal_shape([pred_iou, iou])
+    err = jnp.abs(pred_iou.astype(jnp.float32) - jax.lax.stop_gradient(iou))  # [B, S]
+    weight = valid.astype(jnp.float32)
+    terms["iou_head"] = sum(_masked_mean(err[:, s], weight) for s in range(num_scales))
+    total = total + cfg.iou_weight * terms["iou_head"]
+  weight = valid.astype(jnp.float32)
+  for s in range(num_scales):
+    terms[f"l1_s{s}"] = l1[s]
+    terms[f"giou_s{s}"] = giou_loss[s]
+    terms[f"keep_s{s}"] = _masked_mean(keep[:, s], weight)
+    terms[f"iou_s{s}"] = _masked_mean(iou[:, s], weight)
+  return total, terms

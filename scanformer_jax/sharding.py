@@ -1,0 +1,117 @@
+"""Device mesh, shardings and host-to-device batches (single- and multi-host).
+
+Mesh axes are `("data", "fsdp")`. The batch is split over both axes (FSDP is data
+parallel too); parameters are replicated, or with `fsdp > 1` the big ones are split
+on `fsdp` along their largest divisible dimension (optimizer moments follow, since
+the rule only looks at shapes). Each process feeds its own rows of the global batch
+with `jax.make_array_from_process_local_data`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils, multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from scanformer_jax.errors import UserError
+from scanformer_jax.experiment import MeshConfig
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def initialize_distributed(cfg: MeshConfig) -> None:
+  """`jax.distributed.initialize` when `mesh.distributed` is set (before any jax use).
+
+  Unset address/count/id fields are auto-detected (Cloud TPU, SLURM, ...). On CPU the
+  cross-process collectives are gloo (jax's default `jax_cpu_collectives_implementation`).
+  """
+  if not cfg.distributed or jax.distributed.is_initialized():
+    return
+  jax.distributed.initialize(
+      coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
+      process_id=cfg.process_id)
+
+
+def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """A `(data, fsdp)` mesh over `devices` (default: every device of every process)."""
+  devices = list(jax.devices() if devices is None else devices)
+  fsdp = cfg.fsdp
+  if fsdp < 1 or len(devices) % fsdp:
+    raise UserError(f"mesh.fsdp={fsdp} must divide the device count {len(devices)}")
+  data = len(devices) // fsdp if cfg.data == -1 else cfg.data
+  if data * fsdp != len(devices):
+    raise UserError(f"mesh.data * mesh.fsdp = {data} * {fsdp} must equal the device count "
+                    f"{len(devices)} (use mesh.data=-1 to take the rest)")
+  try:
+    grid = mesh_utils.create_device_mesh((data, fsdp), devices)
+  except Exception:  # pylint: disable=broad-except  # Non-TPU topologies: plain order.
+    grid = np.asarray(devices, dtype=object).reshape(data, fsdp)
+  return Mesh(grid, BATCH_AXES)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over every mesh axis."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def fsdp_spec(shape: Sequence[int], mesh: Mesh, min_size: int) -> P:
+  """Split the largest dimension divisible by the fsdp size (big_vision's rule)."""
+  size = mesh.shape["fsdp"]
+  if size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+    return P()
+  for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+    if shape[axis] % size == 0:
+      spec = [None] * len(shape)
+      spec[axis] = "fsdp"
+      return P(*spec)
+  return P()
+
+
+def tree_shardings(abstract_tree: Any, mesh: Mesh, cfg: MeshConfig) -> Any:
+  """NamedSharding for every leaf of a (shape-only) pytree: FSDP rule or replicated."""
+  def leaf_sharding(x):
+    return NamedSharding(mesh, fsdp_spec(getattr(x, "shape", ()), mesh, cfg.fsdp_min_size))
+  return jax.tree.map(leaf_sharding, abstract_tree)
+
+
+def check_batch_size(global_batch: int, mesh: Mesh, what: str) -> int:
+  """Rows this process feeds per step; the global batch must split evenly."""
+  shards = mesh.size
+  if global_batch % shards or global_batch % jax.process_count():
+    raise UserError(f"{what} {global_batch} must be divisible by the number of devices "
+                    f"({shards}) and processes ({jax.process_count()})")
+  return global_batch // jax.process_count()
+
+
+def process_rows(mesh: Mesh, global_batch: int) -> slice:
+  """The contiguous rows of the global batch that live on this process's devices."""
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
+  starts = [idx[0].start or 0 for idx in index_map.values()]
+  stops = [global_batch if idx[0].stop is None else idx[0].stop for idx in index_map.values()]
+  start, stop = min(starts), max(stops)
+  if stop - start != global_batch // jax.process_count():
+    raise ValueError("this process's batch rows are not contiguous on the mesh")
+  return slice(start, stop)
+
+
+def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Process-local numpy rows -> global arrays sharded on the batch axes."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+def fetch(tree: Any) -> Any:
+  """Device arrays -> host numpy (gathers across processes when needed)."""
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+  return jax.tree.map(get, tree)
