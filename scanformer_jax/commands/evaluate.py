@@ -1,0 +1,77 @@
+"""`scanformer eval --workdir W [--config PATH] [--split S ...] [--json PATH]`.
+
+Evaluates the newest readable checkpoint of W (or `--step N`) with the sparse path on
+each split (default: the config's `data.eval_splits`) and prints one line per split;
+`--json` writes `{split: report}` (see scanformer_jax/evaluate.py for the keys).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from scanformer_jax import commands
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="scanformer eval",
+                                   description="Evaluate a workdir's checkpoint.")
+  commands.add_config_args(parser, config_required=False)
+  parser.add_argument("--split", action="append", default=[],
+                      help="split to evaluate (repeatable or comma-separated); "
+                      "default: data.eval_splits")
+  parser.add_argument("--json", metavar="PATH", help="write the reports here")
+  parser.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+  parser.add_argument("--no-progress", action="store_true")
+  return parser
+
+
+def format_report(split: str, r: dict) -> str:
+  if not r.get("count"):
+    return f"{split}: no samples"
+  per_scale = " ".join(f"{a:.3f}" for a in r["acc@0.5_per_scale"])
+  keep = " ".join(f"{k:.2f}" for k in r["keep_ratio"])
+  return (f"{split}: acc@0.5 {r['acc@0.5']:.4f} (per scale {per_scale}) "
+          f"mIoU {r['mean_iou']:.4f} keep [{keep}] dropped {r['num_dropped']:.2f} "
+          f"GFLOPs {r['gflops_sparse']:.3f} sparse / {r['gflops_dense']:.3f} dense "
+          f"{r['samples_per_s']:.1f} samples/s n={r['count']}")
+
+
+def main(argv: list[str]) -> int:
+  args = _parser().parse_args(argv)
+  commands.setup_logging(args.verbose)
+
+  def body() -> int:
+    config = commands.resolve_config(args.config, args.workdir, args.overrides)
+    from scanformer_jax import sharding  # pylint: disable=g-import-not-at-top
+    sharding.initialize_distributed(config.mesh)
+    import jax  # pylint: disable=g-import-not-at-top
+    from scanformer_jax import checkpointing, train_state, trainer  # pylint: disable=g-import-not-at-top
+    splits = [s for item in args.split for s in item.split(",") if s] or list(
+        config.data.eval_splits)
+    mesh = sharding.make_mesh(config.mesh)
+    cfg = config.model.architecture()
+    abstract = train_state.abstract_params(cfg)
+    shardings = sharding.tree_shardings(abstract, mesh, config.mesh)
+    ckpt_dir = trainer.workdir_paths(args.workdir)["checkpoints"]
+    if not os.path.isdir(ckpt_dir):
+      from scanformer_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+      raise UserError(f"no checkpoints in {args.workdir}: train first with "
+                      f"`scanformer train --config ... --workdir {args.workdir}`")
+    ckpt = checkpointing.Checkpointer(ckpt_dir, config.checkpoint, read_only=True)
+    params, step = ckpt.restore_params(abstract, shardings, args.step)
+    reports = trainer.evaluate_params(config, params, mesh, shardings, splits,
+                                      progress=not args.no_progress)
+    if jax.process_index() == 0:
+      print(f"checkpoint step {step}")
+      for split, report in reports.items():
+        print(format_report(split, report))
+      if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+          json.dump(reports, f, indent=2)
+          f.write("\n")
+    return 0
+
+  return commands.run("scanformer eval", body)

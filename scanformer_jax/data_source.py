@@ -1,0 +1,56 @@
+"""The seam between experiments and the host data pipelines.
+
+Turns `DataConfig` + mesh into this process's batch iterators: the grain pipelines
+of `data_pipelines` for real and synthetic datasets, or `fake_data` for
+`data.dataset="fake"`. Training iterators are grain `DatasetIterator`s (their state
+goes into checkpoints); evaluation yields every expression once, padded batches.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Iterator
+
+from jax.sharding import Mesh
+
+from scanformer_jax import fake_data, sharding as sharding_lib
+from scanformer_jax.experiment import ExperimentConfig
+
+FAKE = "fake"
+FAKE_TRAIN_EXAMPLES = 4096
+FAKE_EVAL_EXAMPLES = 64
+
+
+def train_iterator(config: ExperimentConfig, mesh: Mesh):
+  """Endless training batches of this process's rows (a checkpointable iterator)."""
+  model, data = config.model, config.data
+  global_batch = config.train.batch_size
+  sharding_lib.check_batch_size(global_batch, mesh, "train.batch_size")
+  if data.dataset == FAKE:
+    rows = sharding_lib.process_rows(mesh, global_batch)
+    ds = fake_data.train_dataset(data.seed, FAKE_TRAIN_EXAMPLES, model.image_size,
+                                 model.max_text_len, global_batch, rows)
+    return iter(ds)
+  from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
+  return iter(pipeline.train_dataset(**_pipeline_kwargs(config, global_batch)))
+
+
+def eval_batches(config: ExperimentConfig, split: str, mesh: Mesh) -> Iterator[dict]:
+  """Every expression of `split` once, in fixed order, padded to full batches."""
+  model, data = config.model, config.data
+  global_batch = config.eval.batch_size
+  sharding_lib.check_batch_size(global_batch, mesh, "eval.batch_size")
+  if data.dataset == FAKE:
+    rows = sharding_lib.process_rows(mesh, global_batch)
+    seed = data.seed + 1 + zlib.crc32(split.encode()) % 1000
+    return iter(fake_data.eval_dataset(seed, FAKE_EVAL_EXAMPLES, model.image_size,
+                                       model.max_text_len, global_batch, rows))
+  from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
+  kwargs = _pipeline_kwargs(config, global_batch)
+  return iter(pipeline.eval_dataset(split=split, **kwargs))
+
+
+def _pipeline_kwargs(config: ExperimentConfig, global_batch: int) -> dict:
+  del global_batch
+  raise NotImplementedError("data_pipelines.pipeline is not wired yet")
+

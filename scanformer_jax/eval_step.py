@@ -1,0 +1,54 @@
+"""The jitted evaluation step: sparse scan, per-sample, per-scale results.
+
+Compiled once per (config, batch shape): the last, partial batch is padded by the
+pipeline (`valid=False`), so every batch has the same shape. Outputs stay per sample
+so the host can drop padding rows and apply early-exit criteria afterwards.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from scanformer_jax import box_ops, sharding as sharding_lib
+from scanformer_jax.config import ModelConfig
+from scanformer_jax.model import ScanFormer
+
+
+class EvalStep:
+  """`step(params, batch) -> dict` of per-sample arrays; counts its traces."""
+
+  def __init__(self, cfg: ModelConfig, mesh: Mesh, param_shardings: Any):
+    self.cfg = cfg
+    self.num_traces = 0
+    self._model = ScanFormer(cfg)
+    batch_sh = sharding_lib.batch_sharding(mesh)
+    self._jitted = jax.jit(self._step, in_shardings=(param_shardings, batch_sh),
+                           out_shardings=batch_sh)
+
+  def _step(self, params, batch) -> dict[str, jax.Array]:
+    self.num_traces += 1  # Runs at trace time only.
+    cfg = self.cfg
+    out = self._model.apply({"params": params}, batch["image"], batch["text_ids"],
+                            batch["text_mask"], mode="sparse")
+    b = batch["image"].shape[0]
+    chex.assert_shape(out.boxes, (b, cfg.num_scales, 4))
+    result = {
+        "boxes": out.boxes,  # [B, S, 4]
+        "iou": box_ops.iou_cxcywh(out.boxes, batch["box"][:, None, :]),  # [B, S]
+        "taken": jnp.stack([t.sum(-1) for t in out.taken], axis=1).astype(jnp.int32),  # [B,S]
+        "num_dropped": out.num_dropped.astype(jnp.int32),  # [B, S]
+        "text_len": batch["text_mask"].sum(-1).astype(jnp.int32),  # [B]
+        "valid": batch["valid"],  # [B]
+    }
+    if out.pred_iou is not None:
+      result["pred_iou"] = out.pred_iou  # [B, S]
+    return result
+
+  def __call__(self, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return self._jitted(params, batch)
+
