@@ -279,7 +279,7 @@ def save(directory: Union[str, os.PathLike], params: Mapping[str, Any], cfg: Mod
 
 
 def load(directory: Union[str, os.PathLike]) -> tuple[dict, ModelConfig]:
-  """Read what `scanformer convert-vilt` wrote: (params tree, ModelConfig)."""
+  """Read what `scanformer convert-vilt` wrote: (params tree of host numpy arrays, cfg)."""
   import orbax.checkpoint as ocp
 
   directory = os.path.abspath(os.fspath(directory))
@@ -293,7 +293,7 @@ def load(directory: Union[str, os.PathLike]) -> tuple[dict, ModelConfig]:
     cfg = config_from_json(json.load(f))
   with ocp.StandardCheckpointer() as ckptr:
     params = ckptr.restore(params_path)
-  return jax.tree.map(jnp.asarray, params), cfg
+  return jax.tree.map(np.asarray, params), cfg
 
 
 # ----------------------------------------------------------------------------- init_from
@@ -322,13 +322,16 @@ def init_scanformer_from_vilt(
   Every backbone tensor (`text_embed`, `patch_embed`, `pos_embed`, `modality_embed`,
   `layers_*`, `final_norm`) is copied; ScanFormer-only ones keep their init.
   Raises ValueError when the backbones differ, a tensor is missing or has another shape.
-  Returns (params in the input's structure, human summary).
+  Returns (params in the input's structure and array kind, human summary).
   """
   source = "params"
   vilt_cfg = None
   if isinstance(converted, (str, os.PathLike)):
     source = os.fspath(converted)
-    vilt_params, vilt_cfg = load(converted)
+    try:
+      vilt_params, vilt_cfg = load(converted)
+    except FileNotFoundError as e:
+      raise ValueError(str(e)) from None
   elif isinstance(converted, tuple):
     vilt_params, vilt_cfg = converted
   else:
@@ -362,7 +365,9 @@ def init_scanformer_from_vilt(
       errors.append(f"shape mismatch for {name}: ScanFormer {tuple(np.shape(value))} vs "
                     f"ViLT {tuple(np.shape(src))}{hint}")
       continue
-    out[path] = jnp.asarray(src, dtype=jnp.asarray(value).dtype)
+    # Host arrays stay on the host (the trainer passes fetched params), others on device.
+    as_array = np.asarray if isinstance(value, np.ndarray) else jnp.asarray
+    out[path] = as_array(src, dtype=value.dtype)
     copied.append(path)
   if errors:
     raise ValueError(f"init_from {source}: cannot load ViLT weights:\n  " + "\n  ".join(errors))
