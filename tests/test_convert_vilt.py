@@ -198,3 +198,10 @@ def test_converted_checkpoint_runs_in_scanformer(converted):
   np.testing.assert_array_equal(params["params"]["reg_tokens"], host["params"]["reg_tokens"])
   result = jax.jit(model.apply)(params, image, ids, mask)
   assert result.boxes.shape == (2, 2, 4) and np.isfinite(np.asarray(result.boxes)).all()
+
+
+def test_hf_defaults_are_vilt_b32():
+  """HF ViltConfig defaults (dandelin/vilt-b32-mlm) give ScanFormer's default config."""
+  from scanformer_jax.config import ModelConfig
+  cfg, notes = convert_vilt.config_from_hf({})
+  assert cfg == ModelConfig.vilt_b32() and not notes

@@ -273,6 +273,25 @@ def test_parity_original_ckpt(hf, tmp_path, monkeypatch, capsys):
   assert hidden <= TOL and pooled <= TOL
 
 
+class Opaque:
+  """Stands for any class a pickle would make torch.load import."""
+
+
+@needs_hf
+def test_untrusted_pickle_is_refused(tmp_path, capsys):
+  ckpt = tmp_path / "odd.ckpt"
+  torch.save({"state_dict": {}, "hyper_parameters": Opaque()}, ckpt)
+  capsys.readouterr()
+  assert convert_vilt.main(["--src", str(ckpt), "--out", str(tmp_path / "o")]) == 2
+  err = capsys.readouterr().err
+  assert "weights_only=True" in err and "Opaque" in err and "Traceback" not in err
+
+
+@needs_hf
+def test_hf_default_config_is_vilt_b32():
+  assert convert_vilt.config_from_hf(transformers.ViltConfig().to_dict())[0] == ModelConfig()
+
+
 @needs_hf
 def test_cli_report_lists_mapped_and_skipped(hf, tmp_path, capsys):
   _, src, _ = hf
