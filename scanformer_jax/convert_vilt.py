@@ -64,7 +64,8 @@ def locate(src: str) -> Source:
         config = _existing(os.path.join(src, "config.json"))
         if config is None:
           raise ConversionError(f"{src} has {name} but no config.json")
-        return Source(kind, os.path.join(src, name), config, _existing(os.path.join(src, "vocab.txt")))
+        vocab = _existing(os.path.join(src, "vocab.txt"))
+        return Source(kind, os.path.join(src, name), config, vocab)
     raise ConversionError(f"{src} holds no model.safetensors or pytorch_model.bin (a Hugging "
                           "Face ViLT directory), and is not a .ckpt file")
   if not os.path.isfile(src):

@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Union
 
 import chex
 import flax.linen as nn

@@ -92,7 +92,8 @@ def test_values_land_in_our_layout(converted):
   np.testing.assert_array_equal(params["patch_embed"]["kernel"],
                                 state["vilt.embeddings.patch_embeddings.projection.weight"]
                                 .transpose(2, 3, 1, 0))
-  np.testing.assert_array_equal(params["pos_embed"], state["vilt.embeddings.position_embeddings"][0])
+  np.testing.assert_array_equal(params["pos_embed"],
+                                state["vilt.embeddings.position_embeddings"][0])
   np.testing.assert_array_equal(params["cls_token"], state["vilt.embeddings.cls_token"][0, 0])
   np.testing.assert_array_equal(params["text_embed"]["norm"]["scale"],
                                 state["vilt.embeddings.text_embeddings.LayerNorm.weight"])
