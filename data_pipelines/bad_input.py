@@ -70,6 +70,8 @@ class SkipStats:
     self.totals = {"good": 0, "truncated": 0, **{r: 0 for r in BAD_REASONS}}
 
   def update(self, epoch: int, good: int, bad: np.ndarray, truncated: int) -> None:
+    # Epochs only move forward; with worker processes a few rows of the previous
+    # epoch may arrive late and are counted in the current one.
     if self.epoch is None:
       self.epoch = epoch
     elif epoch > self.epoch:

@@ -31,6 +31,7 @@ with fixed shapes (B rows, frame side R = the finest model scale, L text tokens)
   truncated    [B] bool         expression was cut to L tokens.
   skipped      [B, 3] int32     bad samples skipped just before this row, by reason
                                 (columns: BAD_REASONS); eval counts the row itself.
+  skipped_prev [B, 3] int32     same, for skipped samples of the previous epoch.
 
 `data_pipelines.transforms.box_to_original_pixels(box, meta)` maps predicted boxes
 back to original pixels with `scale`, `offset` and `flip`.

@@ -58,7 +58,7 @@ _META_DTYPES = {
     "object_id": np.int64, "expr_id": np.int64, "orig_size": np.int32,
     "frame_size": np.int32, "scale": np.float32, "offset": np.float32,
     "flip": np.bool_, "box_orig": np.float32, "epoch": np.int32,
-    "truncated": np.bool_, "skipped": np.int32,
+    "truncated": np.bool_, "skipped": np.int32, "skipped_prev": np.int32,
 }
 
 
@@ -101,6 +101,7 @@ def _row_meta(raw: dict[str, Any], expression: str, size_hw: tuple[int, int],
       "flip": bool(g.flip) if g else False, "box_orig": np.asarray(box, np.float32),
       "epoch": raw.get("epoch", 0), "truncated": truncated,
       "skipped": np.zeros(len(BAD_REASONS), np.int32),
+      "skipped_prev": np.zeros(len(BAD_REASONS), np.int32),
   }
 
 
@@ -208,13 +209,15 @@ class _SkipBadIterator(grain.DatasetIterator):
     super().__init__(parent)
 
   def __next__(self) -> dict:
-    skipped = np.zeros(len(BAD_REASONS), np.int32)
+    bad = []  # (epoch, reason index) of the bad samples before the next good one
     while True:
       row = next(self._parent)
       if "bad" in row:
-        skipped[BAD_REASONS.index(row["bad"])] += 1
+        bad.append((row["raw"]["epoch"], BAD_REASONS.index(row["bad"])))
         continue
-      row["meta"]["skipped"] = row["meta"]["skipped"] + skipped
+      meta = row["meta"]
+      for epoch, reason in bad:  # same epoch as this row, or the one before
+        meta["skipped" if epoch == meta["epoch"] else "skipped_prev"][reason] += 1
       return row
 
   def get_state(self) -> dict[str, Any]:
@@ -250,10 +253,15 @@ class DataIterator(grain.DatasetIterator):
     except StopIteration:
       self.stats.end_epoch()
       raise
-    meta = batch["meta"]
-    valid = batch["valid"]
-    self.stats.update(epoch=int(meta["epoch"].max()), good=int(valid.sum()),
-                      bad=meta["skipped"].sum(0), truncated=int(meta["truncated"][valid].sum()))
+    meta, valid = batch["meta"], batch["valid"]
+    for e in sorted(set(meta["epoch"].tolist())):
+      rows = meta["epoch"] == e
+      prev = meta["skipped_prev"][rows].sum(0)
+      if prev.any():
+        self.stats.update(epoch=e - 1, good=0, bad=prev, truncated=0)
+      self.stats.update(epoch=e, good=int((valid & rows).sum()),
+                        bad=meta["skipped"][rows].sum(0),
+                        truncated=int(meta["truncated"][valid & rows].sum()))
     return batch
 
   def get_state(self) -> dict[str, Any]:
@@ -271,6 +279,16 @@ class _Account(grain.IterDataset):
 
   def __iter__(self) -> DataIterator:
     return DataIterator(self._parent.__iter__(), *self._args)
+
+
+def _mp_prefetch(it: grain.IterDataset, workers: int, buffer: int) -> grain.IterDataset:
+  """grain worker processes. grain reads absl flags there; programs that do not use
+  absl (ours use argparse) never parse them, so mark them parsed (defaults)."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  return it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                     per_worker_buffer_size=buffer))
 
 
 def _per_process_batch(global_batch_size: int, process_count: int) -> int:
@@ -295,8 +313,8 @@ def make_train_iter(dataset: str, split: str, data_dir: str | os.PathLike, *,
   `source` replaces the dataset lookup with any sequence of raw samples (tests).
   """
   b = _per_process_batch(global_batch_size, process_count)
-  tok = load_tokenizer(dataset, data_dir, tokenizer_path, max_text_len)
   src = source if source is not None else sources.SampleSource(dataset, split, data_dir)
+  tok = load_tokenizer(dataset, data_dir, tokenizer_path, max_text_len)
   ds = grain.MapDataset.source(src)[process_index::process_count]
   if len(ds) < b:
     raise DataError(f"{dataset}:{split} has {len(ds)} samples for this process, fewer "
@@ -311,8 +329,7 @@ def make_train_iter(dataset: str, split: str, data_dir: str | os.PathLike, *,
   it = _SkipBad(it).batch(b, drop_remainder=True, batch_fn=collate)
   workers = default_num_workers() if num_workers is None else num_workers
   if workers > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                     per_worker_buffer_size=2))
+    it = _mp_prefetch(it, workers, 2)
   name = getattr(src, "name", dataset)
   stats = bad_input.SkipStats(f"{name} (train)", max_bad_fraction)
   return iter(_Account(it, stats, None, tok))
@@ -363,8 +380,8 @@ def make_eval_iter(dataset: str, split: str, data_dir: str | os.PathLike, *,
                    tokenize: bool = True) -> DataIterator:
   """Each expression once, fixed order, padded (see the module docstring)."""
   b = _per_process_batch(global_batch_size, process_count)
-  tok = load_tokenizer(dataset, data_dir, tokenizer_path, max_text_len) if tokenize else None
   src = source if source is not None else sources.SampleSource(dataset, split, data_dir)
+  tok = load_tokenizer(dataset, data_dir, tokenizer_path, max_text_len) if tokenize else None
   num_batches = max(1, math.ceil(len(src) / global_batch_size))
   shard = _EvalSource(src, process_index, process_count, num_batches * b)
   proc = SampleProcessor(image_size, max_text_len, tok, None)
@@ -373,7 +390,7 @@ def make_eval_iter(dataset: str, split: str, data_dir: str | os.PathLike, *,
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2))
   workers = default_num_workers() if num_workers is None else num_workers
   if workers > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    it = _mp_prefetch(it, workers, 1)
   name = getattr(src, "name", dataset)
   stats = bad_input.SkipStats(f"{name} (eval)", max_bad_fraction)
   return iter(_Account(it, stats, num_batches, tok))

@@ -193,6 +193,11 @@ class AugmentConfig:
 NO_AUGMENT = AugmentConfig(crop_prob=0.0, zoom_prob=0.0, flip_prob=0.0, jitter=0.0)
 
 
+def _uniform_between(rng: np.random.Generator, lo: float, hi: float) -> float:
+  """Uniform in [lo, hi]; lo when float rounding made the interval empty."""
+  return float(rng.uniform(lo, hi)) if hi > lo else float(lo)
+
+
 def random_geometry(rng: np.random.Generator, width: int, height: int,
                     box_xyxy: np.ndarray, frame: int, cfg: AugmentConfig) -> Geometry:
   """Random crop (containing the whole box), zoom and flip."""
@@ -204,8 +209,8 @@ def random_geometry(rng: np.random.Generator, width: int, height: int,
     fh = f * rng.uniform(0.9, 1.1)
     cw = min(width, max(fw * width, bx1 - bx0))
     ch = min(height, max(fh * height, by1 - by0))
-    cx0 = rng.uniform(max(0.0, bx1 - cw), min(bx0, width - cw))
-    cy0 = rng.uniform(max(0.0, by1 - ch), min(by0, height - ch))
+    cx0 = _uniform_between(rng, max(0.0, bx1 - cw), min(bx0, width - cw))
+    cy0 = _uniform_between(rng, max(0.0, by1 - ch), min(by0, height - ch))
     crop = (cx0, cy0, cx0 + cw, cy0 + ch)
   zoom = rng.uniform(cfg.min_zoom, 1.0) if rng.random() < cfg.zoom_prob else 1.0
   flip = bool(rng.random() < cfg.flip_prob)

@@ -1,0 +1,133 @@
+"""Synthetic scenes: deterministic, unambiguous expressions, boxes on the drawn shapes."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import numpy as np
+import pytest
+
+from data_pipelines import synthetic as S
+from data_pipelines.transforms import swap_left_right
+
+CFG = S.SceneConfig(image_size=128)
+
+
+# An independent reading of the grammar (no margins), to check what the generator says.
+def _parse_desc(words: list[str]) -> tuple:
+  size = next((w for w in words if w in S.SIZES), None)
+  color = next((w for w in words if w in S.COLORS), None)
+  shape = next((w for w in words if w in S.SHAPES), None)
+  return size, color, shape
+
+
+def _match(o: S.Obj, d: tuple) -> bool:
+  return all(v is None or getattr(o, k) == v for k, v in zip(("size", "color", "shape"), d))
+
+
+def _center(o: S.Obj) -> tuple[float, float]:
+  return (o.box[0] + o.box[2]) / 2, (o.box[1] + o.box[3]) / 2
+
+
+def denote(text: str, objs: list[S.Obj]) -> set[int]:
+  words = text.split()
+  assert words[0] == "the"
+  for rel, (axis, sign) in {"to the left of": (0, 1), "to the right of": (0, -1),
+                            "left of": (0, 1), "right of": (0, -1), "above": (1, 1),
+                            "below": (1, -1)}.items():
+    if f" {rel} the " in text:
+      head, tail = text.split(f" {rel} the ", 1)
+      anchors = [i for i, o in enumerate(objs) if _match(o, _parse_desc(tail.split()))]
+      assert len(anchors) == 1, text
+      a = anchors[0]
+      return {i for i, o in enumerate(objs) if i != a and _match(o, _parse_desc(head.split()))
+              and sign * _center(o)[axis] < sign * _center(objs[a])[axis]}
+  pair = {"on the left": ("leftmost"), "on the right": "rightmost",
+          "at the top": "topmost", "at the bottom": "bottommost"}
+  for k, v in pair.items():
+    if text.endswith(k):
+      text = "the " + v + " " + text[4:-len(k)]
+      words = text.split()
+  sup = {"leftmost": (0, -1), "rightmost": (0, 1), "topmost": (1, -1), "bottommost": (1, 1)}
+  if words[1] in sup:
+    axis, sign = sup[words[1]]
+    group = [i for i, o in enumerate(objs) if _match(o, _parse_desc(words[2:]))]
+    return {max(group, key=lambda i: sign * _center(objs[i])[axis])}
+  return {i for i, o in enumerate(objs) if _match(o, _parse_desc(words[1:]))}
+
+
+def _mirror(objs: list[S.Obj], s: int) -> list[S.Obj]:
+  return [dataclasses.replace(o, box=(s - o.box[2], o.box[1], s - o.box[0], o.box[3]))
+          for o in objs]
+
+
+def test_same_seed_same_scene_other_seed_other_scene():
+  a, b = S.make_scene(3, "train", 7, CFG), S.make_scene(3, "train", 7, CFG)
+  np.testing.assert_array_equal(a.image, b.image)
+  assert a.expressions == b.expressions and a.objects == b.objects
+  c = S.make_scene(4, "train", 7, CFG)
+  d = S.make_scene(3, "validation", 7, CFG)
+  assert not np.array_equal(a.image, c.image) and not np.array_equal(a.image, d.image)
+
+
+def test_expressions_denote_exactly_their_target_also_when_flipped():
+  kinds = collections.Counter()
+  for i in range(150):
+    sc = S.make_scene(0, "train", i, CFG)
+    for e in sc.expressions:
+      kinds[e.kind] += 1
+      assert denote(e.text, sc.objects) == {e.target}, (i, e)
+      mirrored = _mirror(sc.objects, CFG.image_size)
+      assert denote(swap_left_right(e.text), mirrored) == {e.target}, (i, e)
+  assert min(kinds.values()) >= 0.15 * sum(kinds.values()), kinds
+
+
+def test_scenes_need_the_sentence():
+  """Several objects per scene, and the two expressions of a scene differ in target,
+  so a predictor that ignores the text is wrong on at least one of them."""
+  n_objs, distinct, n = [], 0, 200
+  for i in range(n):
+    sc = S.make_scene(0, "train", i, CFG)
+    n_objs.append(len(sc.objects))
+    assert 2 <= len(sc.objects) <= CFG.max_objects
+    targets = [e.target for e in sc.expressions]
+    distinct += len(targets) == 2 and targets[0] != targets[1]
+  assert np.mean(n_objs) >= 3.0
+  assert distinct >= 0.9 * n
+
+
+def test_objects_are_small_and_mostly_background():
+  s = CFG.image_size
+  cover = []
+  for i in range(100):
+    sc = S.make_scene(0, "train", i, CFG)
+    for o in sc.objects:
+      side = o.box[2] - o.box[0]
+      assert 0.11 * s <= side <= 0.33 * s
+      assert 0 <= o.box[0] and o.box[2] <= s and 0 <= o.box[1] and o.box[3] <= s
+    cover.append(sum((o.box[2] - o.box[0]) ** 2 for o in sc.objects) / s**2)
+  assert np.mean(cover) < 0.3
+
+
+@pytest.mark.parametrize("index", range(8))
+def test_box_pixels_have_the_object_colour(index):
+  sc = S.make_scene(1, "test", index, CFG)
+  for e in sc.expressions:
+    o = sc.objects[e.target]
+    x0, y0, x1, y1 = o.box
+    patch = sc.image[y0:y1, x0:x1].astype(int)  # [h, w, 3]
+    close = np.abs(patch - np.array(S.COLORS[o.color])).max(-1) < 30
+    fill = {"circle": 0.65, "square": 0.9, "triangle": 0.35, "cross": 0.4}[o.shape]
+    assert close.mean() > fill, (o, close.mean())
+    # The box is tight: the shape reaches within 2 px of every edge.
+    assert close[:3].any() and close[-3:].any() and close[:, :3].any() and close[:, -3:].any()
+    # Just outside the box there is no object colour (objects keep a gap).
+    ring = np.concatenate([sc.image[max(y0 - 2, 0), x0:x1], sc.image[min(y1 + 1, 127), x0:x1]])
+    assert (np.abs(ring.astype(int) - np.array(S.COLORS[o.color])).max(-1) < 30).mean() < 0.1
+
+
+def test_generate_split_yields_exact_count():
+  scenes = list(S.generate_split(0, "validation", 11, S.SceneConfig(image_size=64)))
+  assert sum(len(s.expressions) for _, s in scenes) == 11
+  assert [i for i, _ in scenes] == list(range(len(scenes)))
