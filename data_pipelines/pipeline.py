@@ -33,7 +33,8 @@ count, num_workers), then restore: the batches continue exactly. The order depen
 
 Pipeline: SampleSource (flattened ArrayRecord) -> MapDataset -> shard -> seeded
 shuffle -> repeat -> per-sample decode/letterbox/augment/tokenize (seeded per index)
--> to_iter_dataset (thread prefetch) -> skip bad -> batch -> [mp_prefetch] ->
+-> to_iter_dataset (thread prefetch) -> skip bad -> batch -> mp_prefetch (workers) or
+a background batching thread ->
 DataIterator (counts bad samples per epoch, logs them, enforces max_bad_fraction).
 """
 
@@ -140,9 +141,9 @@ class SampleProcessor:
       geom = transforms.random_geometry(rng, width, height, box, r, aug)
     else:
       geom = transforms.letterbox_geometry(width, height, r)
-    pixels = transforms.render(img, geom)  # [h, w, 3] uint8
+    content = transforms.render(img, geom)
     if aug is not None and aug.jitter > 0:
-      pixels = transforms.color_jitter(pixels, rng, aug.jitter)
+      content = transforms.color_jitter(content, rng, aug.jitter)
     if geom.flip:
       text = transforms.swap_left_right(text)
     fbox = geom.apply(box)
@@ -153,7 +154,8 @@ class SampleProcessor:
       ids = np.full((self.max_text_len,), PAD_ID, np.int32)
       mask, truncated = np.zeros((self.max_text_len,), np.bool_), False
     return {
-        "image": transforms.to_frame(pixels, r),  # [R, R, 3]
+        # uint8 content only; `collate` normalizes it into the padded R x R frame.
+        "pixels": np.asarray(content, np.uint8),  # [h, w, 3]
         "text_ids": ids, "text_mask": mask,  # [L]
         "box": transforms.xyxy_to_cxcywh(fbox / r).astype(np.float32),  # [4]
         "valid": True,
@@ -168,16 +170,23 @@ def pad_row(image_size: int, max_text_len: int, bad: dict | None = None) -> dict
   meta = _row_meta(raw, "", (0, 0), None, np.zeros(4), r, False)
   if bad:
     meta["skipped"][BAD_REASONS.index(bad["bad"])] = 1
-  return {"image": np.zeros((r, r, 3), np.float32),
+  return {"pixels": np.zeros((0, 0, 3), np.uint8),
           "text_ids": np.full((max_text_len,), PAD_ID, np.int32),
           "text_mask": np.zeros((max_text_len,), np.bool_),
           "box": np.zeros((4,), np.float32), "valid": False, "meta": meta}
 
 
 def collate(rows: Sequence[dict]) -> dict[str, Any]:
-  """Stacks contract rows into a batch (meta: one numpy array per field)."""
-  batch = {k: np.stack([row[k] for row in rows]) for k in
-           ("image", "text_ids", "text_mask", "box")}
+  """Stacks rows into a contract batch (meta: one numpy array per field).
+
+  Images are normalized straight into the batch array (one pass over the pixels).
+  """
+  r = int(rows[0]["meta"]["frame_size"])
+  image = np.zeros((len(rows), r, r, 3), np.float32)  # [B, R, R, 3]; PAD_VALUE is 0
+  for i, row in enumerate(rows):
+    transforms.normalize_into(image[i], row["pixels"])
+  batch = {"image": image}
+  batch.update({k: np.stack([row[k] for row in rows]) for k in ("text_ids", "text_mask", "box")})
   batch["valid"] = np.array([row["valid"] for row in rows], np.bool_)
   meta = {}
   for k, dtype in _META_DTYPES.items():
@@ -330,6 +339,8 @@ def make_train_iter(dataset: str, split: str, data_dir: str | os.PathLike, *,
   workers = default_num_workers() if num_workers is None else num_workers
   if workers > 0:
     it = _mp_prefetch(it, workers, 2)
+  else:  # batch in a background thread, so `next` does not pay for collating
+    it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=2)
   name = getattr(src, "name", dataset)
   stats = bad_input.SkipStats(f"{name} (train)", max_bad_fraction)
   return iter(_Account(it, stats, None, tok))

@@ -45,7 +45,7 @@ def test_letterbox_pixels_and_padding():
   img[:, :30] = (255, 0, 0)  # left half red
   g = T.letterbox_geometry(60, 30, 32)
   pil = Image.fromarray(img)
-  pix = T.render(pil, g)
+  pix = np.asarray(T.render(pil, g))
   assert pix.shape == (16, 32, 3)
   frame = T.to_frame(pix, 32)
   assert frame.shape == (32, 32, 3) and frame.dtype == np.float32
@@ -74,7 +74,7 @@ def test_flip_mirrors_box_and_swaps_words_in_pipeline_geometry():
   # Pixels: a red block on the left ends up on the right.
   img = np.zeros((h, w, 3), np.uint8)
   img[20:60, 10:50] = (255, 0, 0)
-  pix = T.render(Image.fromarray(img), g)
+  pix = np.asarray(T.render(Image.fromarray(img), g))
   x0, y0, x1, y1 = np.round(fbox).astype(int)
   assert pix[y0 + 2:y1 - 2, x0 + 2:x1 - 2, 0].min() > 200
   assert pix[:, : x0 - 2, 0].max() < 30
@@ -110,18 +110,25 @@ def test_augmented_pixels_follow_the_box():
   Image.fromarray(img).save(data, format="PNG")
   for _ in range(20):
     g = T.random_geometry(rng, 160, 90, box, 64, T.AugmentConfig(crop_prob=1.0))
-    pix = T.render(T.open_image(data.getvalue()), g)
+    pix = np.asarray(T.render(T.open_image(data.getvalue()), g))
     x0, y0, x1, y1 = g.apply(box)
     inner = pix[int(np.ceil(y0)) + 1:int(y1) - 1, int(np.ceil(x0)) + 1:int(x1) - 1]
     assert inner.size and inner.min() > 200
 
 
-def test_color_jitter_is_mild_and_seeded():
+def test_color_jitter_matches_its_definition_and_is_seeded():
   arr = np.random.default_rng(0).integers(0, 256, (8, 8, 3)).astype(np.uint8)
-  a = T.color_jitter(arr, np.random.default_rng(5), 0.2)
-  b = T.color_jitter(arr, np.random.default_rng(5), 0.2)
+  img = Image.fromarray(arr)
+  a = np.asarray(T.color_jitter(img, np.random.default_rng(5), 0.2)).astype(float)
+  b = np.asarray(T.color_jitter(img, np.random.default_rng(5), 0.2)).astype(float)
   np.testing.assert_array_equal(a, b)
-  assert a.min() >= 0 and a.max() <= 255
+  # Reference: brightness, then contrast around the mean, then saturation around luma.
+  bri, con, sat = np.random.default_rng(5).uniform(0.8, 1.2, size=3)
+  x = arr.astype(float) * bri
+  x = (x - x.mean()) * con + x.mean()
+  gray = (x @ np.array([0.299, 0.587, 0.114]))[..., None]
+  ref = np.clip(gray + (x - gray) * sat, 0, 255)
+  assert np.abs(a - ref).max() <= 1.0
   assert np.abs(a - arr).mean() < 60
 
 
