@@ -19,10 +19,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from etils import epath
 
 from data_pipelines import flat_format, refcoco_catalog
 from data_pipelines.errors import DataError
@@ -34,7 +34,7 @@ SPLIT_ALIASES = {"val": "validation", "validation": "val"}
 class DatasetRef:
   name: str  # as the user wrote it
   kind: str  # "flat" (our builders) or "catalog" (TFDS ref_coco)
-  config_dir: Path  # <data_dir>/<builder>/<config>
+  config_dir: epath.Path  # <data_dir>/<builder>/<config> (local or e.g. gs://)
   build_hint: str  # the command that builds it
 
   @property
@@ -44,7 +44,7 @@ class DatasetRef:
 
 def resolve(name: str, data_dir: str | os.PathLike) -> DatasetRef:
   """Maps a dataset name to where its built files live (does not check they exist)."""
-  d = Path(os.fspath(data_dir))
+  d = epath.Path(os.fspath(data_dir))
   if name == "synthetic" or name.startswith("synthetic/"):
     config = name.partition("/")[2] or "default"
     hint = f"scanformer data synthetic --data-dir {d} --config {config}"
@@ -69,7 +69,7 @@ def _version_key(v: str) -> tuple:
   return tuple(int(p) if p.isdigit() else -1 for p in v.split("."))
 
 
-def builder_dir(ref: DatasetRef) -> Path:
+def builder_dir(ref: DatasetRef) -> epath.Path:
   """The newest built version directory of `ref`; DataError with the fix if none."""
   versions = []
   if ref.config_dir.is_dir():
