@@ -8,9 +8,11 @@ goes into checkpoints); evaluation yields every expression once, padded batches.
 
 from __future__ import annotations
 
+import os
 import zlib
 from typing import Iterator
 
+import jax
 from jax.sharding import Mesh
 
 from scanformer_jax import fake_data, sharding as sharding_lib
@@ -31,8 +33,11 @@ def train_iterator(config: ExperimentConfig, mesh: Mesh):
     ds = fake_data.train_dataset(data.seed, FAKE_TRAIN_EXAMPLES, model.image_size,
                                  model.max_text_len, global_batch, rows)
     return iter(ds)
-  from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
-  return iter(pipeline.train_dataset(**_pipeline_kwargs(config, global_batch)))
+  from data_pipelines import pipeline, transforms  # pylint: disable=g-import-not-at-top
+  return pipeline.make_train_iter(
+      data.dataset, data.train_split, data_dir(config), seed=data.seed,
+      augment=transforms.AugmentConfig() if data.augment else None,
+      **_common_kwargs(config, global_batch))
 
 
 def eval_batches(config: ExperimentConfig, split: str, mesh: Mesh) -> Iterator[dict]:
@@ -46,11 +51,25 @@ def eval_batches(config: ExperimentConfig, split: str, mesh: Mesh) -> Iterator[d
     return iter(fake_data.eval_dataset(seed, FAKE_EVAL_EXAMPLES, model.image_size,
                                        model.max_text_len, global_batch, rows))
   from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
-  kwargs = _pipeline_kwargs(config, global_batch)
-  return iter(pipeline.eval_dataset(split=split, **kwargs))
+  return pipeline.make_eval_iter(data.dataset, split, data_dir(config),
+                                 **_common_kwargs(config, global_batch))
 
 
-def _pipeline_kwargs(config: ExperimentConfig, global_batch: int) -> dict:
-  del global_batch
-  raise NotImplementedError("data_pipelines.pipeline is not wired yet")
+def data_dir(config: ExperimentConfig) -> str:
+  return os.path.expanduser(config.data.data_dir)
+
+
+def load_tokenizer(config: ExperimentConfig):
+  """The tokenizer the pipelines use for this config (for `predict`)."""
+  from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
+  return pipeline.load_tokenizer(config.data.dataset, data_dir(config),
+                                 config.data.vocab_path, config.model.max_text_len)
+
+
+def _common_kwargs(config: ExperimentConfig, global_batch: int) -> dict:
+  return dict(image_size=config.model.image_size, max_text_len=config.model.max_text_len,
+              global_batch_size=global_batch, num_workers=config.data.worker_count,
+              process_index=jax.process_index(), process_count=jax.process_count(),
+              tokenizer_path=config.data.vocab_path,
+              max_bad_fraction=config.data.max_bad_fraction)
 

@@ -40,22 +40,25 @@ class ExperimentModelConfig(ModelConfig):
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Which dataset and how to read it (see data_pipelines/pipeline.py)."""
+  """Which dataset and how to read it (data_pipelines/pipeline.py, sources.py)."""
 
-  # TFDS name: "synthetic" (optionally "synthetic/<builder config>"),
-  # "ref_coco/refcoco_unc", "refer/<config>" ...
+  # "synthetic[/<config>]", "refcoco_unc" (catalog ref_coco), "refer/refclef_berkeley",
+  # ... (data_pipelines/sources.py), or "fake" (generated in memory, for tests).
   dataset: str = "synthetic"
-  # Where the built TFDS datasets live (local path or gs://...). None: TFDS default.
-  data_dir: Optional[str] = None
-  # Tokenizer vocab.txt; None: the dataset's own (synthetic) or BERT-uncased default.
+  # Where the built TFDS datasets live (a local path or gs://...).
+  data_dir: str = "~/tensorflow_datasets"
+  # BERT-uncased vocab.txt; None: the synthetic dataset's own vocab.
   vocab_path: Optional[str] = None
   train_split: str = "train"
   eval_splits: tuple[str, ...] = ("validation",)
   # Training augmentation (random scale/crop, flip with left/right swap, colour jitter).
   augment: bool = True
-  # grain worker processes per host for the training pipeline (0: in-process).
-  worker_count: int = 0
-  # Records shuffled with this seed; each epoch reshuffles.
+  # grain worker processes per host (None: the pipeline's default for this machine).
+  # The batch order depends on it: keep it fixed when resuming.
+  worker_count: Optional[int] = None
+  # Fail when more than this fraction of samples is bad (undecodable, empty, ...).
+  max_bad_fraction: float = 0.01
+  # Shuffling and augmentation seed.
   seed: int = 0
 
 

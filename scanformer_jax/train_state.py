@@ -7,6 +7,7 @@ randomness has to be saved) and the count of skipped (non-finite) updates.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import flax.struct
@@ -46,7 +47,7 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> Any:
 
 
 def abstract_params(cfg: ModelConfig) -> Any:
-  return jax.eval_shape(init_params, cfg, jax.random.PRNGKey(0))
+  return jax.eval_shape(functools.partial(init_params, cfg), jax.random.PRNGKey(0))
 
 
 def abstract_state(cfg: ModelConfig, tx: optax.GradientTransformation) -> TrainState:

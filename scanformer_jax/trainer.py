@@ -36,7 +36,7 @@ FAULT_ENV = "SCANFORMER_FAULT_SIGKILL_AFTER_STEP"
 
 # Configs that may change when a workdir is resumed without affecting the result.
 _RESUMABLE_CHANGES = ("train.num_steps", "train.log_every", "checkpoint.", "eval.",
-                      "mesh.", "data.data_dir", "data.worker_count")
+                      "mesh.", "data.data_dir")
 
 
 @dataclasses.dataclass
@@ -149,6 +149,10 @@ def train(config: experiment.ExperimentConfig, workdir: str, devices=None,
   tx, schedules = optim.make_optimizer(config.optim, tc.num_steps)
   shardings = train_state.state_shardings(cfg, tx, mesh, config.mesh)
   data_iter = data_source.train_iterator(config, mesh)
+  tokenizer = getattr(data_iter, "tokenizer", None)
+  if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+    raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but "
+                    f"model.vocab_size is {cfg.vocab_size}")
   ckpt = checkpointing.Checkpointer(paths["checkpoints"], config.checkpoint)
   state = ckpt.restore_latest(train_state.abstract_state(cfg, tx), shardings, data_iter)
   if state is None:

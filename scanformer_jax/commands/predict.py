@@ -1,0 +1,109 @@
+"""`scanformer predict --workdir W --image IMG --text "..." [--out PNG]`.
+
+Prints the referred object's box in original pixels as JSON (the last scale's box is
+the answer; every scale's box and keep ratio are included). `--out` writes the image
+with each scale's box drawn, coarse to fine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from scanformer_jax import commands
+
+# Box colours per scale, coarse to fine (the last one is the answer).
+SCALE_COLOURS = ((66, 135, 245), (245, 176, 66), (60, 200, 90), (230, 60, 200), (240, 40, 40))
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="scanformer predict",
+                                   description="Box of the object an expression refers to.")
+  parser.add_argument("--workdir", required=True, help="training run directory")
+  parser.add_argument("--image", required=True, help="image file (any PIL format)")
+  parser.add_argument("--text", required=True, help="the referring expression")
+  parser.add_argument("--out", metavar="PNG", help="write the image with boxes drawn")
+  parser.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+  parser.add_argument("--config", help="experiment config (default: W/config.json)")
+  parser.add_argument("--set", dest="overrides", action="append", default=[],
+                      metavar="KEY=VALUE", help="config override (repeatable)")
+  parser.add_argument("-v", "--verbose", action="store_true")
+  return parser
+
+
+def draw_boxes(image, boxes, path: str) -> None:
+  """Draws per-scale boxes (original px, coarse to fine) on a uint8 image, saves PNG."""
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  img = Image.fromarray(image).convert("RGB")
+  draw = ImageDraw.Draw(img)
+  width = max(1, round(max(img.size) / 200))
+  num = len(boxes)
+  for s, box in enumerate(boxes):
+    colour = SCALE_COLOURS[-1] if s == num - 1 else SCALE_COLOURS[s % (len(SCALE_COLOURS) - 1)]
+    w = width * (2 if s == num - 1 else 1)
+    draw.rectangle([float(v) for v in box], outline=colour, width=w)
+    draw.text((float(box[0]) + 2, float(box[1]) + 1), f"s{s}", fill=colour)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  img.save(path)
+
+
+def main(argv: list[str]) -> int:
+  args = _parser().parse_args(argv)
+  commands.setup_logging(args.verbose)
+
+  def body() -> int:
+    config = commands.resolve_config(args.config, args.workdir, args.overrides)
+    import jax  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from data_pipelines import pipeline, transforms  # pylint: disable=g-import-not-at-top
+    from scanformer_jax import (checkpointing, data_source, experiment, sharding,  # pylint: disable=g-import-not-at-top
+                                train_state, trainer)
+    from scanformer_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+    from scanformer_jax.model import ScanFormer  # pylint: disable=g-import-not-at-top
+
+    cfg = config.model.architecture()
+    ckpt_dir = trainer.workdir_paths(args.workdir)["checkpoints"]
+    if not os.path.isdir(ckpt_dir):
+      raise UserError(f"no checkpoints in {args.workdir}: train first")
+    image = pipeline.load_image_file(args.image)
+    tokenizer = data_source.load_tokenizer(config)
+    batch, meta = pipeline.preprocess_single(image, args.text, tokenizer, cfg.image_size,
+                                             cfg.max_text_len)
+    # One sample: a single-device mesh (orbax reshards FSDP checkpoints on restore).
+    mesh_cfg = experiment.MeshConfig(data=1, fsdp=1)
+    mesh = sharding.make_mesh(mesh_cfg, jax.local_devices()[:1])
+    abstract = train_state.abstract_params(cfg)
+    shardings = sharding.tree_shardings(abstract, mesh, mesh_cfg)
+    ckpt = checkpointing.Checkpointer(ckpt_dir, config.checkpoint, read_only=True)
+    params, step = ckpt.restore_params(abstract, shardings, args.step)
+
+    @jax.jit
+    def forward(params, image, text_ids, text_mask):
+      return ScanFormer(cfg).apply({"params": params}, image, text_ids, text_mask,
+                                   mode="sparse")
+
+    out = jax.device_get(forward(params, batch["image"], batch["text_ids"],
+                                 batch["text_mask"]))
+    boxes = np.asarray(out.boxes[0])  # [S, 4] normalized cx, cy, w, h
+    row_meta = {k: v[0] for k, v in meta.items()}
+    pixel_boxes = [transforms.box_to_original_pixels(b, row_meta) for b in boxes]  # x0y0x1y1
+    keep = [float(np.mean(t[0])) for t in out.taken]
+    result = {
+        "text": args.text,
+        "image": args.image,
+        "image_size": [int(v) for v in image.shape[:2]],  # [height, width]
+        "box": [round(float(v), 2) for v in pixel_boxes[-1]],  # x0, y0, x1, y1 px
+        "boxes_per_scale": [[round(float(v), 2) for v in b] for b in pixel_boxes],
+        "keep_ratio": keep,
+        "checkpoint_step": step,
+    }
+    if out.pred_iou is not None:
+      result["pred_iou"] = [float(v) for v in np.asarray(out.pred_iou[0])]
+    if args.out:
+      draw_boxes(image, pixel_boxes, args.out)
+      result["out"] = args.out
+    print(json.dumps(result))
+    return 0
+
+  return commands.run("scanformer predict", body)

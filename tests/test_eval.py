@@ -1,0 +1,97 @@
+"""Evaluation: hand-checkable Acc@0.5 / mIoU through the real jitted sparse step,
+padding excluded, one compile across batches, early exit and blanked expressions."""
+
+import jax
+import numpy as np
+import pytest
+
+import train_helpers
+from scanformer_jax import (early_exit, evaluate, experiment, fake_data, sharding,
+                            train_state)
+from scanformer_jax.eval_step import EvalStep
+
+PRED = np.array([0.5, 0.5, 0.4, 0.4], np.float32)  # What the rigged model always says.
+# Ground truths and their IoU with PRED, by hand (PRED = [0.3, 0.7] x [0.3, 0.7]):
+CASES = [
+    ([0.5, 0.5, 0.4, 0.4], 1.0),      # identical
+    ([0.6, 0.5, 0.4, 0.4], 0.6),      # shifted 0.1: inter 0.3*0.4=0.12, union 0.2
+    ([0.7, 0.5, 0.4, 0.4], 1 / 3),    # shifted 0.2: inter 0.08, union 0.24
+    ([0.1, 0.1, 0.1, 0.1], 0.0),      # disjoint
+    ([0.5, 0.45, 0.4, 0.4], 7 / 9),  # shifted 0.05 in y: inter 0.14, union 0.18
+]
+
+
+@pytest.fixture(scope="module")
+def rigged():
+  """The tiny test model with a box head that outputs PRED whatever it sees."""
+  config = experiment.load_config_file(train_helpers.FAKE_CONFIG)
+  cfg = config.model.architecture()
+  mesh = sharding.make_mesh(experiment.MeshConfig(data=1), jax.devices()[:1])
+  params = jax.tree.map(np.asarray, train_state.init_params(cfg, jax.random.PRNGKey(0)))
+  out = params["box_head"]["mlp"]["out"]
+  out["kernel"] = np.zeros_like(out["kernel"])
+  out["bias"] = np.log(PRED / (1 - PRED))  # sigmoid^-1
+  shardings = sharding.tree_shardings(params, mesh, experiment.MeshConfig(data=1))
+  step = EvalStep(cfg, mesh, shardings)
+  return config, cfg, mesh, params, step
+
+
+def _batches(config, num_batches: int, batch: int):
+  """Batches cycling through CASES; the last rows of the last batch are padding."""
+  cfg = config.model
+  rows, truth = [], []
+  for i in range(num_batches * batch):
+    row = fake_data.make_example(0, i, cfg.image_size, cfg.max_text_len)
+    gt, iou = CASES[i % len(CASES)]
+    row["box"] = np.array(gt, np.float32)
+    if i >= num_batches * batch - 3:  # padding: would score IoU 1 if counted
+      row["valid"], row["box"] = np.bool_(False), PRED.copy()
+    else:
+      truth.append(iou)
+    rows.append(row)
+  batches = []
+  for b in range(num_batches):
+    chunk = rows[b * batch:(b + 1) * batch]
+    out = {k: np.stack([r[k] for r in chunk]) for k in evaluate.DEVICE_KEYS}
+    out["meta"] = {"index": np.array([r["index"] if r["valid"] else -1 for r in chunk])}
+    batches.append(out)
+  return batches, np.array(truth)
+
+
+def test_accuracy_by_hand_padding_excluded_and_one_compile(rigged):
+  config, cfg, mesh, params, step = rigged
+  batches, truth = _batches(config, num_batches=3, batch=8)  # 21 real rows, 3 padding
+  report = evaluate.evaluate_batches(cfg, params, step, batches, mesh, progress=False)
+  assert report["count"] == 21 == len(truth)
+  assert report["acc@0.5"] == pytest.approx(np.mean(truth >= 0.5))
+  assert report["acc@0.5"] == pytest.approx(13 / 21)  # 1.0, 0.6, 2/3 hit; 1/3, 0 miss
+  assert report["mean_iou"] == pytest.approx(truth.mean(), abs=1e-5)
+  assert report["acc@0.5_per_scale"] == pytest.approx([13 / 21] * cfg.num_scales)
+  assert report["duplicates"] == 0
+  assert len(report["keep_ratio"]) == cfg.num_scales and report["keep_ratio"][0] == 1.0
+  assert all(0.0 <= k <= 1.0 for k in report["keep_ratio"])
+  assert report["num_dropped"] == 0.0  # Full capacity: nothing dropped.
+  assert 0 < report["gflops_sparse"] <= report["gflops_dense"]
+  assert report["samples_per_s"] > 0
+  assert step.num_traces == 1  # Three batches, one compile.
+
+
+def test_blanked_expressions_keep_cls_and_sep(rigged):
+  config = rigged[0]
+  batch, _ = _batches(config, 1, 4)
+  ids = batch[0]["text_ids"]
+  blank = evaluate.blank_expressions(batch[0])
+  assert (blank["text_ids"][:, 0] == ids[:, 0]).all()
+  assert (blank["text_ids"][:, 1] == fake_data.SEP).all()
+  assert blank["text_mask"].sum(1).tolist() == [2] * 4
+  assert (blank["text_ids"][:, 2:] == 0).all()
+
+
+def test_iou_head_threshold_exit():
+  criterion = early_exit.IouHeadThreshold(0.5)
+  outputs = {"boxes": np.zeros((3, 3, 4)),
+             "pred_iou": np.array([[0.7, 0.9, 0.9], [0.1, 0.6, 0.2], [0.1, 0.2, 0.3]])}
+  np.testing.assert_array_equal(criterion.exit_scale(outputs), [0, 1, 2])
+  np.testing.assert_array_equal(early_exit.LastScale().exit_scale(outputs), [2, 2, 2])
+  with pytest.raises(ValueError, match="IoU head"):
+    criterion.exit_scale({"boxes": np.zeros((1, 3, 4))})

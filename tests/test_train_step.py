@@ -1,0 +1,55 @@
+"""The jitted train step: a non-finite batch is skipped and counted, training goes on."""
+
+import jax
+import numpy as np
+import pytest
+
+import train_helpers
+from scanformer_jax import (experiment, fake_data, optim, sharding, train_state,
+                            train_step)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  config = experiment.load_config_file(train_helpers.FAKE_CONFIG)
+  cfg = config.model.architecture()
+  mesh = sharding.make_mesh(experiment.MeshConfig(data=1), jax.devices()[:1])
+  tx, schedules = optim.make_optimizer(config.optim, config.train.num_steps)
+  shardings = train_state.state_shardings(cfg, tx, mesh, config.mesh)
+  step = train_step.jit_train_step(
+      train_step.make_train_step(cfg, config.loss, tx, schedules), shardings, mesh)
+  state = train_state.create_train_state(cfg, tx, 0, mesh, config.mesh)
+  return config, mesh, step, state
+
+
+def _batch(config, start=0):
+  rows = [fake_data.make_example(0, i, config.model.image_size, config.model.max_text_len)
+          for i in range(start, start + config.train.batch_size)]
+  return {k: np.stack([r[k] for r in rows]) for k in ("image", "text_ids", "text_mask",
+                                                      "box", "valid")}
+
+
+def test_nan_batch_is_skipped_and_counted(setup):
+  config, mesh, step, state = setup
+  before = jax.tree.map(np.asarray, state.params)
+  bad = _batch(config)
+  bad["image"][3, 5, 5, 0] = np.nan
+  state, metrics = step(state, sharding.to_global(bad, mesh))
+  assert int(metrics["finite"]) == 0 and int(metrics["skipped"]) == 1
+  assert not np.isfinite(float(metrics["loss"]))
+  assert int(state.step) == 1
+  after = jax.tree.map(np.asarray, state.params)
+  assert train_helpers.max_abs_diff(before, after) == 0.0
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.opt_state)
+             if np.issubdtype(np.asarray(x).dtype, np.floating))
+
+  # The next, finite batches train normally (the first optimizer step has warmup
+  # learning rate 0, so take two); the count stays.
+  for start in (8, 16):
+    state, metrics = step(state, sharding.to_global(_batch(config, start), mesh))
+  assert int(metrics["finite"]) == 1 and int(metrics["skipped"]) == 1
+  assert np.isfinite(float(metrics["loss"]))
+  assert train_helpers.max_abs_diff(after, jax.tree.map(np.asarray, state.params)) > 0
+  assert int(state.step) == 3
+  for key in ("l1", "giou", "ratio", "lr", "lr_backbone", "keep_s1", "grad_norm"):
+    assert key in metrics

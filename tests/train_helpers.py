@@ -1,0 +1,77 @@
+"""Shared helpers of the trainer tests: the tiny test config and CLI subprocesses.
+
+Subprocesses get a persistent JAX compilation cache (one per user, in the temp dir),
+so runs of the same config compile once; the cache is keyed on the program, jax
+version and flags, so it can never return a wrong executable.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKE_CONFIG = str(Path(__file__).resolve().parent / "fake_tiny_config.py")
+JAX_CACHE = os.path.join(tempfile.gettempdir(), f"scanformer-test-jax-cache-{os.getuid()}")
+
+
+def subprocess_env(extra: Optional[dict] = None) -> dict:
+  env = dict(os.environ)
+  env.update({
+      "JAX_PLATFORMS": "cpu",
+      "JAX_COMPILATION_CACHE_DIR": JAX_CACHE,
+      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+      "PYTHONPATH": os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
+  })
+  env.pop("XLA_FLAGS", None)
+  env.update(extra or {})
+  return env
+
+
+def run_cli(args: Sequence[str], extra_env: Optional[dict] = None, timeout: float = 300,
+            check: bool = True) -> subprocess.CompletedProcess:
+  """`python -m scanformer_jax <args>` in a fresh process."""
+  proc = subprocess.run([sys.executable, "-m", "scanformer_jax", *args], cwd=ROOT,
+                        env=subprocess_env(extra_env), capture_output=True, text=True,
+                        timeout=timeout)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"scanformer {' '.join(args)} exited {proc.returncode}\n"
+                         f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
+  return proc
+
+
+def run_python(code: str, extra_env: Optional[dict] = None, timeout: float = 300
+               ) -> subprocess.CompletedProcess:
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=subprocess_env(extra_env),
+                        capture_output=True, text=True, timeout=timeout)
+  if proc.returncode != 0:
+    raise AssertionError(f"subprocess exited {proc.returncode}\nstdout:\n"
+                         f"{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
+  return proc
+
+
+def load_final_params(workdir: str) -> dict:
+  """The newest checkpoint's parameters of a fake_tiny_config workdir, as numpy."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from scanformer_jax import checkpointing, experiment, sharding, train_state
+  config = experiment.load_json(os.path.join(workdir, "config.json"))
+  cfg = config.model.architecture()
+  mesh_cfg = experiment.MeshConfig(data=1)
+  mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:1])
+  abstract = train_state.abstract_params(cfg)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+  params, step = ckpt.restore_params(abstract, sharding.tree_shardings(abstract, mesh, mesh_cfg))
+  ckpt.close()
+  return {"step": step, "params": jax.tree.map(np.asarray, params)}
+
+
+def max_abs_diff(a, b) -> float:
+  import jax  # pylint: disable=g-import-not-at-top
+  diffs = jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a, b))
+  return max(diffs)
