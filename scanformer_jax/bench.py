@@ -1,0 +1,198 @@
+"""`scanformer bench`: wall-clock of compiled sparse vs dense inference, random weights.
+
+With `--keep-ratio R` every sample takes exactly round(R * G_s^2) patches at each
+scale s >= 1 (the top parent logits among its candidates, `select_topk`), and the
+sparse capacities are set to those counts, so an untrained model is measured at a
+chosen sparsity. Both modes are compiled once, warmed up, then timed alternately
+(dense step, sparse step, ...) so that background load hits both alike; each step
+ends with `block_until_ready`, and the median of `--steps` is reported with the
+analytic FLOPs per sample (scanformer_jax.flops) and their ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Optional
+
+MODELS = ("tiny", "vilt_b32")
+MODES = ("dense", "sparse")
+
+
+@dataclasses.dataclass
+class ModeResult:
+  mode: str
+  compile_s: float
+  median_ms: float
+  samples_per_s: float
+  gflops_per_sample: float        # analytic, as run
+  xla_gflops_per_sample: Optional[float]  # XLA cost analysis of the compiled program
+  step_ms: list
+
+
+def keep_counts(num_patches: tuple[int, ...], keep_ratio: float) -> tuple[int, ...]:
+  """Patches kept per scale: all at scale 0, round(R * N_s) at s >= 1 (at least 1)."""
+  return (num_patches[0],) + tuple(max(1, int(round(keep_ratio * n))) for n in num_patches[1:])
+
+
+def bench_config(model: str, keep_ratio: float, dtype: str):
+  """The preset with `select_topk` and `capacity` set to the kept counts."""
+  from scanformer_jax.config import ModelConfig
+  base = getattr(ModelConfig, model)(dtype=dtype)
+  counts = keep_counts(base.num_patches, keep_ratio)
+  return base.replace(select_topk=counts, capacity=counts)
+
+
+def _xla_flops(compiled) -> Optional[float]:
+  """Total FLOPs of a compiled program per XLA (dict, or list of dicts in some versions)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except  # Not every backend implements it.
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def run(model: str = "vilt_b32", batch_size: int = 8, keep_ratio: float = 0.25,
+        steps: int = 10, warmup: int = 2, dtype: str = "float32", seed: int = 0,
+        text_len: Optional[int] = None) -> dict:
+  """Compiles and times both modes; returns the report as a JSON-able dict."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from scanformer_jax import flops
+  from scanformer_jax.model import ScanFormer
+
+  cfg = bench_config(model, keep_ratio, dtype)
+  length = text_len or cfg.max_text_len
+  keys = jax.random.split(jax.random.key(seed), 3)
+  image = jax.random.uniform(keys[0], (batch_size, cfg.image_size, cfg.image_size, 3))
+  text_ids = jax.random.randint(keys[1], (batch_size, length), 0, cfg.vocab_size)
+  text_mask = jnp.ones((batch_size, length), bool)
+  net = ScanFormer(cfg)
+  variables = jax.jit(net.init)(keys[2], image[:1], text_ids[:1], text_mask[:1])
+  args = (variables, image, text_ids, text_mask)
+
+  compiled, compile_s, xla = {}, {}, {}
+  for mode in MODES:
+    fn = jax.jit(lambda v, i, t, m, mode=mode: net.apply(v, i, t, m, mode=mode))
+    start = time.perf_counter()
+    compiled[mode] = fn.lower(*args).compile()
+    compile_s[mode] = time.perf_counter() - start
+    flops_total = _xla_flops(compiled[mode])
+    xla[mode] = None if flops_total is None else flops_total / batch_size / 1e9
+
+  outputs = {}
+  for mode in MODES:
+    for _ in range(max(warmup, 1)):
+      outputs[mode] = jax.block_until_ready(compiled[mode](*args))
+  times = {mode: [] for mode in MODES}
+  for _ in range(steps):  # Alternate the modes: background load hits both alike.
+    for mode in MODES:
+      start = time.perf_counter()
+      jax.block_until_ready(compiled[mode](*args))
+      times[mode].append(1e3 * (time.perf_counter() - start))
+
+  analytic = {"dense": flops.dense_flops(cfg, length) / 1e9,
+              "sparse": flops.sparse_flops(cfg, length) / 1e9}
+  sparse_out = outputs["sparse"]
+  taken = np.stack([np.asarray(t).sum(-1) for t in sparse_out.taken], -1)  # [B, S]
+  effective = float(np.mean(flops.sparse_flops(cfg, length, taken))) / 1e9
+  results = {}
+  for mode in MODES:
+    median = statistics.median(times[mode])
+    results[mode] = ModeResult(
+        mode=mode, compile_s=compile_s[mode], median_ms=median,
+        samples_per_s=batch_size / (median / 1e3), gflops_per_sample=analytic[mode],
+        xla_gflops_per_sample=xla[mode], step_ms=[round(t, 2) for t in times[mode]])
+  speedup = results["dense"].median_ms / results["sparse"].median_ms
+  flops_ratio = analytic["dense"] / analytic["sparse"]
+  return {
+      "model": model, "dtype": dtype, "batch_size": batch_size, "keep_ratio": keep_ratio,
+      "text_len": length, "steps": steps, "warmup": warmup,
+      "num_patches": list(cfg.num_patches), "kept_per_scale": list(cfg.capacities),
+      "mean_taken_per_scale": taken.mean(0).tolist(),
+      "num_dropped": int(np.asarray(sparse_out.num_dropped).sum()),
+      "sparse_effective_gflops_per_sample": effective,
+      "modes": {mode: dataclasses.asdict(r) for mode, r in results.items()},
+      "speedup": speedup, "flops_ratio": flops_ratio,
+      "speedup_over_flops_ratio": speedup / flops_ratio,
+      "target_met": speedup >= 0.75 * flops_ratio,
+      "host": {"backend": jax.default_backend(), "device": str(jax.devices()[0]),
+               "cpu_count": os.cpu_count(), "loadavg": list(os.getloadavg()),
+               "jax": jax.__version__, "python": platform.python_version()},
+  }
+
+
+def format_report(report: dict) -> str:
+  """A readable table of one `run` report."""
+  lines = [
+      f"scanformer bench: {report['model']} {report['dtype']}, batch {report['batch_size']}, "
+      f"text {report['text_len']}, keep ratio {report['keep_ratio']} "
+      f"(patches per scale {report['num_patches']} -> kept {report['kept_per_scale']}), "
+      f"median of {report['steps']} steps",
+      f"{'mode':<8}{'compile s':>11}{'median ms':>11}{'samples/s':>11}"
+      f"{'GFLOPs/sample':>15}{'XLA GFLOPs':>12}",
+  ]
+  for mode in MODES:
+    r = report["modes"][mode]
+    xla = "n/a" if r["xla_gflops_per_sample"] is None else f"{r['xla_gflops_per_sample']:.2f}"
+    lines.append(f"{mode:<8}{r['compile_s']:>11.1f}{r['median_ms']:>11.1f}"
+                 f"{r['samples_per_s']:>11.1f}{r['gflops_per_sample']:>15.2f}{xla:>12}")
+  lines += [
+      f"speedup {report['speedup']:.2f}x, FLOPs ratio {report['flops_ratio']:.2f}x "
+      f"(speedup / FLOPs ratio = {report['speedup_over_flops_ratio']:.2f}; target >= 0.75: "
+      f"{'met' if report['target_met'] else 'NOT met'})",
+      f"sparse effective GFLOPs/sample {report['sparse_effective_gflops_per_sample']:.2f}, "
+      f"dropped patches {report['num_dropped']}, "
+      f"load average {', '.join(f'{x:.2f}' for x in report['host']['loadavg'])}",
+  ]
+  return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog="scanformer bench", description=__doc__.split("\n")[0])
+  parser.add_argument("--model", choices=MODELS, default="vilt_b32")
+  parser.add_argument("--batch-size", type=int, default=8)
+  parser.add_argument("--keep-ratio", type=float, default=0.25,
+                      help="fraction of each scale's patches taken at s >= 1, in (0, 1]")
+  parser.add_argument("--steps", type=int, default=10, help="timed steps per mode (median)")
+  parser.add_argument("--warmup", type=int, default=2, help="untimed calls per mode")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  parser.add_argument("--text-len", type=int, default=None,
+                      help="text tokens per sample (default: the model's max_text_len)")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--json", default=None, help="write the report here")
+  args = parser.parse_args(argv)
+  if not 0.0 < args.keep_ratio <= 1.0:
+    parser.error("--keep-ratio must be in (0, 1]")
+  if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
+    parser.error("--batch-size and --steps must be >= 1, --warmup >= 0")
+  return args
+
+
+def main(argv: list[str]) -> int:
+  args = parse_args(argv)
+  report = run(model=args.model, batch_size=args.batch_size, keep_ratio=args.keep_ratio,
+               steps=args.steps, warmup=args.warmup, dtype=args.dtype, seed=args.seed,
+               text_len=args.text_len)
+  print(format_report(report))
+  if args.json:
+    directory = os.path.dirname(os.path.abspath(args.json))
+    os.makedirs(directory, exist_ok=True)
+    with open(args.json, "w") as f:
+      json.dump(report, f, indent=2)
+    print(f"wrote {args.json}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,131 @@
+"""Analytic forward FLOPs per sample, from the token counts a scan actually uses.
+
+What is counted: matrix multiplications only, at 2*M*N*K FLOPs each (one multiply
+and one add per MAC). Per transformer layer, for a block of T query tokens whose
+attention sees K keys (the cached text and earlier scales, plus the block itself):
+  Q, K, V and output projections   4 * 2*T*D*D
+  attention logits q.k             2*T*K*D      (summed over heads: H * Dh = D)
+  attention-weighted sum of v      2*T*K*D
+  MLP                              2 * 2*T*D*F
+plus the patch embedding (2 * patches * p*p*3 * D per scale), the selection head
+(2*D per token after Encoder1, computed on every non-REG token of every scale) and
+the box head (and IoU head) MLPs on the REG tokens.
+What is NOT counted: elementwise work (LayerNorm, GELU, softmax, residual adds,
+biases, embedding lookups), the position-grid interpolation (per batch, not per
+sample), the image pyramid, top-k, gathers and scatters. XLA's own cost analysis
+counts some of these, so for matmul-dominated shapes it is a few percent above
+this count (tests/test_flops.py checks the gap).
+
+Token counts per scale s (a "block" is [REG_s | patches | merged C_s]):
+  dense:            1 + N_s                        (every patch is a token)
+  sparse, as run:   1 + capacity[s] (+1 merged token for s >= 1); padding slots are
+                    computed like real tokens, so this is what the compiled program
+                    does, independent of the selection.
+  sparse, effective: 1 + taken_s (+1 if any patch of scale s was replaced); what
+                    the scan needs for this sample's selection (a lower bound of the
+                    work, reached by a ragged implementation).
+The text block is `text_len` tokens, padding included when the model runs padded
+text (pass the padded length for "as run", the real length for a lower bound).
+The last scale's keys/values are computed (its own block attends to them) but are
+not appended to the cache; this is what the count assumes.
+
+Every function accepts numpy arrays for counts and broadcasts, so per-sample counts
+of a whole batch ([B, S] taken counts) give per-sample FLOPs [B].
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from scanformer_jax.config import ModelConfig
+
+ArrayLike = "float | np.ndarray"
+
+
+def _layer_flops(cfg: ModelConfig, tokens, keys):
+  """One transformer layer on `tokens` queries attending to `keys` keys."""
+  d, f = cfg.hidden_size, cfg.mlp_dim
+  return (8.0 * tokens * d * d         # Q, K, V, output projections
+          + 4.0 * tokens * keys * d    # logits and weighted sum
+          + 4.0 * tokens * d * f)      # MLP fc1, fc2
+
+
+def _head_flops(cfg: ModelConfig) -> float:
+  """Box (and IoU) head MLPs on one REG token."""
+  d = cfg.hidden_size
+  box = 2.0 * d * d * (cfg.box_head_layers - 1) + 2.0 * d * 4
+  iou = (2.0 * d * d + 2.0 * d) if cfg.iou_head else 0.0
+  return box + iou
+
+
+def forward_flops(cfg: ModelConfig, text_len, tokens_per_scale: Sequence,
+                  embedded_patches: Optional[Sequence] = None):
+  """FLOPs of one sample's forward pass given each block's token count.
+
+  text_len: text tokens run (scalar or array). tokens_per_scale: S block lengths,
+  each including REG_s and, where present, the merged token (scalars or arrays of
+  one shape). embedded_patches: patches run through the patch embedding per scale
+  (default every patch: the model embeds the whole grid before selecting).
+  Returns a float, or an array of the broadcast shape of the counts.
+  """
+  if len(tokens_per_scale) != cfg.num_scales:
+    raise ValueError(f"need {cfg.num_scales} block sizes, got {len(tokens_per_scale)}")
+  if embedded_patches is None:
+    embedded_patches = cfg.num_patches
+  d, layers = cfg.hidden_size, cfg.num_layers
+  patch_dim = cfg.patch_size ** 2 * 3
+  text = np.asarray(text_len, np.float64)
+  total = layers * _layer_flops(cfg, text, text)
+  cache = text
+  for s in range(cfg.num_scales):
+    t = np.asarray(tokens_per_scale[s], np.float64)
+    total = total + layers * _layer_flops(cfg, t, cache + t)
+    total = total + 2.0 * np.asarray(embedded_patches[s], np.float64) * patch_dim * d
+    total = total + 2.0 * (t - 1) * d   # selection head on every non-REG token
+    total = total + _head_flops(cfg)
+    cache = cache + t
+  return float(total) if np.ndim(total) == 0 else total
+
+
+def dense_tokens(cfg: ModelConfig) -> tuple[int, ...]:
+  """Block lengths of the dense path: REG + every patch."""
+  return tuple(1 + n for n in cfg.num_patches)
+
+
+def sparse_tokens_as_run(cfg: ModelConfig) -> tuple[int, ...]:
+  """Block lengths the compiled sparse program computes: REG + capacity (+ merged)."""
+  return tuple(1 + c + (1 if s > 0 else 0) for s, c in enumerate(cfg.capacities))
+
+
+def sparse_tokens_effective(cfg: ModelConfig, taken_counts) -> list:
+  """Block lengths a scan needs: REG + taken (+ merged if anything was replaced).
+
+  taken_counts: [..., S] real tokens per scale (e.g. `out.taken[s].sum(-1)` stacked).
+  """
+  taken = np.asarray(taken_counts, np.float64)
+  if taken.shape[-1] != cfg.num_scales:
+    raise ValueError(f"taken_counts needs a last axis of {cfg.num_scales}, got {taken.shape}")
+  blocks = []
+  for s, n in enumerate(cfg.num_patches):
+    merged = (taken[..., s] < n).astype(np.float64) if s > 0 else 0.0
+    blocks.append(1.0 + taken[..., s] + merged)
+  return blocks
+
+
+def dense_flops(cfg: ModelConfig, text_len):
+  """FLOPs per sample of the dense path (independent of the selection)."""
+  return forward_flops(cfg, text_len, dense_tokens(cfg))
+
+
+def sparse_flops(cfg: ModelConfig, text_len, taken_counts=None):
+  """FLOPs per sample of the sparse path.
+
+  taken_counts None: "as run", the static capacities the compiled program computes.
+  taken_counts [..., S]: "effective", each sample's actual taken counts (patch
+  embedding still over every patch, as the model runs it).
+  """
+  if taken_counts is None:
+    return forward_flops(cfg, text_len, sparse_tokens_as_run(cfg))
+  return forward_flops(cfg, text_len, sparse_tokens_effective(cfg, taken_counts))
