@@ -27,7 +27,9 @@ Token counts per scale s (a "block" is [REG_s | patches | merged C_s]):
 The text block is `text_len` tokens, padding included when the model runs padded
 text (pass the padded length for "as run", the real length for a lower bound).
 The last scale's keys/values are computed (its own block attends to them) but are
-not appended to the cache; this is what the count assumes.
+not appended to the cache. The text's outputs after the last layer are never read
+(only its keys/values are), so jit drops that work: the text block's last layer
+counts only its K and V projections, as the compiled program runs it.
 
 Every function accepts numpy arrays for counts and broadcasts, so per-sample counts
 of a whole batch ([B, S] taken counts) give per-sample FLOPs [B].
@@ -77,7 +79,8 @@ def forward_flops(cfg: ModelConfig, text_len, tokens_per_scale: Sequence,
   d, layers = cfg.hidden_size, cfg.num_layers
   patch_dim = cfg.patch_size ** 2 * 3
   text = np.asarray(text_len, np.float64)
-  total = layers * _layer_flops(cfg, text, text)
+  # Text: every layer but the last in full; the last only feeds the cache (K, V).
+  total = (layers - 1) * _layer_flops(cfg, text, text) + 4.0 * text * d * d
   cache = text
   for s in range(cfg.num_scales):
     t = np.asarray(tokens_per_scale[s], np.float64)
