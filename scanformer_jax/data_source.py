@@ -59,17 +59,22 @@ def data_dir(config: ExperimentConfig) -> str:
   return os.path.expanduser(config.data.data_dir)
 
 
+def vocab_path(config: ExperimentConfig):
+  path = config.data.vocab_path
+  return os.path.expanduser(path) if path else None
+
+
 def load_tokenizer(config: ExperimentConfig):
   """The tokenizer the pipelines use for this config (for `predict`)."""
   from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
   return pipeline.load_tokenizer(config.data.dataset, data_dir(config),
-                                 config.data.vocab_path, config.model.max_text_len)
+                                 vocab_path(config), config.model.max_text_len)
 
 
 def _common_kwargs(config: ExperimentConfig, global_batch: int) -> dict:
   return dict(image_size=config.model.image_size, max_text_len=config.model.max_text_len,
               global_batch_size=global_batch, num_workers=config.data.worker_count,
               process_index=jax.process_index(), process_count=jax.process_count(),
-              tokenizer_path=config.data.vocab_path,
+              tokenizer_path=vocab_path(config),
               max_bad_fraction=config.data.max_bad_fraction)
 

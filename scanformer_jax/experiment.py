@@ -14,6 +14,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import sys
 import types
 import typing
 from typing import Any, Optional, Sequence, Union
@@ -173,7 +174,13 @@ def load_config_file(path: str) -> ExperimentConfig:
   if spec is None or spec.loader is None:
     raise UserError(f"config file {path} is not a python file")
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  # Configs may import shared recipes that sit next to them.
+  config_dir = os.path.dirname(os.path.abspath(path))
+  sys.path.insert(0, config_dir)
+  try:
+    spec.loader.exec_module(module)
+  finally:
+    sys.path.remove(config_dir)
   if not hasattr(module, "get_config"):
     raise UserError(f"config file {path} has no get_config() function")
   config = module.get_config()

@@ -85,9 +85,9 @@ def _check_resumed_config(path: str, config: experiment.ExperimentConfig) -> Non
 
 
 def _vilt_loader(config: experiment.ExperimentConfig):
-  path = config.model.init_from
-  if not path:
+  if not config.model.init_from:
     return None
+  path = os.path.expanduser(config.model.init_from)
   if not os.path.isdir(path):
     raise UserError(f"model.init_from={path!r} is not a directory; create it with "
                     "`scanformer convert-vilt`")

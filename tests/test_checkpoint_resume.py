@@ -1,0 +1,122 @@
+"""Exact resume: a run SIGKILLed between checkpoints and rerun with the same command
+ends with exactly the parameters of an uninterrupted run; a corrupt newest checkpoint
+falls back to the previous one with a warning; SIGTERM saves and stops."""
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import train_helpers
+from scanformer_jax import trainer
+from scanformer_jax.errors import UserError
+
+
+def _train(workdir, extra_env=None, check=True, steps=6):
+  return train_helpers.run_cli(
+      ["train", "--config", train_helpers.FAKE_CONFIG, "--workdir", str(workdir),
+       "--no-progress", "--set", f"train.num_steps={steps}"], extra_env=extra_env,
+      check=check)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  _train(workdir)
+  return workdir
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_matches_uninterrupted(uninterrupted, tmp_path):
+  workdir = tmp_path / "killed"
+  # Checkpoints every 2 steps; die right after step 5 (step 4 is the last saved).
+  proc = _train(workdir, extra_env={trainer.FAULT_ENV: "5"}, check=False)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  steps = sorted(int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit())
+  assert steps[-1] == 4, steps
+
+  proc = _train(workdir)  # The same command again: resumes from step 4.
+  assert "resumed from step 4" in proc.stderr
+
+  a = train_helpers.load_final_params(str(uninterrupted))
+  b = train_helpers.load_final_params(str(workdir))
+  assert a["step"] == b["step"] == 6
+  assert train_helpers.max_abs_diff(a["params"], b["params"]) == 0.0
+
+
+def _corrupt(step_dir):
+  """Overwrites every data file of a checkpoint's params with garbage."""
+  hit = 0
+  for root, _, files in os.walk(os.path.join(step_dir, "params")):
+    for name in files:
+      if name.endswith(".json"):
+        continue
+      with open(os.path.join(root, name), "r+b") as f:
+        size = max(os.path.getsize(f.name), 1)
+        f.write(b"\x00garbage" * (size // 8 + 1))
+      hit += 1
+  assert hit, f"no data files under {step_dir}"
+
+
+@pytest.mark.slow
+def test_corrupt_latest_checkpoint_falls_back(uninterrupted, tmp_path, caplog):
+  workdir = tmp_path / "corrupt"
+  shutil.copytree(uninterrupted, workdir)
+  _corrupt(workdir / "checkpoints" / "6")
+  with caplog.at_level(logging.WARNING):
+    restored = train_helpers.load_final_params(str(workdir))
+  assert restored["step"] == 4
+  assert "could not be restored" in caplog.text
+
+  # Resuming training takes the same fallback (and then redoes steps 5-6).
+  from scanformer_jax import (checkpointing, data_source, experiment, optim, sharding,
+                              train_state)
+  import jax
+  config = experiment.load_json(str(workdir / "config.json"))
+  cfg = config.model.architecture()
+  mesh = sharding.make_mesh(experiment.MeshConfig(data=1), jax.devices()[:1])
+  tx, _ = optim.make_optimizer(config.optim, config.train.num_steps)
+  ckpt = checkpointing.Checkpointer(str(workdir / "checkpoints"), read_only=True)
+  state = ckpt.restore_latest(train_state.abstract_state(cfg, tx),
+                              train_state.state_shardings(cfg, tx, mesh, config.mesh),
+                              data_source.train_iterator(config, mesh))
+  assert int(state.step) == 4
+
+  # Nothing restorable (e.g. another config's checkpoints): a clear user error.
+  _corrupt(workdir / "checkpoints" / "4")
+  _corrupt(workdir / "checkpoints" / "2")
+  with pytest.raises(UserError, match="could be restored"):
+    ckpt.restore_latest(train_state.abstract_state(cfg, tx),
+                        train_state.state_shardings(cfg, tx, mesh, config.mesh),
+                        data_source.train_iterator(config, mesh))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_stops(tmp_path):
+  workdir = tmp_path / "preempted"
+  cmd = [sys.executable, "-m", "scanformer_jax", "train", "--config",
+         train_helpers.FAKE_CONFIG, "--workdir", str(workdir), "--no-progress",
+         "--set", "train.num_steps=100000", "--set", "checkpoint.every_steps=100000"]
+  proc = subprocess.Popen(cmd, cwd=train_helpers.ROOT, env=train_helpers.subprocess_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and metrics.stat().st_size):
+      assert proc.poll() is None, proc.communicate()[1][-3000:]
+      time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 143, err[-3000:]
+  steps = [int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit()]
+  assert len(steps) == 1 and 0 < steps[0] < 100000
+  assert "SIGTERM" in err
