@@ -7,7 +7,9 @@ attention sees K keys (the cached text and earlier scales, plus the block itself
   attention logits q.k             2*T*K*D      (summed over heads: H * Dh = D)
   attention-weighted sum of v      2*T*K*D
   MLP                              2 * 2*T*D*F
-plus the patch embedding (2 * patches * p*p*3 * D per scale), the selection head
+plus the patch embedding (2 * embedded patches * p*p*3 * D per scale: every patch in
+the dense path, the slots in the sparse path, which gathers pixels before the
+projection), the selection head
 (2*D per token after Encoder1, computed on every non-REG token of every scale) and
 the box head (and IoU head) MLPs on the REG tokens.
 What is NOT counted: elementwise work (LayerNorm, GELU, softmax, residual adds,
@@ -19,11 +21,12 @@ this count (tests/test_flops.py checks the gap).
 Token counts per scale s (a "block" is [REG_s | patches | merged C_s]):
   dense:            1 + N_s                        (every patch is a token)
   sparse, as run:   1 + capacity[s] (+1 merged token for s >= 1); padding slots are
-                    computed like real tokens, so this is what the compiled program
-                    does, independent of the selection.
-  sparse, effective: 1 + taken_s (+1 if any patch of scale s was replaced); what
-                    the scan needs for this sample's selection (a lower bound of the
-                    work, reached by a ragged implementation).
+                    computed (and embedded) like real tokens, so this is what the
+                    compiled program does, independent of the selection.
+  sparse, effective: 1 + taken_s (+1 if any patch of scale s was replaced), and
+                    taken_s patches embedded; what the scan needs for this sample's
+                    selection (a lower bound of the work, reached by a ragged
+                    implementation).
 The text block is `text_len` tokens, padding included when the model runs padded
 text (pass the padded length for "as run", the real length for a lower bound).
 The last scale's keys/values are computed (its own block attends to them) but are
@@ -69,7 +72,7 @@ def forward_flops(cfg: ModelConfig, text_len, tokens_per_scale: Sequence,
   text_len: text tokens run (scalar or array). tokens_per_scale: S block lengths,
   each including REG_s and, where present, the merged token (scalars or arrays of
   one shape). embedded_patches: patches run through the patch embedding per scale
-  (default every patch: the model embeds the whole grid before selecting).
+  (default: every patch, as the dense path does).
   Returns a float, or an array of the broadcast shape of the counts.
   """
   if len(tokens_per_scale) != cfg.num_scales:
@@ -102,18 +105,22 @@ def sparse_tokens_as_run(cfg: ModelConfig) -> tuple[int, ...]:
   return tuple(1 + c + (1 if s > 0 else 0) for s, c in enumerate(cfg.capacities))
 
 
+def _taken_per_scale(cfg: ModelConfig, taken_counts) -> list:
+  taken = np.asarray(taken_counts, np.float64)
+  if taken.shape[-1] != cfg.num_scales:
+    raise ValueError(f"taken_counts needs a last axis of {cfg.num_scales}, got {taken.shape}")
+  return [taken[..., s] for s in range(cfg.num_scales)]
+
+
 def sparse_tokens_effective(cfg: ModelConfig, taken_counts) -> list:
   """Block lengths a scan needs: REG + taken (+ merged if anything was replaced).
 
   taken_counts: [..., S] real tokens per scale (e.g. `out.taken[s].sum(-1)` stacked).
   """
-  taken = np.asarray(taken_counts, np.float64)
-  if taken.shape[-1] != cfg.num_scales:
-    raise ValueError(f"taken_counts needs a last axis of {cfg.num_scales}, got {taken.shape}")
   blocks = []
-  for s, n in enumerate(cfg.num_patches):
-    merged = (taken[..., s] < n).astype(np.float64) if s > 0 else 0.0
-    blocks.append(1.0 + taken[..., s] + merged)
+  for s, (taken, n) in enumerate(zip(_taken_per_scale(cfg, taken_counts), cfg.num_patches)):
+    merged = (taken < n).astype(np.float64) if s > 0 else 0.0
+    blocks.append(1.0 + taken + merged)
   return blocks
 
 
@@ -126,9 +133,9 @@ def sparse_flops(cfg: ModelConfig, text_len, taken_counts=None):
   """FLOPs per sample of the sparse path.
 
   taken_counts None: "as run", the static capacities the compiled program computes.
-  taken_counts [..., S]: "effective", each sample's actual taken counts (patch
-  embedding still over every patch, as the model runs it).
+  taken_counts [..., S]: "effective", each sample's actual taken counts.
   """
   if taken_counts is None:
-    return forward_flops(cfg, text_len, sparse_tokens_as_run(cfg))
-  return forward_flops(cfg, text_len, sparse_tokens_effective(cfg, taken_counts))
+    return forward_flops(cfg, text_len, sparse_tokens_as_run(cfg), cfg.capacities)
+  return forward_flops(cfg, text_len, sparse_tokens_effective(cfg, taken_counts),
+                       _taken_per_scale(cfg, taken_counts))

@@ -79,13 +79,23 @@ class ScanFormer(nn.Module):
     """[B, L] -> [B, L, D]."""
     return self.text_embed(text_ids) + self.modality_embed(jnp.array(TEXT_MODALITY))
 
-  def _patch_tokens(self, image: jax.Array, s: int) -> jax.Array:
-    """Scale-s image [B, r, r, 3] -> every patch's input embedding [B, N_s, D]."""
+  def _patch_tokens(self, image: jax.Array, s: int,
+                    index: Optional[jax.Array] = None) -> jax.Array:
+    """Scale-s image [B, r, r, 3] -> patch input embeddings.
+
+    index None: every patch, [B, N_s, D]. index [B, C]: only those patches, [B, C, D],
+    gathered as pixels BEFORE the projection (the same rows as embedding every patch
+    and gathering after, without projecting the patches that are never used).
+    """
     cfg = self.cfg
     g, pg = cfg.grid_sizes[s], cfg.pos_grid_size
     pos_grid = self.pos_embed[1:].reshape(pg, pg, cfg.hidden_size)
     pos = interpolate_pos_grid(pos_grid, g, g).reshape(g * g, cfg.hidden_size)
-    x = self.patch_embed(patchify(image, cfg.patch_size))  # [B, N, D]
+    patches = patchify(image, cfg.patch_size)  # [B, N, p*p*3]
+    if index is not None:
+      patches = jnp.take_along_axis(patches, index[..., None], axis=1)  # [B, C, p*p*3]
+      pos = pos[index]  # [B, C, D]
+    x = self.patch_embed(patches)  # [B, N | C, D]
     extra = pos + self.modality_embed(jnp.array(IMAGE_MODALITY)) + self.scale_embed[s]
     return x + extra.astype(x.dtype)
 
@@ -141,21 +151,22 @@ class ScanFormer(nn.Module):
     reg, logits, keys, values = self._encode_scale(block, bias, cache)
     return reg, logits, (keys, values, bias)
 
-  def _sparse_scale(self, s, tokens, wanted, scores, cache):
+  def _sparse_scale(self, s, image, wanted, scores, cache):
     """Taken patches in `capacity[s]` slots, the rest merged into one C_s token.
 
     Block layout: [REG_s | capacity[s] slots | merged C_s] (no merged token at
-    scale 0, where every patch is taken).
+    scale 0, where every patch is taken). Only the slotted patches are embedded.
     """
     cfg = self.cfg
-    b, n, _ = tokens.shape
+    b, n = wanted.shape
     capacity = cfg.capacities[s]
     if capacity == n:  # Every wanted patch fits: keep the patches in place.
-      slots, slot_valid, taken = tokens, wanted, wanted
+      slots = self._patch_tokens(image, s)  # [B, N, D]
+      slot_valid, taken = wanted, wanted
       index, dropped = None, jnp.zeros((b,), jnp.int32)
     else:
       index, slot_valid, taken, dropped = selection.capacity_slots(wanted, scores, capacity)
-      slots = jnp.take_along_axis(tokens, index[..., None], axis=1)  # [B, C, D]
+      slots = self._patch_tokens(image, s, index)  # [B, C, D]
     parts = [self._reg_token(s, b), slots]
     bias_parts = [jnp.zeros((b, 1)), jnp.where(slot_valid, 0.0, NEG_INF)]
     if s > 0:
@@ -211,9 +222,10 @@ class ScanFormer(nn.Module):
     mask = jnp.ones((b, cfg.num_patches[0]), jnp.float32)  # dense: scale-0 takes all
     wanted, scores = jnp.ones((b, cfg.num_patches[0]), bool), None
     for s in range(cfg.num_scales):
-      tokens = self._patch_tokens(images[s].astype(cfg.compute_dtype), s)
+      image_s = images[s].astype(cfg.compute_dtype)
       last = s == cfg.num_scales - 1
       if mode == "dense":
+        tokens = self._patch_tokens(image_s, s)
         if force_taken is not None:
           mask = force_taken[s].astype(jnp.float32)
         reg, logits, block_kv = self._dense_scale(s, tokens, mask, cache)
@@ -230,7 +242,7 @@ class ScanFormer(nn.Module):
                 mask > 0.5, logits, grid, cfg.select_threshold, topk[s + 1])
             mask = child.astype(jnp.float32)
       else:
-        reg, logits, taken, dropped, block_kv = self._sparse_scale(s, tokens, wanted, scores,
+        reg, logits, taken, dropped, block_kv = self._sparse_scale(s, image_s, wanted, scores,
                                                                    cache)
         if not last:
           wanted, scores = selection.wanted_children(
