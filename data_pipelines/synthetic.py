@@ -243,7 +243,7 @@ def make_scene(seed: int, split: str, index: int, cfg: SceneConfig) -> Scene:
     exprs: list[Expression] = []
     for t in rng.permutation(len(objs)).tolist():
       cands = candidates(objs, t, s, rng)
-      kinds = [k for k in KINDS if cands[k]]
+      kinds = [k for k in KINDS if cands[k] and cfg.kind_probs[KINDS.index(k)] > 0]
       if not kinds:
         continue
       p = np.array([cfg.kind_probs[KINDS.index(k)] for k in kinds])

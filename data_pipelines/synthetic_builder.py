@@ -4,7 +4,9 @@ Configs (expressions per split, image side):
   default  20000 / 1000 / 1000 at 256 px  (the demo)
   small      400 /  100 /  100 at 128 px  (quick experiments)
   tiny        48 /   24 /   24 at  64 px  (unit tests)
-Any other size: `config_from_spec("train=5000,validation=500,test=500,size=128")`.
+Any other size: `config_from_spec("train=5000,validation=500,test=500,size=128")`;
+also `seed=K`, `max_objects=N` (2..6) and the relative weights of the expression kinds
+`attribute=4,superlative=3,relation=3` (an easier set: e.g. `relation=1`).
 Splits: train, validation, test. Records use the flat layout (`flat_format`) plus
 `kinds` (attribute / superlative / relation) and `colors` (the target's RGB).
 """
@@ -31,6 +33,9 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   num_test: int = 1000
   image_size: int = 256
   seed: int = 0
+  max_objects: int = 6  # objects per scene: 2..max_objects
+  # Relative weights of attribute / superlative / relation expressions.
+  kind_weights: tuple[int, int, int] = (4, 3, 3)
 
 
 CONFIGS = {
@@ -43,26 +48,41 @@ CONFIGS = {
 
 
 def config_from_spec(spec: str) -> SyntheticConfig:
-  """A config by name, or `train=N,validation=N,test=N,size=S,seed=K` (any subset)."""
+  """A config by name, or `key=value,...` with keys train, validation, test, size,
+  seed, max_objects, attribute, superlative, relation (any subset; defaults as
+  `default`)."""
   if spec in CONFIGS:
     return CONFIGS[spec]
   keys = {"train": "num_train", "validation": "num_validation", "val": "num_validation",
-          "test": "num_test", "size": "image_size", "seed": "seed"}
-  values = dataclasses.asdict(CONFIGS["default"])
-  fields = {}
+          "test": "num_test", "size": "image_size", "seed": "seed",
+          "max_objects": "max_objects"}
+  kinds = {"attribute": 0, "superlative": 1, "relation": 2}
+  d = CONFIGS["default"]
+  v = {k: getattr(d, k) for k in set(keys.values())}
+  weights = list(d.kind_weights)
   for part in spec.split(","):
-    key, _, val = part.partition("=")
-    if key.strip() not in keys or not val.strip().isdigit():
+    key, _, val = (x.strip() for x in part.partition("="))
+    if (key not in keys and key not in kinds) or not val.isdigit():
       raise DataError(
           f"bad synthetic config {spec!r}: use one of {sorted(CONFIGS)} or "
-          "'train=N,validation=N,test=N,size=S,seed=K'")
-    fields[keys[key.strip()]] = int(val)
-  v = {k: fields.get(k, values[k]) for k in
-       ("num_train", "num_validation", "num_test", "image_size", "seed")}
+          "'train=N,validation=N,test=N,size=S' (optional: seed=K, max_objects=N, "
+          "attribute=W, superlative=W, relation=W)")
+    if key in kinds:
+      weights[kinds[key]] = int(val)
+    else:
+      v[keys[key]] = int(val)
   if v["image_size"] < 32:
     raise DataError(f"synthetic image size must be >= 32, got {v['image_size']}")
+  if not 2 <= v["max_objects"] <= 6 or sum(weights) == 0:
+    raise DataError(f"bad synthetic config {spec!r}: max_objects must be 2..6 and some "
+                    "expression kind must have a positive weight")
   name = "custom_{num_train}_{num_validation}_{num_test}_{image_size}px_seed{seed}".format(**v)
-  return SyntheticConfig(name=name, description=f"custom: {spec}", **v)
+  if v["max_objects"] != d.max_objects:
+    name += f"_obj{v['max_objects']}"
+  if tuple(weights) != d.kind_weights:
+    name += "_kinds{}-{}-{}".format(*weights)
+  return SyntheticConfig(name=name, description=f"custom: {spec}",
+                         kind_weights=tuple(weights), **v)
 
 
 class Synthetic(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -89,7 +109,9 @@ class Synthetic(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _generate_examples(self, split: str, num: int):
     c = self.builder_config
-    scene_cfg = synthetic.SceneConfig(image_size=c.image_size)
+    scene_cfg = synthetic.SceneConfig(
+        image_size=c.image_size, max_objects=c.max_objects,
+        kind_probs=tuple(w / sum(c.kind_weights) for w in c.kind_weights))
     expr_id = 0
     for index, scene in synthetic.generate_split(c.seed, split, num, scene_cfg):
       objs = [scene.objects[e.target] for e in scene.expressions]

@@ -287,3 +287,6 @@ def test_worker_processes_give_same_batches_and_resume(data_dir):
     assert all(_same(x, next(c)) for x in want[2:])
   finally:
     c.close()
+  # Evaluation with a worker process keeps the fixed order.
+  want = [b["meta"]["index"].tolist() for b in _eval(data_dir, num_workers=0)]
+  assert [b["meta"]["index"].tolist() for b in _eval(data_dir, num_workers=1)] == want

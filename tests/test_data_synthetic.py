@@ -131,3 +131,20 @@ def test_generate_split_yields_exact_count():
   scenes = list(S.generate_split(0, "validation", 11, S.SceneConfig(image_size=64)))
   assert sum(len(s.expressions) for _, s in scenes) == 11
   assert [i for i, _ in scenes] == list(range(len(scenes)))
+
+
+def test_config_spec_and_kind_weights():
+  from data_pipelines import synthetic_builder as SB
+  from data_pipelines.errors import DataError
+  assert SB.config_from_spec("tiny") is SB.CONFIGS["tiny"]
+  c = SB.config_from_spec("train=20000,validation=1000,test=1000,size=128")
+  assert c.name == "custom_20000_1000_1000_128px_seed0" and c.kind_weights == (4, 3, 3)
+  c = SB.config_from_spec("train=100,size=64,relation=0,max_objects=4")
+  assert c.name == "custom_100_1000_1000_64px_seed0_obj4_kinds4-3-0"
+  for bad in ("train=x", "colour=3", "max_objects=9", "attribute=0,superlative=0,relation=0"):
+    with pytest.raises(DataError):
+      SB.config_from_spec(bad)
+  only_rel = S.SceneConfig(image_size=64, max_objects=4, kind_probs=(0.0, 0.0, 1.0))
+  for _, sc in S.generate_split(0, "train", 40, only_rel):
+    assert len(sc.objects) <= 4
+    assert all(e.kind == "relation" for e in sc.expressions)
