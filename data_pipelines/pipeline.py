@@ -260,6 +260,7 @@ class DataIterator(grain.DatasetIterator):
     try:
       batch = next(self._parent)
     except StopIteration:
+      self.close()  # finite (eval) pipeline done: release worker processes now
       self.stats.end_epoch()
       raise
     meta, valid = batch["meta"], batch["valid"]
