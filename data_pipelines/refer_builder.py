@@ -69,6 +69,20 @@ _STEPS = (
     "images) and pass --refer-root <that data dir> --image-dir <the image dir>.")
 
 
+def check_inputs(refer_root: str | os.PathLike, dataset: str, split_by: str,
+                 image_dir: str | os.PathLike) -> tuple[Path, Path]:
+  """(refs pickle, instances.json) paths; DataError naming what is missing."""
+  folder = Path(refer_root) / dataset
+  refs_path = folder / f"refs({split_by}).p"
+  inst_path = folder / "instances.json"
+  for p in (refs_path, inst_path):
+    if not p.is_file():
+      raise DataError(f"missing {p}\n{_STEPS}")
+  if not Path(image_dir).is_dir():
+    raise DataError(f"image directory not found: {image_dir}\n{_STEPS}")
+  return refs_path, inst_path
+
+
 class Refer(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Referring expressions from refer-layout annotation files."""
 
@@ -97,14 +111,8 @@ class Refer(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     c = self.builder_config
     if self._refer_root is None or self._image_dir is None:
       raise DataError("building refer datasets needs refer_root and image_dir")
-    folder = self._refer_root / c.dataset
-    refs_path = folder / f"refs({c.split_by}).p"
-    inst_path = folder / "instances.json"
-    for p in (refs_path, inst_path):
-      if not p.is_file():
-        raise DataError(f"missing {p}\n{_STEPS}")
-    if not self._image_dir.is_dir():
-      raise DataError(f"image directory not found: {self._image_dir}\n{_STEPS}")
+    refs_path, inst_path = check_inputs(self._refer_root, c.dataset, c.split_by,
+                                        self._image_dir)
     refs = safe_pickle.load(refs_path)
     if not isinstance(refs, list):
       raise DataError(f"{refs_path}: expected a list of refs, got {type(refs).__name__}")
@@ -194,6 +202,7 @@ def build(refer_root: str | os.PathLike, dataset: str, split_by: str,
           image_dir: str | os.PathLike, data_dir: str | os.PathLike,
           max_bad_fraction: float = 0.01) -> Path:
   """Builds `refer/<dataset>_<split_by>` under data_dir; returns its dir."""
+  check_inputs(refer_root, dataset, split_by, image_dir)  # before TFDS makes dirs
   from data_pipelines.tfds_compat import patch_importlib_resources
   patch_importlib_resources()
   builder = Refer(refer_root=refer_root, image_dir=image_dir,
