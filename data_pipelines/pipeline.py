@@ -124,8 +124,9 @@ class SampleProcessor:
     try:
       return self.process(raw, rng)
     except BadSample as e:
-      return {"bad": e.reason, "raw": {k: raw.get(k, -1) for k in
-                                       ("index", "image_id", "epoch")}}
+      return {"bad": e.reason, "raw": {"index": raw.get("index", -1),
+                                       "image_id": raw.get("image_id", -1),
+                                       "epoch": raw.get("epoch", 0)}}
 
   def process(self, raw: dict[str, Any], rng: np.random.Generator | None) -> dict:
     r = self.image_size

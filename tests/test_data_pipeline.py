@@ -214,7 +214,8 @@ def test_bad_inputs_skipped_and_counted_in_training(caplog):
   assert "epoch 0: 16 samples used, 4 bad skipped (image: 1, expression: 1, box: 2)" in logs
 
 
-def test_bad_inputs_in_eval_are_invalid_rows_counted():
+def test_bad_inputs_in_eval_are_invalid_rows_counted(caplog):
+  caplog.set_level(logging.INFO, logger="data_pipelines")
   it = pipeline.make_eval_iter("synthetic", "validation", None, image_size=32, max_text_len=8,
                                global_batch_size=8, num_workers=0, source=_bad_source(),
                                max_bad_fraction=0.3)
@@ -223,6 +224,9 @@ def test_bad_inputs_in_eval_are_invalid_rows_counted():
   index = np.concatenate([b["meta"]["index"] for b in batches])
   assert sorted(index[valid].tolist()) == list(range(16))
   assert (it.stats.totals["image"], it.stats.totals["expression"], it.stats.totals["box"]) == (1, 1, 2)
+  logs = [r.getMessage() for r in caplog.records if "(eval)" in r.getMessage()]
+  assert logs == ["synthetic (eval) epoch 0: 16 samples used, 4 bad skipped (image: 1, "
+                  "expression: 1, box: 2), 0 expressions truncated"]
 
 
 def test_too_many_bad_inputs_fail_clearly():
