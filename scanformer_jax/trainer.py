@@ -30,9 +30,10 @@ from scanformer_jax.metric_writer import MetricWriter
 log = logging.getLogger(__name__)
 
 DEVICE_KEYS = evaluate.DEVICE_KEYS
-# Test hook: SIGKILL this process right after the step with this number completes
-# (simulates a crash between checkpoints; see tests/test_checkpoint_resume.py).
-FAULT_ENV = "SCANFORMER_FAULT_SIGKILL_AFTER_STEP"
+# Test hook, "<signal>@<step>" (e.g. "KILL@5", "TERM@3"): this process sends itself
+# the signal right after that step (a crash or a preemption at a known point; see
+# tests/test_checkpoint_resume.py).
+FAULT_ENV = "SCANFORMER_TEST_FAULT"
 
 # Configs that may change when a workdir is resumed without affecting the result.
 _RESUMABLE_CHANGES = ("train.num_steps", "train.log_every", "checkpoint.", "eval.",
@@ -103,6 +104,13 @@ def _vilt_loader(config: experiment.ExperimentConfig):
   return load
 
 
+def _parse_fault(spec: str) -> tuple[int, int]:
+  if not spec:
+    return 0, -1
+  name, _, step = spec.partition("@")
+  return getattr(signal, "SIG" + name.upper()), int(step)
+
+
 def _host_metrics(metrics: dict[str, Any]) -> dict[str, float]:
   return {k: float(v) for k, v in sharding_lib.fetch(metrics).items()}
 
@@ -166,7 +174,7 @@ def train(config: experiment.ExperimentConfig, workdir: str, devices=None,
       train_step.make_train_step(cfg, config.loss, tx, schedules), shardings, mesh)
   writer = MetricWriter(workdir)
   eval_step = None
-  fault_step = int(os.environ.get(FAULT_ENV, "-1"))
+  fault_signal, fault_step = _parse_fault(os.environ.get(FAULT_ENV, ""))
   stopped = False
   bar = tqdm(total=tc.num_steps, initial=start, desc="train", unit="step",
              disable=not (progress and is_main), dynamic_ncols=True)
@@ -178,6 +186,10 @@ def train(config: experiment.ExperimentConfig, workdir: str, devices=None,
         state, metrics = step_fn(state, sharding_lib.to_global(
             {k: batch[k] for k in DEVICE_KEYS}, mesh))
         bar.update(1)
+        if step == fault_step:
+          if fault_signal == signal.SIGKILL:
+            ckpt.wait()  # Let the previous save land: the kill is "between checkpoints".
+          os.kill(os.getpid(), fault_signal)
         last = step == tc.num_steps
         stop_now = stop.requested
         if step % tc.log_every == 0 or last:
@@ -201,9 +213,6 @@ def train(config: experiment.ExperimentConfig, workdir: str, devices=None,
                          prefix=f"eval/{split}/")
         if step % config.checkpoint.every_steps == 0 or last or stop_now:
           ckpt.save(state, data_iter)
-        if step == fault_step:
-          ckpt.wait()
-          os.kill(os.getpid(), signal.SIGKILL)
         if stop_now and not last:
           log.warning("SIGTERM: saved a checkpoint at step %d and stopped", step)
           stopped = True

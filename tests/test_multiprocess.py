@@ -14,7 +14,7 @@ import pytest
 
 import train_helpers
 
-STEPS = 4
+STEPS = 6  # As the resume tests: the one-process run reuses their compile.
 
 
 def _free_port() -> int:

@@ -21,6 +21,7 @@ tx, schedules = optim.make_optimizer(config.optim, config.train.num_steps)
 rows = [fake_data.make_example(0, i, cfg.image_size, cfg.max_text_len) for i in range(8)]
 batch = {k: np.stack([r[k] for r in rows]) for k in ("image", "text_ids", "text_mask", "box", "valid")}
 results = {}
+host_state = None
 for name, mesh_cfg, devices in [
     ("one", experiment.MeshConfig(data=1), jax.devices()[:1]),
     ("data8", experiment.MeshConfig(data=8), None),
@@ -29,7 +30,9 @@ for name, mesh_cfg, devices in [
   shardings = train_state.state_shardings(cfg, tx, mesh, mesh_cfg)
   step = train_step.jit_train_step(
       train_step.make_train_step(cfg, config.loss, tx, schedules), shardings, mesh)
-  state = train_state.create_train_state(cfg, tx, 0, mesh, mesh_cfg)
+  if host_state is None:  # Initialise once; the other meshes get the same values.
+    host_state = sharding.fetch(train_state.create_train_state(cfg, tx, 0, mesh, mesh_cfg))
+  state = train_state.put_global(host_state, shardings)
   losses = []
   for _ in range(3):  # Step 1 has warmup lr 0; steps 2-3 move the parameters.
     state, metrics = step(state, sharding.to_global(batch, mesh))

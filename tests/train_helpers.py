@@ -18,6 +18,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_CONFIG = str(Path(__file__).resolve().parent / "fake_tiny_config.py")
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 JAX_CACHE = os.path.join(tempfile.gettempdir(), f"scanformer-test-jax-cache-{os.getuid()}")
 
 
@@ -29,8 +30,12 @@ def subprocess_env(extra: Optional[dict] = None) -> dict:
       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
       "PYTHONPATH": os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
   })
-  env.pop("XLA_FLAGS", None)
-  env.update(extra or {})
+  # Tiny programs: compile time dominates, so skip the expensive LLVM passes.
+  env["XLA_FLAGS"] = FAST_COMPILE_FLAGS
+  extra = dict(extra or {})
+  if "XLA_FLAGS" in extra:
+    env["XLA_FLAGS"] += " " + extra.pop("XLA_FLAGS")
+  env.update(extra)
   return env
 
 

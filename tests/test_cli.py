@@ -1,0 +1,98 @@
+"""Experiment configs and `--set` overrides; user errors of train/eval/predict give
+one clear line and exit code 2, never a traceback."""
+
+import glob
+import os
+
+import pytest
+
+import train_helpers
+from scanformer_jax import cli, experiment
+from scanformer_jax.commands import evaluate as eval_cmd
+from scanformer_jax.commands import predict as predict_cmd
+from scanformer_jax.commands import train as train_cmd
+from scanformer_jax.errors import UserError
+
+CONFIGS = sorted(p for p in glob.glob(os.path.join(train_helpers.ROOT, "experiments",
+                                                   "configs", "*.py"))
+                 if not os.path.basename(p).startswith("_"))
+
+
+def test_overrides_are_typed():
+  config = experiment.load_config_file(train_helpers.FAKE_CONFIG)
+  config = experiment.apply_overrides(config, [
+      "train.num_steps=12", "optim.learning_rate=3e-4", "data.augment=false",
+      "data.eval_splits=val,testA,testB", "model.image_sizes=(32, 64)",
+      "model.capacity=None", "mesh.process_id=1", "data.vocab_path=/x/vocab.txt",
+      "model.init_from=~/vilt", "loss.target_ratio=[1, 0.4]"])
+  assert config.train.num_steps == 12 and config.optim.learning_rate == 3e-4
+  assert config.data.augment is False
+  assert config.data.eval_splits == ("val", "testA", "testB")
+  assert config.model.image_sizes == (32, 64) and config.model.capacity is None
+  assert config.loss.target_ratio == (1.0, 0.4)
+  assert config.model.init_from == "~/vilt"
+  # The architecture drops init_from; the JSON round trip is exact.
+  assert not hasattr(config.model.architecture(), "init_from")
+  assert experiment.from_dict(experiment.to_dict(config)) == config
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.num_step=3", "unknown config key 'train.num_step'"),
+    ("nosection.x=1", "unknown config key"),
+    ("train.num_steps=1.5", "expects an integer"),
+    ("train.num_steps", "expects key=value"),
+    ("data.augment=maybe", "true/false"),
+    ("model.image_sizes=(32, 48)", "twice the previous"),
+    ("model.vocab_size=None", "may not be None"),
+])
+def test_bad_overrides(override, message):
+  config = experiment.load_config_file(train_helpers.FAKE_CONFIG)
+  with pytest.raises(UserError, match=message.replace("(", r"\(")):
+    experiment.apply_overrides(config, [override])
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_experiment_configs_load(path):
+  config = experiment.load_config_file(path)
+  assert len(config.loss.target_ratio) == config.model.num_scales
+  assert config.train.batch_size % 8 == 0  # Splits over 8-device hosts.
+  if not path.endswith("synthetic_tiny.py"):
+    assert config.model.architecture() == experiment.ModelConfig.vilt_b32()
+
+
+def _errors(main, argv, capsys):
+  rc = main(argv)
+  err = capsys.readouterr().err
+  assert rc == 2, err
+  assert "Traceback" not in err
+  return err
+
+
+def test_user_errors_exit_2(tmp_path, capsys):
+  err = _errors(train_cmd.main, ["--config", str(tmp_path / "missing.py"), "--workdir",
+                                 str(tmp_path / "w")], capsys)
+  assert "config file not found" in err
+  err = _errors(train_cmd.main, ["--config", train_helpers.FAKE_CONFIG, "--workdir",
+                                 str(tmp_path / "w"), "--set", "train.bogus=1"], capsys)
+  assert "unknown config key 'train.bogus'" in err
+  err = _errors(eval_cmd.main, ["--workdir", str(tmp_path / "empty")], capsys)
+  assert "config.json" in err
+  err = _errors(eval_cmd.main, ["--config", train_helpers.FAKE_CONFIG, "--workdir",
+                                str(tmp_path / "empty")], capsys)
+  assert "no checkpoints" in err
+  err = _errors(predict_cmd.main, ["--workdir", str(tmp_path / "empty"), "--image", "x.png",
+                                   "--text", "the red circle"], capsys)
+  assert "config.json" in err
+  bad = tmp_path / "bad_config.py"
+  bad.write_text("def get_config():\n  return 42\n")
+  err = _errors(train_cmd.main, ["--config", str(bad), "--workdir", str(tmp_path / "w")],
+                capsys)
+  assert "must return an ExperimentConfig" in err
+
+
+def test_dispatcher_routes_to_the_commands(capsys):
+  for name in ("train", "eval", "predict"):
+    with pytest.raises(SystemExit) as exit_info:
+      cli.main([name, "--help"])
+    assert exit_info.value.code == 0
+    assert "--workdir" in capsys.readouterr().out
