@@ -74,6 +74,7 @@ def run(model: str = "vilt_b32", batch_size: int = 8, keep_ratio: float = 0.25,
   from scanformer_jax import flops
   from scanformer_jax.model import ScanFormer
 
+  load_start = list(os.getloadavg())
   cfg = bench_config(model, keep_ratio, dtype)
   length = text_len or cfg.max_text_len
   keys = jax.random.split(jax.random.key(seed), 3)
@@ -134,7 +135,8 @@ def run(model: str = "vilt_b32", batch_size: int = 8, keep_ratio: float = 0.25,
       "speedup_over_flops_ratio": speedup / flops_ratio,
       "target_met": speedup >= 0.75 * flops_ratio,
       "host": {"backend": jax.default_backend(), "device": str(jax.devices()[0]),
-               "cpu_count": os.cpu_count(), "loadavg": list(os.getloadavg()),
+               "cpu_count": os.cpu_count(), "loadavg_start": load_start,
+               "loadavg": list(os.getloadavg()),
                "jax": jax.__version__, "python": platform.python_version()},
   }
 
@@ -174,7 +176,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--keep-ratio", type=float, default=0.25,
                       help="fraction of each scale's patches taken at s >= 1, in (0, 1]")
   parser.add_argument("--steps", type=int, default=10, help="timed steps per mode (median)")
-  parser.add_argument("--warmup", type=int, default=2, help="untimed calls per mode")
+  parser.add_argument("--warmup", type=int, default=2,
+                      help="untimed calls per mode after compiling (at least 1 is made)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   parser.add_argument("--text-len", type=int, default=None,
                       help="text tokens per sample (default: the model's max_text_len)")
