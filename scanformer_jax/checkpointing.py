@@ -37,7 +37,8 @@ class Checkpointer:
 
   def __init__(self, directory: str, cfg: CheckpointConfig = CheckpointConfig(),
                read_only: bool = False):
-    self.directory = os.path.abspath(directory)
+    # Local paths made absolute (orbax needs that); gs://... and other URLs as given.
+    self.directory = directory if "://" in directory else os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.max_to_keep, enable_async_checkpointing=cfg.async_save,
         create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only)

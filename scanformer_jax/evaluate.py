@@ -57,14 +57,13 @@ def gflops_at_exit(cfg: ModelConfig, taken: np.ndarray, text_len: np.ndarray,
   return float(total.mean() / 1e9)
 
 
-def evaluate_batches(cfg: ModelConfig, params: Any, step: EvalStep,
-                     batches: Iterable[dict], mesh: Mesh, iou_threshold: float = 0.5,
-                     criterion: Optional[early_exit.ExitCriterion] = None,
-                     desc: str = "eval", progress: bool = True,
-                     blank: bool = False) -> dict[str, Any]:
-  """Runs `step` over `batches` (process-local contract batches) and reports.
+def collect(cfg: ModelConfig, params: Any, step: EvalStep, batches: Iterable[dict],
+            mesh: Mesh, iou_threshold: float = 0.5, desc: str = "eval",
+            progress: bool = True, blank: bool = False) -> tuple[RecMetrics, dict]:
+  """Runs `step` over `batches` (process-local contract batches).
 
-  blank=True evaluates with every expression blanked (`blank_expressions`).
+  Returns the accumulated per-sample results and run facts (`samples_per_s`,
+  `duplicates`). blank=True blanks every expression first (`blank_expressions`).
   """
   metrics = RecMetrics(cfg.num_patches, iou_threshold)
   seen_indices: list[np.ndarray] = []
@@ -87,24 +86,43 @@ def evaluate_batches(cfg: ModelConfig, params: Any, step: EvalStep,
   timed = metrics.count - warm_count
   if timed == 0:  # A single batch: report it including compilation.
     elapsed, timed = time.perf_counter() - start, metrics.count
+  facts = {"samples_per_s": float(timed / max(elapsed, 1e-9))}
+  if seen_indices:
+    indices = np.concatenate(seen_indices)
+    facts["duplicates"] = int(len(indices) - len(np.unique(indices)))
+  return metrics, facts
+
+
+def exit_report(cfg: ModelConfig, metrics: RecMetrics,
+                criterion: early_exit.ExitCriterion) -> dict[str, Any]:
+  """Accuracy and GFLOPs when every sample stops where `criterion` says."""
+  rows = metrics.arrays()
+  exit_scale = criterion.exit_scale(rows)
+  at_exit = metrics.result(exit_scale)
+  return {
+      "criterion": criterion.name,
+      "acc@0.5": at_exit["acc@0.5"],
+      "mean_iou": at_exit["mean_iou"],
+      "mean_exit_scale": float(exit_scale.mean()),
+      "gflops": gflops_at_exit(cfg, rows["taken"], rows["text_len"], exit_scale),
+  }
+
+
+def evaluate_batches(cfg: ModelConfig, params: Any, step: EvalStep,
+                     batches: Iterable[dict], mesh: Mesh, iou_threshold: float = 0.5,
+                     criterion: Optional[early_exit.ExitCriterion] = None,
+                     desc: str = "eval", progress: bool = True,
+                     blank: bool = False) -> dict[str, Any]:
+  """The report of one split (module docstring); see `collect` for the arguments."""
+  metrics, facts = collect(cfg, params, step, batches, mesh, iou_threshold, desc, progress,
+                           blank)
   report = metrics.result()
   if metrics.count == 0:
     return report
   rows = metrics.arrays()
   report["gflops_sparse"], report["gflops_dense"] = gflops_per_sample(
       cfg, rows["taken"], rows["text_len"])
-  report["samples_per_s"] = float(timed / max(elapsed, 1e-9))
-  if seen_indices:
-    indices = np.concatenate(seen_indices)
-    report["duplicates"] = int(len(indices) - len(np.unique(indices)))
+  report.update(facts)
   if criterion is not None:
-    exit_scale = criterion.exit_scale(rows)
-    at_exit = metrics.result(exit_scale)
-    report["early_exit"] = {
-        "criterion": criterion.name,
-        "acc@0.5": at_exit["acc@0.5"],
-        "mean_iou": at_exit["mean_iou"],
-        "mean_exit_scale": float(exit_scale.mean()),
-        "gflops": gflops_at_exit(cfg, rows["taken"], rows["text_len"], exit_scale),
-    }
+    report["early_exit"] = exit_report(cfg, metrics, criterion)
   return report

@@ -3,6 +3,7 @@
     total = sum_s w_s * (l1_weight * L1_s + giou_weight * (1 - GIoU_s))
           + ratio_weight * sum_{s>=1} mean_b (keep_{s,b} - target_ratio[s])^2
           + iou_weight * sum_s mean_b |pred_iou_s - stop_gradient(IoU_s)|   (IoU head)
+          + select_weight * sum_s mean_b BCE(logits_s, patch overlaps gt)   (optional)
 
 Box terms average over valid samples only (rows with `valid=False` weigh nothing).
 `keep_{s,b}` is the fraction of scale-s patches sample b took; in the dense training
@@ -68,6 +69,39 @@ def ratio_loss(keep: jax.Array, target: Sequence[float], valid: jax.Array) -> ja
   return sum(_masked_mean(sq[:, s], weight) for s in range(1, keep.shape[1]))
 
 
+def patches_overlapping(box: jax.Array, grid: int) -> jax.Array:
+  """[B, G*G] 0/1 (row-major grid): does patch (i, j) overlap the box [B, 4] cxcywh?"""
+  x0, y0, x1, y1 = jnp.moveaxis(box_ops.cxcywh_to_xyxy(box.astype(jnp.float32)), -1, 0)
+  edges = jnp.arange(grid, dtype=jnp.float32) / grid  # [G] cell starts
+  cols = (edges[None] < x1[:, None]) & (edges[None] + 1.0 / grid > x0[:, None])  # [B, G]
+  rows = (edges[None] < y1[:, None]) & (edges[None] + 1.0 / grid > y0[:, None])  # [B, G]
+  return (rows[:, :, None] & cols[:, None, :]).reshape(box.shape[0], grid * grid)
+
+
+def selection_losses(logits: Sequence[jax.Array], taken: Sequence[jax.Array], gt: jax.Array,
+                     valid: jax.Array) -> list[jax.Array]:
+  """Per scale: mean over taken patches of BCE(logit, patch overlaps the gt box).
+
+  Replaced patches are left out: they all carry the constant token, so their logits
+  cannot tell them apart (the mask is stop-gradient).
+  """
+  weight = valid.astype(jnp.float32)
+  out = []
+  for logit, mask in zip(logits, taken):
+    grid = int(round(logit.shape[1] ** 0.5))
+    target = patches_overlapping(gt, grid).astype(jnp.float32)  # [B, G*G]
+    mask = jax.lax.stop_gradient(mask.astype(jnp.float32))  # [B, G*G]
+    bce = sigmoid_bce(logit.astype(jnp.float32), target)  # [B, G*G]
+    per_sample = (bce * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1.0)  # [B]
+    out.append(_masked_mean(per_sample, weight))
+  return out
+
+
+def sigmoid_bce(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Elementwise binary cross-entropy on logits (numerically stable)."""
+  return jnp.maximum(logits, 0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+
+
 def scanformer_loss(out: Any, gt_box: jax.Array, valid: jax.Array, cfg: LossConfig
                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The training loss of one batch and its named terms (all scalars).
@@ -89,6 +123,11 @@ def scanformer_loss(out: Any, gt_box: jax.Array, valid: jax.Array, cfg: LossConf
   }
   total = (cfg.l1_weight * terms["l1"] + cfg.giou_weight * terms["giou"]
            + cfg.ratio_weight * terms["ratio"])
+  if cfg.select_weight:
+    per_scale = selection_losses(out.selection_logits, out.taken, gt_box, valid)
+    terms["select"] = sum(per_scale)
+    terms.update({f"select_s{s}": v for s, v in enumerate(per_scale)})
+    total = total + cfg.select_weight * terms["select"]
   pred_iou = getattr(out, "pred_iou", None)
   if pred_iou is not None:
     chex.assert_equal_shape([pred_iou, iou])

@@ -69,9 +69,16 @@ class _StopFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def workdir_paths(workdir: str) -> dict[str, str]:
+def checkpoint_dir(config: experiment.ExperimentConfig, workdir: str) -> str:
+  """`checkpoint.directory`, or `<workdir>/checkpoints` when unset."""
+  if config.checkpoint.directory:
+    return os.path.expanduser(config.checkpoint.directory)
+  return os.path.join(workdir, "checkpoints")
+
+
+def workdir_paths(workdir: str, config: experiment.ExperimentConfig) -> dict[str, str]:
   return {"config": os.path.join(workdir, "config.json"),
-          "checkpoints": os.path.join(workdir, "checkpoints")}
+          "checkpoints": checkpoint_dir(config, workdir)}
 
 
 def _check_resumed_config(path: str, config: experiment.ExperimentConfig) -> None:
@@ -147,7 +154,7 @@ def train(config: experiment.ExperimentConfig, workdir: str, devices=None,
   if tc.num_steps < 1 or tc.log_every < 1 or config.checkpoint.every_steps < 1:
     raise UserError("train.num_steps, train.log_every and checkpoint.every_steps must be >= 1")
   mesh = sharding_lib.make_mesh(config.mesh, devices)
-  paths = workdir_paths(workdir)
+  paths = workdir_paths(workdir, config)
   is_main = jax.process_index() == 0
   if is_main:
     os.makedirs(workdir, exist_ok=True)

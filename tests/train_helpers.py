@@ -64,13 +64,13 @@ def run_python(code: str, extra_env: Optional[dict] = None, timeout: float = 300
 def load_final_params(workdir: str) -> dict:
   """The newest checkpoint's parameters of a fake_tiny_config workdir, as numpy."""
   import jax  # pylint: disable=g-import-not-at-top
-  from scanformer_jax import checkpointing, experiment, sharding, train_state
+  from scanformer_jax import checkpointing, experiment, sharding, train_state, trainer
   config = experiment.load_json(os.path.join(workdir, "config.json"))
   cfg = config.model.architecture()
   mesh_cfg = experiment.MeshConfig(data=1)
   mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:1])
   abstract = train_state.abstract_params(cfg)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+  ckpt = checkpointing.Checkpointer(trainer.checkpoint_dir(config, workdir), read_only=True)
   params, step = ckpt.restore_params(abstract, sharding.tree_shardings(abstract, mesh, mesh_cfg))
   ckpt.close()
   return {"step": step, "params": jax.tree.map(np.asarray, params)}

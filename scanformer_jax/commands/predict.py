@@ -63,8 +63,8 @@ def main(argv: list[str]) -> int:
     from scanformer_jax.model import ScanFormer  # pylint: disable=g-import-not-at-top
 
     cfg = config.model.architecture()
-    ckpt_dir = trainer.workdir_paths(args.workdir)["checkpoints"]
-    if not os.path.isdir(ckpt_dir):
+    ckpt_dir = trainer.checkpoint_dir(config, args.workdir)
+    if "://" not in ckpt_dir and not os.path.isdir(ckpt_dir):
       raise UserError(f"no checkpoints in {args.workdir}: train first")
     image = pipeline.load_image_file(args.image)
     tokenizer = data_source.load_tokenizer(config)

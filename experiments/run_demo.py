@@ -1,0 +1,127 @@
+"""`make demo`: build the synthetic set, train synthetic_tiny on CPU, evaluate, predict.
+
+Every stage runs the real command (`scanformer data|train|eval|predict`) in a fresh
+process, exactly as a user would; a rerun skips what is done (the dataset exists, the
+workdir's training is finished and resumes to the same end). Writes
+`<workdir>/eval.json` (sparse path, validation split) and `<workdir>/eval_blank.json`
+(every expression blanked: how much the model needs the sentence), then prints a
+table with the demo targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "experiments", "configs", "synthetic_tiny.py")
+TARGETS = {"acc": 0.90, "finest_keep": 0.5, "minutes": 15}
+
+
+def _config_module():
+  spec = importlib.util.spec_from_file_location("synthetic_tiny", CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _run(stage: str, args: list[str], env: dict, timings: dict, capture=False) -> str:
+  print(f"\n=== {stage}: scanformer {' '.join(args)}", flush=True)
+  start = time.perf_counter()
+  proc = subprocess.run([sys.executable, "-m", "scanformer_jax", *args], cwd=ROOT, env=env,
+                        text=True, stdout=subprocess.PIPE if capture else None)
+  timings[stage] = time.perf_counter() - start
+  if proc.returncode != 0:
+    sys.exit(f"demo: `{stage}` failed with exit code {proc.returncode}")
+  if capture:
+    print(proc.stdout, end="")
+  return proc.stdout or ""
+
+
+def _predict_input(workdir: str, module) -> tuple[str, str]:
+  """A validation-split scene (not seen in training) saved as PNG, and its expression."""
+  from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
+  scene = synthetic.make_scene(0, "validation", 7, synthetic.SceneConfig(image_size=256))
+  path = os.path.join(workdir, "predict_input.png")
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  Image.fromarray(scene.image).save(path)
+  return path, scene.expressions[0].text
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--workdir", default="runs/demo")
+  parser.add_argument("--data-dir", default="runs/data")
+  parser.add_argument("--set", dest="overrides", action="append", default=[],
+                      help="extra config overrides for training (key=value)")
+  args = parser.parse_args()
+  t0 = time.perf_counter()
+  workdir = os.path.abspath(args.workdir)
+  data_dir = os.path.abspath(args.data_dir)
+  os.makedirs(workdir, exist_ok=True)
+  module = _config_module()
+  env = dict(os.environ)
+  env.setdefault("JAX_PLATFORMS", "cpu")
+  # Reuse compiled programs across the demo's processes and reruns.
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(workdir),
+                                                           ".jax_cache"))
+  env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+  timings: dict[str, float] = {}
+  common = ["--set", f"data.data_dir={data_dir}"]
+
+  _run("dataset", ["data", "synthetic", "--data-dir", data_dir,
+                   "--config", module.SYNTHETIC_SPEC], env, timings)
+  train_args = ["train", "--config", CONFIG, "--workdir", workdir, *common]
+  for item in args.overrides:
+    train_args += ["--set", item]
+  _run("train", train_args, env, timings)
+  eval_json = os.path.join(workdir, "eval.json")
+  _run("eval", ["eval", "--workdir", workdir, "--json", eval_json, *common], env, timings)
+  image, text = _predict_input(workdir, module)
+  out_png = os.path.join(workdir, "predict.png")
+  predicted = _run("predict", ["predict", "--workdir", workdir, "--image", image, "--text",
+                               text, "--out", out_png, *common], env, timings, capture=True)
+  blank_json = os.path.join(workdir, "eval_blank.json")
+  _run("eval_blank", ["eval", "--workdir", workdir, "--json", blank_json,
+                      "--set", "eval.blank_expressions=true", *common], env, timings)
+  total = time.perf_counter() - t0
+
+  report = json.load(open(eval_json))["validation"]
+  blank = json.load(open(blank_json))["validation"]
+  prediction = json.loads(predicted.strip().splitlines()[-1])
+  finest_keep = report["keep_ratio"][-1]
+  rows = [
+      ("Acc@0.5 (sparse, validation)", f"{report['acc@0.5']:.4f}",
+       f">= {TARGETS['acc']:.2f}", report["acc@0.5"] >= TARGETS["acc"]),
+      ("Acc@0.5 per scale", " / ".join(f"{a:.3f}" for a in report["acc@0.5_per_scale"]),
+       "", None),
+      ("mean IoU", f"{report['mean_iou']:.4f}", "", None),
+      ("keep ratio per scale", " / ".join(f"{k:.3f}" for k in report["keep_ratio"]),
+       f"finest <= {TARGETS['finest_keep']}", finest_keep <= TARGETS["finest_keep"]),
+      ("GFLOPs / sample sparse vs dense",
+       f"{report['gflops_sparse']:.4f} vs {report['gflops_dense']:.4f}", "", None),
+      ("eval samples/s", f"{report['samples_per_s']:.1f}", "", None),
+      ("Acc@0.5 with expressions blanked", f"{blank['acc@0.5']:.4f}",
+       "far lower", blank["acc@0.5"] < 0.6 * report["acc@0.5"]),
+      ("expressions evaluated", str(report["count"]), "", None),
+      ("predict", f"{text!r} -> {prediction['box']}", "", None),
+      ("wall time", f"{total / 60:.1f} min (" + ", ".join(
+          f"{k} {v:.0f}s" for k, v in timings.items()) + ")",
+       f"<= {TARGETS['minutes']} min", total <= TARGETS["minutes"] * 60),
+  ]
+  width = max(len(r[0]) for r in rows)
+  print("\n" + "=" * 78 + "\nScanFormer demo (synthetic_tiny, CPU)\n" + "=" * 78)
+  for name, value, target, ok in rows:
+    mark = "" if ok is None else ("  [ok]" if ok else "  [MISSED]")
+    print(f"{name:<{width}}  {value}" + (f"   (target {target}){mark}" if target else ""))
+  print(f"\nreports: {eval_json}, {blank_json}; boxes drawn: {out_png}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
