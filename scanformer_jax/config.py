@@ -50,6 +50,10 @@ class ModelConfig:
   # Compute dtype ("float32" or "bfloat16"); parameters are always float32.
   dtype: str = "float32"
   initializer_range: float = 0.02
+  # Initial patch position grid: "normal" (N(0, initializer_range), as ViLT) or
+  # "sincos" (2-D sin-cos, a strong position signal from step 0: much faster when
+  # training from scratch; irrelevant when ViLT weights are loaded).
+  pos_embed_init: str = "normal"
 
   def __post_init__(self):
     sizes = self.image_sizes
@@ -64,6 +68,8 @@ class ModelConfig:
       raise ValueError("hidden_size must be divisible by num_heads")
     if not 0 < self.encoder1_layers <= self.num_layers:
       raise ValueError("encoder1_layers must be in [1, num_layers]")
+    if self.pos_embed_init not in ("normal", "sincos"):
+      raise ValueError(f"pos_embed_init must be normal or sincos, got {self.pos_embed_init}")
     if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype}")
     for name in ("capacity", "select_topk"):

@@ -114,6 +114,23 @@ def interpolate_pos_grid(grid: jax.Array, out_h: int, out_w: int) -> jax.Array:
                     precision=jax.lax.Precision.HIGHEST)
 
 
+def sincos_pos_grid(grid: int, dim: int) -> np.ndarray:
+  """[1 + grid*grid, dim] 2-D sin-cos position table; row 0 (the [CLS] slot) is 0.
+
+  Half the channels encode the row, half the column, each as sin/cos over
+  geometrically spaced frequencies (as MAE/ViT-sincos), in row-major patch order.
+  """
+  if dim % 4:
+    raise ValueError(f"sincos position embeddings need hidden_size % 4 == 0, got {dim}")
+  omega = 1.0 / 10000 ** (np.arange(dim // 4) / (dim // 4))  # [D/4]
+  rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+  def encode(pos):
+    angles = pos.reshape(-1, 1) * omega[None]  # [G*G, D/4]
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+  table = np.concatenate([encode(rows), encode(cols)], axis=1)  # [G*G, D]
+  return np.concatenate([np.zeros((1, dim)), table]).astype(np.float32)
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
   """Scaled dot-product attention with an additive bias, softmax in float32.
 

@@ -32,7 +32,8 @@ from scanformer_jax.config import ModelConfig
 from scanformer_jax.heads import BoxHead, IouHead, SelectionHead
 from scanformer_jax.kv_cache import KVCache
 from scanformer_jax.layers import (NEG_INF, EncoderLayer, PatchEmbed, TextEmbeddings, embed,
-                                   interpolate_pos_grid, layer_norm, patchify)
+                                   interpolate_pos_grid, layer_norm, patchify,
+                                   sincos_pos_grid)
 from scanformer_jax.pyramid import build_pyramid
 
 MODES = ("sparse", "dense")
@@ -61,7 +62,10 @@ class ScanFormer(nn.Module):
     # Backbone (ViLT parameter layout, see layers.py and vilt.py).
     self.text_embed = TextEmbeddings(cfg)
     self.patch_embed = PatchEmbed(cfg)
-    self.pos_embed = self.param("pos_embed", normal, (1 + cfg.pos_grid_size ** 2, d))
+    pos_init = normal
+    if cfg.pos_embed_init == "sincos":
+      pos_init = lambda *_: jnp.asarray(sincos_pos_grid(cfg.pos_grid_size, d))  # noqa: E731
+    self.pos_embed = self.param("pos_embed", pos_init, (1 + cfg.pos_grid_size ** 2, d))
     self.modality_embed = embed(cfg, 2)
     self.layers = [EncoderLayer(cfg) for _ in range(cfg.num_layers)]
     self.final_norm = layer_norm(cfg)
