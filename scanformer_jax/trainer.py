@@ -198,7 +198,8 @@ def train(config: experiment.ExperimentConfig, workdir: str, devices=None,
             ckpt.wait()  # Let the previous save land: the kill is "between checkpoints".
           os.kill(os.getpid(), fault_signal)
         last = step == tc.num_steps
-        stop_now = stop.requested
+        # One process acts on SIGTERM at once; several agree at the next log step.
+        stop_now = stop.requested and jax.process_count() == 1
         if step % tc.log_every == 0 or last:
           host = _host_metrics(metrics)
           now = time.perf_counter()
@@ -210,7 +211,8 @@ def train(config: experiment.ExperimentConfig, workdir: str, devices=None,
           if not progress and is_main:
             print(_log_line(step, host), flush=True)
           if jax.process_count() > 1:  # Agree on preemption at a synced point.
-            stop_now = bool(multihost_utils.process_allgather(np.int32(stop_now)).max())
+            requested = np.int32(stop.requested)
+            stop_now = bool(multihost_utils.process_allgather(requested).max())
         if config.eval.every_steps and (step % config.eval.every_steps == 0 or last):
           eval_step = eval_step or EvalStep(cfg, mesh, shardings.params)
           reports = evaluate_params(config, state.params, mesh, shardings.params,
