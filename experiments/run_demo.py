@@ -44,9 +44,17 @@ def _run(stage: str, args: list[str], env: dict, timings: dict, capture=False) -
 
 
 def _predict_input(workdir: str, module) -> tuple[str, str]:
-  """A validation-split scene (not seen in training) saved as PNG, and its expression."""
-  from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
-  scene = synthetic.make_scene(0, "validation", 7, synthetic.SceneConfig(image_size=256))
+  """A validation-split scene (not seen in training) saved as PNG, and its expression.
+
+  Drawn with the demo dataset's object count and expression kinds, at 256 px.
+  """
+  from data_pipelines import synthetic, synthetic_builder  # pylint: disable=g-import-not-at-top
+  spec = synthetic_builder.config_from_spec(module.SYNTHETIC_SPEC)
+  weights = spec.kind_weights
+  scene_cfg = synthetic.SceneConfig(
+      image_size=256, max_objects=spec.max_objects,
+      kind_probs=tuple(w / sum(weights) for w in weights))
+  scene = synthetic.make_scene(spec.seed, "validation", 7, scene_cfg)
   path = os.path.join(workdir, "predict_input.png")
   from PIL import Image  # pylint: disable=g-import-not-at-top
   Image.fromarray(scene.image).save(path)
