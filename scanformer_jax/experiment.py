@@ -104,6 +104,10 @@ class TrainConfig:
   batch_size: int = 128  # Global, over all processes and devices.
   log_every: int = 100
   seed: int = 0  # Parameter init and Gumbel noise; the data seed is data.seed.
+  # Steps at the start that take every patch (no Gumbel masks): the box heads learn
+  # from clean inputs while the selection head learns from loss.select_weight alone.
+  # 0 (the paper) samples hard Gumbel selections from the first step.
+  select_warmup_steps: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,18 +30,36 @@ def _global_norm(tree) -> jax.Array:
 
 
 def make_train_step(cfg: ModelConfig, loss_cfg: LossConfig, tx: optax.GradientTransformation,
-                    schedules: dict[str, optax.Schedule]) -> StepFn:
-  """The un-jitted step `(state, batch) -> (state, metrics)`; metrics are scalars."""
+                    schedules: dict[str, optax.Schedule], select_warmup_steps: int = 0
+                    ) -> StepFn:
+  """The un-jitted step `(state, batch) -> (state, metrics)`; metrics are scalars.
+
+  For the first `select_warmup_steps` steps every patch is taken (see
+  TrainConfig.select_warmup_steps); one compiled program holds both branches.
+  """
   model = ScanFormer(cfg)
 
-  def loss_fn(params, batch, rng):
-    out = model.apply({"params": params}, batch["image"], batch["text_ids"],
-                      batch["text_mask"], mode="dense", train=True, rngs={"gumbel": rng})
+  def loss_fn(params, batch, rng, take_all):
+    args = (batch["image"], batch["text_ids"], batch["text_mask"])
+
+    def gumbel(_):
+      return model.apply({"params": params}, *args, mode="dense", train=True,
+                         rngs={"gumbel": rng})
+
+    def every_patch(_):
+      ones = tuple(jnp.ones((args[0].shape[0], n), jnp.float32) for n in cfg.num_patches)
+      return model.apply({"params": params}, *args, mode="dense", train=True,
+                         rngs={"gumbel": rng}, force_taken=ones)
+
+    out = jax.lax.cond(take_all, every_patch, gumbel, None) if select_warmup_steps else (
+        gumbel(None))
     return losses.scanformer_loss(out, batch["box"], batch["valid"], loss_cfg)
 
   def step(state: TrainState, batch: Batch):
     rng = jax.random.fold_in(state.rng, state.step)
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+    take_all = state.step < select_warmup_steps
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, batch, rng, take_all)
     grad_norm = _global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

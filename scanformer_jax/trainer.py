@@ -178,7 +178,8 @@ def train(config: experiment.ExperimentConfig, workdir: str, devices=None,
     log.info("resumed from step %d in %s", start, paths["checkpoints"])
 
   step_fn = train_step.jit_train_step(
-      train_step.make_train_step(cfg, config.loss, tx, schedules), shardings, mesh)
+      train_step.make_train_step(cfg, config.loss, tx, schedules,
+                                 config.train.select_warmup_steps), shardings, mesh)
   writer = MetricWriter(workdir)
   eval_step = None
   fault_signal, fault_step = _parse_fault(os.environ.get(FAULT_ENV, ""))

@@ -53,3 +53,23 @@ def test_nan_batch_is_skipped_and_counted(setup):
   assert int(state.step) == 3
   for key in ("l1", "giou", "ratio", "lr", "lr_backbone", "keep_s1", "grad_norm"):
     assert key in metrics
+
+
+def test_select_warmup_takes_every_patch_then_gumbel(setup):
+  """During select_warmup_steps every patch is taken; afterwards Gumbel drops some."""
+  config, mesh, _, _ = setup
+  cfg = config.model.architecture()
+  tx, schedules = optim.make_optimizer(config.optim, config.train.num_steps)
+  shardings = train_state.state_shardings(cfg, tx, mesh, config.mesh)
+  step = train_step.jit_train_step(
+      train_step.make_train_step(cfg, config.loss, tx, schedules, select_warmup_steps=2),
+      shardings, mesh)
+  state = train_state.create_train_state(cfg, tx, 0, mesh, config.mesh)
+  keeps = []
+  for start in (0, 8, 16):
+    state, metrics = step(state, sharding.to_global(_batch(config, start), mesh))
+    keeps.append([float(metrics[f"keep_s{s}"]) for s in range(1, cfg.num_scales)])
+  assert keeps[0] == keeps[1] == [1.0] * (cfg.num_scales - 1)
+  # Random init: logits near 0, so hard Gumbel decisions drop about half the patches.
+  assert all(k < 0.9 for k in keeps[2]), keeps
+  assert np.isfinite(float(metrics["loss"])) and int(state.step) == 3
