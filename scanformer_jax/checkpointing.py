@@ -38,7 +38,11 @@ class Checkpointer:
   def __init__(self, directory: str, cfg: CheckpointConfig = CheckpointConfig(),
                read_only: bool = False):
     # Local paths made absolute (orbax needs that); gs://... and other URLs as given.
-    self.directory = directory if "://" in directory else os.path.abspath(directory)
+    local = "://" not in directory
+    self.directory = os.path.abspath(directory) if local else directory
+    if read_only and local and not os.path.isdir(self.directory):
+      raise UserError(f"no checkpoints in {self.directory}: train first "
+                      "(scanformer train --config ... --workdir ...)")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.max_to_keep, enable_async_checkpointing=cfg.async_save,
         create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only)

@@ -54,12 +54,8 @@ def main(argv: list[str]) -> int:
     cfg = config.model.architecture()
     abstract = train_state.abstract_params(cfg)
     shardings = sharding.tree_shardings(abstract, mesh, config.mesh)
-    ckpt_dir = trainer.checkpoint_dir(config, args.workdir)
-    if "://" not in ckpt_dir and not os.path.isdir(ckpt_dir):
-      from scanformer_jax.errors import UserError  # pylint: disable=g-import-not-at-top
-      raise UserError(f"no checkpoints in {args.workdir}: train first with "
-                      f"`scanformer train --config ... --workdir {args.workdir}`")
-    ckpt = checkpointing.Checkpointer(ckpt_dir, config.checkpoint, read_only=True)
+    ckpt = checkpointing.Checkpointer(trainer.checkpoint_dir(config, args.workdir),
+                                      config.checkpoint, read_only=True)
     params, step = ckpt.restore_params(abstract, shardings, args.step)
     reports = trainer.evaluate_params(config, params, mesh, shardings, splits,
                                       progress=not args.no_progress)

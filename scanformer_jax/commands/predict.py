@@ -59,13 +59,11 @@ def main(argv: list[str]) -> int:
     from data_pipelines import pipeline, transforms  # pylint: disable=g-import-not-at-top
     from scanformer_jax import (checkpointing, data_source, experiment, sharding,  # pylint: disable=g-import-not-at-top
                                 train_state, trainer)
-    from scanformer_jax.errors import UserError  # pylint: disable=g-import-not-at-top
     from scanformer_jax.model import ScanFormer  # pylint: disable=g-import-not-at-top
 
     cfg = config.model.architecture()
-    ckpt_dir = trainer.checkpoint_dir(config, args.workdir)
-    if "://" not in ckpt_dir and not os.path.isdir(ckpt_dir):
-      raise UserError(f"no checkpoints in {args.workdir}: train first")
+    ckpt = checkpointing.Checkpointer(trainer.checkpoint_dir(config, args.workdir),
+                                      config.checkpoint, read_only=True)
     image = pipeline.load_image_file(args.image)
     tokenizer = data_source.load_tokenizer(config)
     batch, meta = pipeline.preprocess_single(image, args.text, tokenizer, cfg.image_size,
@@ -75,7 +73,6 @@ def main(argv: list[str]) -> int:
     mesh = sharding.make_mesh(mesh_cfg, jax.local_devices()[:1])
     abstract = train_state.abstract_params(cfg)
     shardings = sharding.tree_shardings(abstract, mesh, mesh_cfg)
-    ckpt = checkpointing.Checkpointer(ckpt_dir, config.checkpoint, read_only=True)
     params, step = ckpt.restore_params(abstract, shardings, args.step)
 
     @jax.jit
