@@ -37,6 +37,13 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   # Relative weights of attribute / superlative / relation expressions.
   kind_weights: tuple[int, int, int] = (4, 3, 3)
 
+  def scene_config(self, image_size: int | None = None) -> synthetic.SceneConfig:
+    """The scene generator settings of this dataset (optionally at another size)."""
+    total = sum(self.kind_weights)
+    return synthetic.SceneConfig(
+        image_size=image_size or self.image_size, max_objects=self.max_objects,
+        kind_probs=tuple(w / total for w in self.kind_weights))
+
 
 CONFIGS = {
     "default": SyntheticConfig(name="default", description="20k/1k/1k at 256 px"),
@@ -109,9 +116,7 @@ class Synthetic(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _generate_examples(self, split: str, num: int):
     c = self.builder_config
-    scene_cfg = synthetic.SceneConfig(
-        image_size=c.image_size, max_objects=c.max_objects,
-        kind_probs=tuple(w / sum(c.kind_weights) for w in c.kind_weights))
+    scene_cfg = c.scene_config()
     expr_id = 0
     for index, scene in synthetic.generate_split(c.seed, split, num, scene_cfg):
       objs = [scene.objects[e.target] for e in scene.expressions]

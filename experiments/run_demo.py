@@ -50,11 +50,7 @@ def _predict_input(workdir: str, module) -> tuple[str, str]:
   """
   from data_pipelines import synthetic, synthetic_builder  # pylint: disable=g-import-not-at-top
   spec = synthetic_builder.config_from_spec(module.SYNTHETIC_SPEC)
-  weights = spec.kind_weights
-  scene_cfg = synthetic.SceneConfig(
-      image_size=256, max_objects=spec.max_objects,
-      kind_probs=tuple(w / sum(weights) for w in weights))
-  scene = synthetic.make_scene(spec.seed, "validation", 7, scene_cfg)
+  scene = synthetic.make_scene(spec.seed, "validation", 7, spec.scene_config(image_size=256))
   path = os.path.join(workdir, "predict_input.png")
   from PIL import Image  # pylint: disable=g-import-not-at-top
   Image.fromarray(scene.image).save(path)
