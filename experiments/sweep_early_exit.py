@@ -55,10 +55,11 @@ def main() -> int:
                                   data_source.eval_batches(config, split, mesh), mesh,
                                   config.eval.iou_threshold, desc=f"eval {split}")
     thresholds = [float(t) for t in args.thresholds.split(",") if t]
-    rows = [evaluate.exit_report(cfg, metrics, c) for c in criteria(thresholds)]
+    chosen = criteria(thresholds)
+    rows = [evaluate.exit_report(cfg, metrics, c) for c in chosen]
     print(f"checkpoint step {step}, split {split}, {metrics.count} expressions")
     print(f"{'criterion':<22}{'acc@0.5':>9}{'mIoU':>8}{'exit scale':>12}{'GFLOPs':>10}")
-    for c, r in zip(criteria(thresholds), rows):
+    for c, r in zip(chosen, rows):
       name = c.name if not hasattr(c, "threshold") else f"{c.name}>={c.threshold:g}"
       print(f"{name:<22}{r['acc@0.5']:>9.4f}{r['mean_iou']:>8.4f}"
             f"{r['mean_exit_scale']:>12.2f}{r['gflops']:>10.4f}")

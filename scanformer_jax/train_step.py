@@ -40,19 +40,19 @@ def make_train_step(cfg: ModelConfig, loss_cfg: LossConfig, tx: optax.GradientTr
   model = ScanFormer(cfg)
 
   def loss_fn(params, batch, rng, take_all):
-    args = (batch["image"], batch["text_ids"], batch["text_mask"])
+    def forward(force_taken=None):
+      return model.apply({"params": params}, batch["image"], batch["text_ids"],
+                         batch["text_mask"], mode="dense", train=True,
+                         rngs={"gumbel": rng}, force_taken=force_taken)
 
-    def gumbel(_):
-      return model.apply({"params": params}, *args, mode="dense", train=True,
-                         rngs={"gumbel": rng})
+    def every_patch():
+      b = batch["image"].shape[0]
+      return forward(tuple(jnp.ones((b, n), jnp.float32) for n in cfg.num_patches))
 
-    def every_patch(_):
-      ones = tuple(jnp.ones((args[0].shape[0], n), jnp.float32) for n in cfg.num_patches)
-      return model.apply({"params": params}, *args, mode="dense", train=True,
-                         rngs={"gumbel": rng}, force_taken=ones)
-
-    out = jax.lax.cond(take_all, every_patch, gumbel, None) if select_warmup_steps else (
-        gumbel(None))
+    if select_warmup_steps:
+      out = jax.lax.cond(take_all, every_patch, forward)
+    else:
+      out = forward()
     return losses.scanformer_loss(out, batch["box"], batch["valid"], loss_cfg)
 
   def step(state: TrainState, batch: Batch):

@@ -9,16 +9,22 @@ from scanformer_jax import (experiment, fake_data, optim, sharding, train_state,
                             train_step)
 
 
-@pytest.fixture(scope="module")
-def setup():
-  config = experiment.load_config_file(train_helpers.FAKE_CONFIG)
+def _step_and_state(config, mesh, select_warmup_steps=0):
+  """A jitted train step and a fresh state for `config` on `mesh`."""
   cfg = config.model.architecture()
-  mesh = sharding.make_mesh(experiment.MeshConfig(data=1), jax.devices()[:1])
   tx, schedules = optim.make_optimizer(config.optim, config.train.num_steps)
   shardings = train_state.state_shardings(cfg, tx, mesh, config.mesh)
   step = train_step.jit_train_step(
-      train_step.make_train_step(cfg, config.loss, tx, schedules), shardings, mesh)
-  state = train_state.create_train_state(cfg, tx, 0, mesh, config.mesh)
+      train_step.make_train_step(cfg, config.loss, tx, schedules, select_warmup_steps),
+      shardings, mesh)
+  return step, train_state.create_train_state(cfg, tx, 0, mesh, config.mesh)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  config = experiment.load_config_file(train_helpers.FAKE_CONFIG)
+  mesh = sharding.make_mesh(experiment.MeshConfig(data=1), jax.devices()[:1])
+  step, state = _step_and_state(config, mesh)
   return config, mesh, step, state
 
 
@@ -59,12 +65,7 @@ def test_select_warmup_takes_every_patch_then_gumbel(setup):
   """During select_warmup_steps every patch is taken; afterwards Gumbel drops some."""
   config, mesh, _, _ = setup
   cfg = config.model.architecture()
-  tx, schedules = optim.make_optimizer(config.optim, config.train.num_steps)
-  shardings = train_state.state_shardings(cfg, tx, mesh, config.mesh)
-  step = train_step.jit_train_step(
-      train_step.make_train_step(cfg, config.loss, tx, schedules, select_warmup_steps=2),
-      shardings, mesh)
-  state = train_state.create_train_state(cfg, tx, 0, mesh, config.mesh)
+  step, state = _step_and_state(config, mesh, select_warmup_steps=2)
   keeps = []
   for start in (0, 8, 16):
     state, metrics = step(state, sharding.to_global(_batch(config, start), mesh))
