@@ -61,6 +61,7 @@ class SceneConfig:
   exprs_per_scene: int = 2  # distinct targets described per scene (at most)
   kind_probs: tuple[float, float, float] = (0.4, 0.3, 0.3)  # KINDS order
   jpeg_quality: int = 92
+  object_scale: float = 1.0  # multiplies every SIZE_RANGE (bigger shapes read easier)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +163,7 @@ def _place_objects(rng: np.random.Generator, cfg: SceneConfig) -> list[Obj]:
   objs: list[Obj] = []
   for _ in range(n):
     size = str(rng.choice(SIZES))
-    side = int(round(rng.uniform(*SIZE_RANGE[size]) * s))
+    side = int(round(rng.uniform(*SIZE_RANGE[size]) * cfg.object_scale * s))
     for _ in range(100):
       x0 = int(rng.integers(edge, s - edge - side + 1))
       y0 = int(rng.integers(edge, s - edge - side + 1))

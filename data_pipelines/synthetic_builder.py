@@ -5,7 +5,8 @@ Configs (expressions per split, image side):
   small      400 /  100 /  100 at 128 px  (quick experiments)
   tiny        48 /   24 /   24 at  64 px  (unit tests)
 Any other size: `config_from_spec("train=5000,validation=500,test=500,size=128")`;
-also `seed=K`, `max_objects=N` (2..6) and the relative weights of the expression kinds
+also `seed=K`, `max_objects=N` (2..6), `object_scale=F` (0.5..1.5, multiplies the
+object sides) and the relative weights of the expression kinds
 `attribute=4,superlative=3,relation=3` (an easier set: e.g. `relation=1`).
 Splits: train, validation, test. Records use the flat layout (`flat_format`) plus
 `kinds` (attribute / superlative / relation) and `colors` (the target's RGB).
@@ -34,6 +35,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   image_size: int = 256
   seed: int = 0
   max_objects: int = 6  # objects per scene: 2..max_objects
+  object_scale: float = 1.0  # multiplies the object sides of synthetic.SIZE_RANGE
   # Relative weights of attribute / superlative / relation expressions.
   kind_weights: tuple[int, int, int] = (4, 3, 3)
 
@@ -42,7 +44,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
     total = sum(self.kind_weights)
     return synthetic.SceneConfig(
         image_size=image_size or self.image_size, max_objects=self.max_objects,
-        kind_probs=tuple(w / total for w in self.kind_weights))
+        object_scale=self.object_scale, kind_probs=tuple(w / total for w in self.kind_weights))
 
 
 CONFIGS = {
@@ -56,8 +58,8 @@ CONFIGS = {
 
 def config_from_spec(spec: str) -> SyntheticConfig:
   """A config by name, or `key=value,...` with keys train, validation, test, size,
-  seed, max_objects, attribute, superlative, relation (any subset; defaults as
-  `default`)."""
+  seed, max_objects, object_scale, attribute, superlative, relation (any subset;
+  defaults as `default`)."""
   if spec in CONFIGS:
     return CONFIGS[spec]
   keys = {"train": "num_train", "validation": "num_validation", "val": "num_validation",
@@ -67,13 +69,23 @@ def config_from_spec(spec: str) -> SyntheticConfig:
   d = CONFIGS["default"]
   v = {k: getattr(d, k) for k in set(keys.values())}
   weights = list(d.kind_weights)
+  scale = d.object_scale
   for part in spec.split(","):
     key, _, val = (x.strip() for x in part.partition("="))
+    if key == "object_scale":
+      try:
+        scale = float(val)
+      except ValueError:
+        scale = -1.0
+      if not 0.5 <= scale <= 1.5:
+        raise DataError(f"bad synthetic config {spec!r}: object_scale must be a number "
+                        f"in 0.5..1.5, got {val!r}")
+      continue
     if (key not in keys and key not in kinds) or not val.isdigit():
       raise DataError(
           f"bad synthetic config {spec!r}: use one of {sorted(CONFIGS)} or "
           "'train=N,validation=N,test=N,size=S' (optional: seed=K, max_objects=N, "
-          "attribute=W, superlative=W, relation=W)")
+          "object_scale=F, attribute=W, superlative=W, relation=W)")
     if key in kinds:
       weights[kinds[key]] = int(val)
     else:
@@ -88,8 +100,10 @@ def config_from_spec(spec: str) -> SyntheticConfig:
     name += f"_obj{v['max_objects']}"
   if tuple(weights) != d.kind_weights:
     name += "_kinds{}-{}-{}".format(*weights)
+  if scale != d.object_scale:
+    name += f"_scale{scale:g}"
   return SyntheticConfig(name=name, description=f"custom: {spec}",
-                         kind_weights=tuple(weights), **v)
+                         kind_weights=tuple(weights), object_scale=scale, **v)
 
 
 class Synthetic(tfds.core.GeneratorBasedBuilder, skip_registration=True):

@@ -110,6 +110,20 @@ def test_objects_are_small_and_mostly_background():
   assert np.mean(cover) < 0.3
 
 
+def test_object_scale_multiplies_the_sides():
+  """`object_scale` grows every object; scenes still hold several separated objects."""
+  big = dataclasses.replace(CFG, max_objects=4, object_scale=1.4)
+  s, sides, n_objs = big.image_size, [], []
+  for i in range(100):
+    sc = S.make_scene(0, "train", i, big)
+    n_objs.append(len(sc.objects))
+    sides += [(o.box[2] - o.box[0]) / s for o in sc.objects]
+  lo, hi = (1.4 * v for v in (S.SIZE_RANGE["small"][0], S.SIZE_RANGE["large"][1]))
+  assert lo - 0.01 <= min(sides) and max(sides) <= hi + 0.01
+  assert min(sides) > 0.16 and max(sides) > 0.4  # both ends really moved
+  assert np.mean(n_objs) >= 2.5
+
+
 @pytest.mark.parametrize("index", range(8))
 def test_box_pixels_have_the_object_colour(index):
   sc = S.make_scene(1, "test", index, CFG)
@@ -141,7 +155,11 @@ def test_config_spec_and_kind_weights():
   assert c.name == "custom_20000_1000_1000_128px_seed0" and c.kind_weights == (4, 3, 3)
   c = SB.config_from_spec("train=100,size=64,relation=0,max_objects=4")
   assert c.name == "custom_100_1000_1000_64px_seed0_obj4_kinds4-3-0"
-  for bad in ("train=x", "colour=3", "max_objects=9", "attribute=0,superlative=0,relation=0"):
+  c = SB.config_from_spec("train=100,max_objects=4,object_scale=1.4")
+  assert c.name == "custom_100_1000_1000_256px_seed0_obj4_scale1.4"
+  assert c.scene_config().object_scale == 1.4
+  for bad in ("train=x", "colour=3", "max_objects=9", "attribute=0,superlative=0,relation=0",
+              "object_scale=2", "object_scale=big"):
     with pytest.raises(DataError):
       SB.config_from_spec(bad)
   only_rel = S.SceneConfig(image_size=64, max_objects=4, kind_probs=(0.0, 0.0, 1.0))
