@@ -73,13 +73,7 @@ def config_from_spec(spec: str) -> SyntheticConfig:
   for part in spec.split(","):
     key, _, val = (x.strip() for x in part.partition("="))
     if key == "object_scale":
-      try:
-        scale = float(val)
-      except ValueError:
-        scale = -1.0
-      if not 0.5 <= scale <= 1.5:
-        raise DataError(f"bad synthetic config {spec!r}: object_scale must be a number "
-                        f"in 0.5..1.5, got {val!r}")
+      scale = _object_scale(val, spec)
       continue
     if (key not in keys and key not in kinds) or not val.isdigit():
       raise DataError(
@@ -101,9 +95,20 @@ def config_from_spec(spec: str) -> SyntheticConfig:
   if tuple(weights) != d.kind_weights:
     name += "_kinds{}-{}-{}".format(*weights)
   if scale != d.object_scale:
-    name += f"_scale{scale:g}"
+    name += f"_scale{scale!r}"  # repr: distinct scales never share a cached dataset
   return SyntheticConfig(name=name, description=f"custom: {spec}",
                          kind_weights=tuple(weights), object_scale=scale, **v)
+
+
+def _object_scale(val: str, spec: str) -> float:
+  try:
+    scale = float(val)
+  except ValueError:
+    scale = float("nan")  # fails the range check below
+  if not 0.5 <= scale <= 1.5:
+    raise DataError(f"bad synthetic config {spec!r}: object_scale must be a number "
+                    f"in 0.5..1.5, got {val!r}")
+  return scale
 
 
 class Synthetic(tfds.core.GeneratorBasedBuilder, skip_registration=True):
