@@ -13,12 +13,14 @@ the side (object_scale=1.4): at the default 12-32 % the small shapes are 8-11 px
 keep-ratio targets ask the scan to take half of scale 1 and a quarter of scale 2.
 """
 
+from data_pipelines import synthetic_builder
 from scanformer_jax import experiment as E
 
 # The synthetic dataset the demo builds (data_pipelines/synthetic_builder.py spec).
 SYNTHETIC_SPEC = ("train=20000,validation=1000,test=1000,size=128,"
                   "attribute=1,superlative=0,relation=0,max_objects=4,object_scale=1.4")
-DATASET = "synthetic/custom_20000_1000_1000_128px_seed0_obj4_kinds1-0-0_scale1.4"
+# Derived, so that editing the spec can never train on a stale cached dataset.
+DATASET = "synthetic/" + synthetic_builder.config_from_spec(SYNTHETIC_SPEC).name
 
 
 def get_config() -> E.ExperimentConfig:
