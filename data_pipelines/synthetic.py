@@ -62,6 +62,7 @@ class SceneConfig:
   kind_probs: tuple[float, float, float] = (0.4, 0.3, 0.3)  # KINDS order
   jpeg_quality: int = 92
   object_scale: float = 1.0  # multiplies every SIZE_RANGE (bigger shapes read easier)
+  shapes: tuple[str, ...] = SHAPES  # the shapes scenes are drawn with (a subset of SHAPES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +159,8 @@ def _place_objects(rng: np.random.Generator, cfg: SceneConfig) -> list[Obj]:
   s = cfg.image_size
   n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
   colors = list(rng.choice(list(COLORS), size=int(rng.integers(2, 5)), replace=False))
-  shapes = list(rng.choice(SHAPES, size=int(rng.integers(2, 4)), replace=False))
+  num_shapes = min(int(rng.integers(2, 4)), len(cfg.shapes))
+  shapes = list(rng.choice(cfg.shapes, size=num_shapes, replace=False))
   gap, edge = int(0.04 * s), max(1, int(0.02 * s))
   objs: list[Obj] = []
   for _ in range(n):

@@ -6,7 +6,8 @@ Configs (expressions per split, image side):
   tiny        48 /   24 /   24 at  64 px  (unit tests)
 Any other size: `config_from_spec("train=5000,validation=500,test=500,size=128")`;
 also `seed=K`, `max_objects=N` (2..6), `object_scale=F` (0.5..1.5, multiplies the
-object sides) and the relative weights of the expression kinds
+object sides), `shapes=square+triangle` (draw only these of synthetic.SHAPES: fewer
+shapes to tell apart) and the relative weights of the expression kinds
 `attribute=4,superlative=3,relation=3` (an easier set: e.g. `relation=1`).
 Splits: train, validation, test. Records use the flat layout (`flat_format`) plus
 `kinds` (attribute / superlative / relation) and `colors` (the target's RGB).
@@ -36,6 +37,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   seed: int = 0
   max_objects: int = 6  # objects per scene: 2..max_objects
   object_scale: float = 1.0  # multiplies the object sides of synthetic.SIZE_RANGE
+  shapes: tuple[str, ...] = synthetic.SHAPES  # the shapes scenes are drawn with
   # Relative weights of attribute / superlative / relation expressions.
   kind_weights: tuple[int, int, int] = (4, 3, 3)
 
@@ -44,7 +46,8 @@ class SyntheticConfig(tfds.core.BuilderConfig):
     total = sum(self.kind_weights)
     return synthetic.SceneConfig(
         image_size=image_size or self.image_size, max_objects=self.max_objects,
-        object_scale=self.object_scale, kind_probs=tuple(w / total for w in self.kind_weights))
+        object_scale=self.object_scale, shapes=self.shapes,
+        kind_probs=tuple(w / total for w in self.kind_weights))
 
 
 CONFIGS = {
@@ -58,8 +61,8 @@ CONFIGS = {
 
 def config_from_spec(spec: str) -> SyntheticConfig:
   """A config by name, or `key=value,...` with keys train, validation, test, size,
-  seed, max_objects, object_scale, attribute, superlative, relation (any subset;
-  defaults as `default`)."""
+  seed, max_objects, object_scale, shapes, attribute, superlative, relation (any
+  subset; defaults as `default`)."""
   if spec in CONFIGS:
     return CONFIGS[spec]
   keys = {"train": "num_train", "validation": "num_validation", "val": "num_validation",
@@ -69,17 +72,20 @@ def config_from_spec(spec: str) -> SyntheticConfig:
   d = CONFIGS["default"]
   v = {k: getattr(d, k) for k in set(keys.values())}
   weights = list(d.kind_weights)
-  scale = d.object_scale
+  scale, shapes = d.object_scale, d.shapes
   for part in spec.split(","):
     key, _, val = (x.strip() for x in part.partition("="))
     if key == "object_scale":
       scale = _object_scale(val, spec)
       continue
+    if key == "shapes":
+      shapes = _shapes(val, spec)
+      continue
     if (key not in keys and key not in kinds) or not val.isdigit():
       raise DataError(
           f"bad synthetic config {spec!r}: use one of {sorted(CONFIGS)} or "
           "'train=N,validation=N,test=N,size=S' (optional: seed=K, max_objects=N, "
-          "object_scale=F, attribute=W, superlative=W, relation=W)")
+          "object_scale=F, shapes=A+B, attribute=W, superlative=W, relation=W)")
     if key in kinds:
       weights[kinds[key]] = int(val)
     else:
@@ -96,8 +102,10 @@ def config_from_spec(spec: str) -> SyntheticConfig:
     name += "_kinds{}-{}-{}".format(*weights)
   if scale != d.object_scale:
     name += f"_scale{scale!r}"  # repr: distinct scales never share a cached dataset
-  return SyntheticConfig(name=name, description=f"custom: {spec}",
-                         kind_weights=tuple(weights), object_scale=scale, **v)
+  if shapes != d.shapes:
+    name += "_shapes-" + "-".join(shapes)
+  return SyntheticConfig(name=name, description=f"custom: {spec}", kind_weights=tuple(weights),
+                         object_scale=scale, shapes=shapes, **v)
 
 
 def _object_scale(val: str, spec: str) -> float:
@@ -109,6 +117,15 @@ def _object_scale(val: str, spec: str) -> float:
     raise DataError(f"bad synthetic config {spec!r}: object_scale must be a number "
                     f"in 0.5..1.5, got {val!r}")
   return scale
+
+
+def _shapes(val: str, spec: str) -> tuple[str, ...]:
+  """`square+triangle` -> ("square", "triangle"), in synthetic.SHAPES order."""
+  names = set(val.split("+"))
+  if not names or not names <= set(synthetic.SHAPES) or len(names) != len(val.split("+")):
+    raise DataError(f"bad synthetic config {spec!r}: shapes must be distinct names from "
+                    f"{'+'.join(synthetic.SHAPES)} joined by '+', got {val!r}")
+  return tuple(s for s in synthetic.SHAPES if s in names)
 
 
 class Synthetic(tfds.core.GeneratorBasedBuilder, skip_registration=True):

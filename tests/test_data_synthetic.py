@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 
 import numpy as np
 import pytest
@@ -124,6 +125,30 @@ def test_object_scale_multiplies_the_sides():
   assert np.mean(n_objs) >= 2.5
 
 
+def test_shapes_restricts_the_drawn_shapes_and_default_scenes_are_unchanged():
+  """`shapes` draws only those shapes, and leaves the default generator's scenes alone
+  (cached datasets built before the option keep their content)."""
+  two = dataclasses.replace(CFG, max_objects=4, shapes=("square", "triangle"))
+  seen, shape_words = collections.Counter(), 0
+  for i in range(60):
+    sc = S.make_scene(0, "train", i, two)
+    seen.update(o.shape for o in sc.objects)
+    for e in sc.expressions:
+      words = e.text.split()
+      shape_words += any(w in S.SHAPES for w in words)
+      assert denote(e.text, sc.objects) == {e.target}, e.text
+  assert set(seen) == {"square", "triangle"} and min(seen.values()) > 20
+  assert shape_words > 20  # shape words still single out objects
+  # Fingerprint of the default generator's scenes, taken before `shapes` existed.
+  rows = []
+  for i in range(20):
+    sc = S.make_scene(3, "train", i, CFG)
+    rows.append(repr([(o.shape, o.color, o.size, o.box) for o in sc.objects]
+                     + [e.text for e in sc.expressions]))
+  assert hashlib.sha256("\n".join(rows).encode()).hexdigest() == (
+      "98fa1d0206d98bfc7629febf97b05fa328771a14b66725385bc3d4edc1e2d798")
+
+
 @pytest.mark.parametrize("index", range(8))
 def test_box_pixels_have_the_object_colour(index):
   sc = S.make_scene(1, "test", index, CFG)
@@ -158,8 +183,12 @@ def test_config_spec_and_kind_weights():
   c = SB.config_from_spec("train=100,max_objects=4,object_scale=1.4")
   assert c.name == "custom_100_1000_1000_256px_seed0_obj4_scale1.4"
   assert c.scene_config().object_scale == 1.4
+  c = SB.config_from_spec("train=100,shapes=triangle+square")
+  assert c.name == "custom_100_1000_1000_256px_seed0_shapes-square-triangle"
+  assert c.scene_config().shapes == ("square", "triangle")
   for bad in ("train=x", "colour=3", "max_objects=9", "attribute=0,superlative=0,relation=0",
-              "object_scale=2", "object_scale=big"):
+              "object_scale=2", "object_scale=big", "shapes=", "shapes=star",
+              "shapes=square+square"):
     with pytest.raises(DataError):
       SB.config_from_spec(bad)
   only_rel = S.SceneConfig(image_size=64, max_objects=4, kind_probs=(0.0, 0.0, 1.0))
