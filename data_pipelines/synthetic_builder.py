@@ -121,11 +121,11 @@ def _object_scale(val: str, spec: str) -> float:
 
 def _shapes(val: str, spec: str) -> tuple[str, ...]:
   """`square+triangle` -> ("square", "triangle"), in synthetic.SHAPES order."""
-  names = set(val.split("+"))
-  if not names or not names <= set(synthetic.SHAPES) or len(names) != len(val.split("+")):
+  parts = val.split("+")
+  if not set(parts) <= set(synthetic.SHAPES) or len(set(parts)) != len(parts):
     raise DataError(f"bad synthetic config {spec!r}: shapes must be distinct names from "
                     f"{'+'.join(synthetic.SHAPES)} joined by '+', got {val!r}")
-  return tuple(s for s in synthetic.SHAPES if s in names)
+  return tuple(s for s in synthetic.SHAPES if s in parts)
 
 
 class Synthetic(tfds.core.GeneratorBasedBuilder, skip_registration=True):
