@@ -60,6 +60,28 @@ def test_experiment_configs_load(path):
     assert config.model.architecture() == experiment.ModelConfig.vilt_b32()
 
 
+def test_demo_text_length_fits_its_expressions():
+  """synthetic_tiny's max_text_len holds every expression its data spec draws.
+
+  A shorter one would train on truncated sentences (counted, but still wrong).
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from data_pipelines import synthetic, synthetic_builder  # pylint: disable=g-import-not-at-top
+  from data_pipelines.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  path = os.path.join(train_helpers.ROOT, "experiments", "configs", "synthetic_tiny.py")
+  spec = importlib.util.spec_from_file_location("synthetic_tiny", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  max_len = module.get_config().model.max_text_len
+  scene_config = synthetic_builder.config_from_spec(module.SYNTHETIC_SPEC).scene_config()
+  tokenizer = Tokenizer(synthetic.vocab(), max_len)
+  texts = [e.text for _, scene in synthetic.generate_split(0, "train", 300, scene_config)
+           for e in scene.expressions]
+  assert len(texts) == 300
+  truncated = [t for t in texts if tokenizer.encode(t)[2]]
+  assert not truncated, f"max_text_len {max_len} truncates e.g. {truncated[:3]}"
+
+
 def _errors(main, argv, capsys):
   rc = main(argv)
   err = capsys.readouterr().err
