@@ -177,8 +177,8 @@ def model_config(**fields) -> ExperimentModelConfig:
 # Loading config files.
 
 
-def load_config_file(path: str) -> ExperimentConfig:
-  """Imports a python config file and returns its `get_config()`."""
+def load_config_module(path: str) -> types.ModuleType:
+  """Imports a python config file as a module (its directory importable meanwhile)."""
   if not os.path.isfile(path):
     raise UserError(f"config file not found: {path}")
   name = "scanformer_experiment_" + os.path.splitext(os.path.basename(path))[0]
@@ -193,6 +193,12 @@ def load_config_file(path: str) -> ExperimentConfig:
     spec.loader.exec_module(module)
   finally:
     sys.path.remove(config_dir)
+  return module
+
+
+def load_config_file(path: str) -> ExperimentConfig:
+  """Imports a python config file and returns its `get_config()`."""
+  module = load_config_module(path)
   if not hasattr(module, "get_config"):
     raise UserError(f"config file {path} has no get_config() function")
   config = module.get_config()

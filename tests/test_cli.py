@@ -56,26 +56,27 @@ def test_experiment_configs_load(path):
   config = experiment.load_config_file(path)
   assert len(config.loss.target_ratio) == config.model.num_scales
   assert config.train.batch_size % 8 == 0  # Splits over 8-device hosts.
-  if not path.endswith("synthetic_tiny.py"):
+  if not os.path.basename(path).startswith("synthetic_"):
     assert config.model.architecture() == experiment.ModelConfig.vilt_b32()
 
 
-def test_demo_text_length_fits_its_expressions():
-  """synthetic_tiny's max_text_len holds every expression its data spec draws.
+@pytest.mark.parametrize("path", [p for p in CONFIGS
+                                  if os.path.basename(p).startswith("synthetic_")],
+                         ids=os.path.basename)
+def test_synthetic_text_length_fits_its_expressions(path):
+  """A synthetic config's max_text_len holds every expression its data spec draws.
 
   A shorter one would train on truncated sentences (counted, but still wrong).
   """
-  import importlib.util  # pylint: disable=g-import-not-at-top
   from data_pipelines import synthetic, synthetic_builder  # pylint: disable=g-import-not-at-top
   from data_pipelines.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
-  path = os.path.join(train_helpers.ROOT, "experiments", "configs", "synthetic_tiny.py")
-  spec = importlib.util.spec_from_file_location("synthetic_tiny", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = experiment.load_config_module(path)
   max_len = module.get_config().model.max_text_len
-  scene_config = synthetic_builder.config_from_spec(module.SYNTHETIC_SPEC).scene_config()
+  spec = synthetic_builder.config_from_spec(module.SYNTHETIC_SPEC)
+  assert module.get_config().data.dataset == "synthetic/" + spec.name
   tokenizer = Tokenizer(synthetic.vocab(), max_len)
-  texts = [e.text for _, scene in synthetic.generate_split(0, "train", 300, scene_config)
+  texts = [e.text for _, scene in synthetic.generate_split(0, "train", 300,
+                                                           spec.scene_config())
            for e in scene.expressions]
   assert len(texts) == 300
   truncated = [t for t in texts if tokenizer.encode(t)[2]]
