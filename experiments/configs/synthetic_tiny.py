@@ -8,7 +8,7 @@ unique subset of its attributes ("the small red square", "the green object", "th
 large square"). Colour and size words carry the meaning; superlatives, relations and
 the other three shapes are switched off, because a from-scratch model on two CPU
 cores does not learn them within the 15-minute budget: with all four shapes
-(synthetic_shapes.py) the same model and schedule reach Acc@0.5 0.72, and
+(synthetic_shapes.py) the same model and schedule reach Acc@0.5 0.69, and
 expressions that name only the shape score chance (experiments/README.md has every
 setting tried). Scales 16/32/64 px with 8 px patches (2x2, 4x4, 8x8 grids). Objects
 span 17-45 % of the side (object_scale=1.4): at the default 12-32 % the small ones
