@@ -81,15 +81,35 @@ def workdir_paths(workdir: str, config: experiment.ExperimentConfig) -> dict[str
           "checkpoints": checkpoint_dir(config, workdir)}
 
 
+def _param_shapes(model: experiment.ExperimentModelConfig) -> Any:
+  """The parameter tree's shapes for `model`, computed without allocating it."""
+  return jax.tree.map(lambda x: x.shape, train_state.abstract_params(model.architecture()))
+
+
 def _check_resumed_config(path: str, config: experiment.ExperimentConfig) -> None:
+  """Refuses a workdir whose run has other parameter shapes; warns on other changes.
+
+  Runs before `config.json` is rewritten, so a refused command leaves the workdir
+  exactly as it was.
+  """
   if not os.path.exists(path):
     return
-  previous = dict(experiment.flat_items(experiment.load_json(path)))
+  previous_config = experiment.load_json(path)
+  previous = dict(experiment.flat_items(previous_config))
   changed = [k for k, v in experiment.flat_items(config)
              if previous.get(k) != v and not k.startswith(_RESUMABLE_CHANGES)]
-  if changed:
-    log.warning("config differs from the one this workdir was started with in %s; "
-                "resuming anyway (the run will not match an uninterrupted one)", changed)
+  if not changed:
+    return
+  model_changes = [f"{k} {previous.get(k)!r} -> {v!r}" for k, v in experiment.flat_items(config)
+                   if k in changed and k.startswith("model.")]
+  if model_changes and _param_shapes(previous_config.model) != _param_shapes(config.model):
+    workdir = os.path.dirname(path) or "."
+    raise UserError(
+        f"{workdir} holds a run of a different model ({', '.join(model_changes)}); "
+        f"resume it with its own config (`scanformer train --workdir {workdir}`, no "
+        "--config) or start a new --workdir")
+  log.warning("config differs from the one this workdir was started with in %s; "
+              "resuming anyway (the run will not match an uninterrupted one)", changed)
 
 
 def _vilt_loader(config: experiment.ExperimentConfig):

@@ -83,6 +83,29 @@ def test_synthetic_text_length_fits_its_expressions(path):
   assert not truncated, f"max_text_len {max_len} truncates e.g. {truncated[:3]}"
 
 
+def test_resume_refuses_a_different_model_and_keeps_the_workdir(tmp_path, capsys, caplog):
+  """A workdir started with other parameter shapes is refused before anything is
+  written (its config.json survives); other changes only warn."""
+  from scanformer_jax import trainer  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  started = experiment.load_config_file(train_helpers.FAKE_CONFIG)
+  config_json = workdir / "config.json"
+  experiment.save_json(started, str(config_json))
+  before = config_json.read_text()
+  width = started.model.mlp_dim
+  err = _errors(train_cmd.main, ["--config", train_helpers.FAKE_CONFIG, "--workdir",
+                                 str(workdir), "--set", f"model.mlp_dim={2 * width}"], capsys)
+  assert "holds a run of a different model" in err
+  assert f"model.mlp_dim {width} -> {2 * width}" in err
+  assert config_json.read_text() == before
+  # Same parameter shapes, other settings: resumable, with a warning.
+  trainer._check_resumed_config(  # pylint: disable=protected-access
+      str(config_json), experiment.apply_overrides(started, ["optim.learning_rate=0.5",
+                                                              "model.select_threshold=0.3"]))
+  assert "resuming anyway" in caplog.text
+
+
 def _errors(main, argv, capsys):
   rc = main(argv)
   err = capsys.readouterr().err
