@@ -330,9 +330,12 @@ def from_dict(data: dict[str, Any]) -> ExperimentConfig:
 
 
 def save_json(config: ExperimentConfig, path: str) -> None:
-  with open(path, "w") as f:
+  """Writes atomically: a reader (another host, a killed run) never sees half a file."""
+  partial = f"{path}.partial"
+  with open(partial, "w") as f:
     json.dump(to_dict(config), f, indent=2, sort_keys=True)
     f.write("\n")
+  os.replace(partial, path)
 
 
 def load_json(path: str) -> ExperimentConfig:

@@ -176,9 +176,10 @@ def train(config: experiment.ExperimentConfig, workdir: str, devices=None,
   mesh = sharding_lib.make_mesh(config.mesh, devices)
   paths = workdir_paths(workdir, config)
   is_main = jax.process_index() == 0
+  # Every process checks, so that a refused resume stops all of them, not only the first.
+  _check_resumed_config(paths["config"], config)
   if is_main:
     os.makedirs(workdir, exist_ok=True)
-    _check_resumed_config(paths["config"], config)
     experiment.save_json(config, paths["config"])
 
   tx, schedules = optim.make_optimizer(config.optim, tc.num_steps)
