@@ -172,6 +172,11 @@ class Synthetic(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       expr_id += n
 
 
+def dataset_name(spec: str) -> str:
+  """The `data.dataset` value that reads what `build(data_dir, spec)` writes."""
+  return "synthetic/" + config_from_spec(spec).name
+
+
 def build(data_dir: str | os.PathLike, config: str = "default") -> Path:
   """Builds `synthetic/<config>` under data_dir (idempotent); returns its dir.
 

@@ -96,12 +96,13 @@ def _check_resumed_config(path: str, config: experiment.ExperimentConfig) -> Non
     return
   previous_config = experiment.load_json(path)
   previous = dict(experiment.flat_items(previous_config))
-  changed = [k for k, v in experiment.flat_items(config)
+  current = dict(experiment.flat_items(config))
+  changed = [k for k, v in current.items()
              if previous.get(k) != v and not k.startswith(_RESUMABLE_CHANGES)]
   if not changed:
     return
-  model_changes = [f"{k} {previous.get(k)!r} -> {v!r}" for k, v in experiment.flat_items(config)
-                   if k in changed and k.startswith("model.")]
+  model_changes = [f"{k} {previous.get(k)!r} -> {current[k]!r}" for k in changed
+                   if k.startswith("model.")]
   if model_changes and _param_shapes(previous_config.model) != _param_shapes(config.model):
     workdir = os.path.dirname(path) or "."
     raise UserError(

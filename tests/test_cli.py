@@ -71,12 +71,12 @@ def test_synthetic_text_length_fits_its_expressions(path):
   from data_pipelines import synthetic, synthetic_builder  # pylint: disable=g-import-not-at-top
   from data_pipelines.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
   module = experiment.load_config_module(path)
-  max_len = module.get_config().model.max_text_len
-  spec = synthetic_builder.config_from_spec(module.SYNTHETIC_SPEC)
-  assert module.get_config().data.dataset == "synthetic/" + spec.name
+  config = module.get_config()
+  assert config.data.dataset == synthetic_builder.dataset_name(module.SYNTHETIC_SPEC)
+  max_len = config.model.max_text_len
+  scene_config = synthetic_builder.config_from_spec(module.SYNTHETIC_SPEC).scene_config()
   tokenizer = Tokenizer(synthetic.vocab(), max_len)
-  texts = [e.text for _, scene in synthetic.generate_split(0, "train", 300,
-                                                           spec.scene_config())
+  texts = [e.text for _, scene in synthetic.generate_split(0, "train", 300, scene_config)
            for e in scene.expressions]
   assert len(texts) == 300
   truncated = [t for t in texts if tokenizer.encode(t)[2]]

@@ -16,7 +16,7 @@ import synthetic_tiny  # Sibling module (configs import each other).
 from data_pipelines import synthetic_builder
 
 SYNTHETIC_SPEC = synthetic_tiny.ALL_SHAPES_SPEC
-DATASET = "synthetic/" + synthetic_builder.config_from_spec(SYNTHETIC_SPEC).name
+DATASET = synthetic_builder.dataset_name(SYNTHETIC_SPEC)
 
 
 def get_config():

@@ -27,7 +27,7 @@ ALL_SHAPES_SPEC = ("train=20000,validation=1000,test=1000,size=128,"
 # The synthetic dataset the demo builds: squares only (see above).
 SYNTHETIC_SPEC = ALL_SHAPES_SPEC + ",shapes=square"
 # Derived, so that editing the spec can never train on a stale cached dataset.
-DATASET = "synthetic/" + synthetic_builder.config_from_spec(SYNTHETIC_SPEC).name
+DATASET = synthetic_builder.dataset_name(SYNTHETIC_SPEC)
 
 
 def get_config() -> E.ExperimentConfig:
