@@ -15,7 +15,7 @@ from PIL import Image
 
 from chromium_setup import find_or_install_chromium, run_headless
 from scanformer_jax.visualize import gallery
-from test_visualize import make_records
+from visualize_fixtures import make_records
 
 _CHECK = """
 <img src="missing_on_purpose.png" alt="control">

@@ -34,7 +34,7 @@ PAD_GREY = 128  # Letterbox padding (normalized 0.0) in uint8 terms.
 MIN_SIDE = 256
 MAX_SIDE = 1024
 MIN_FONT_SIZE = 14
-GRID_ALPHA = 0.35  # Opacity of the outlines of the patches finer scales read.
+GRID_ALPHA = 0.5  # Opacity of the outlines of the patches finer scales read.
 
 
 def scale_colour(scale: int) -> tuple[int, int, int]:
@@ -169,20 +169,28 @@ def rebuild_from_patches(frame: np.ndarray, taken: Sequence[np.ndarray]) -> np.n
   return out
 
 
-def _draw_patch_outlines(frame: np.ndarray, taken: Sequence[np.ndarray]) -> np.ndarray:
-  """Thin outlines of the cells each scale >= 1 read, blended in its colour."""
-  r = frame.shape[0]
+def _draw_patch_outlines(panel: np.ndarray, taken: Sequence[np.ndarray],
+                         meta: Mapping[str, Any]) -> np.ndarray:
+  """Thin (1 px at any size) outlines of the cells each scale >= 1 read, on the panel."""
+  r = int(meta["frame_size"])
   sides = grid_sides(taken, r)
-  layer = Image.new("RGBA", (r, r), (0, 0, 0, 0))
+  ph, pw = panel.shape[:2]
+  x0, y0, x1, y1 = _frame_rect(meta)
+  fx, fy = pw / (x1 - x0), ph / (y1 - y0)
+  flip = bool(meta["flip"])
+  to_x = (lambda x: (x1 - x) * fx) if flip else (lambda x: (x - x0) * fx)  # frame -> panel
+  layer = Image.new("RGBA", (pw, ph), (0, 0, 0, 0))
   draw = ImageDraw.Draw(layer)
   alpha = round(255 * GRID_ALPHA)
   for s in range(1, len(taken)):
     grid, cell = sides[s], r // sides[s]
     rows, cols = np.nonzero(np.asarray(taken[s]).reshape(grid, grid) > 0.5)
-    for y, x in zip(rows, cols):
-      draw.rectangle([x * cell, y * cell, (x + 1) * cell - 1, (y + 1) * cell - 1],
+    for row, col in zip(rows, cols):
+      ax, bx = sorted([to_x(col * cell), to_x((col + 1) * cell)])
+      ay, by = (row * cell - y0) * fy, ((row + 1) * cell - y0) * fy
+      draw.rectangle([round(ax), round(ay), round(bx) - 1, round(by) - 1],
                      outline=scale_colour(s) + (alpha,), width=1)
-  base = Image.fromarray(frame).convert("RGBA")
+  base = Image.fromarray(panel).convert("RGBA")
   return np.asarray(Image.alpha_composite(base, layer).convert("RGB"))
 
 
@@ -286,9 +294,10 @@ def scan_picture(image: np.ndarray, meta: Mapping[str, Any], boxes: np.ndarray,
 
   # Right: the rebuild.
   frame = rebuild_from_patches(to_frame(image, meta), taken)
+  rebuilt = from_frame(frame, meta, (pw, ph))  # [ph, pw, 3]
   if grid:
-    frame = _draw_patch_outlines(frame, taken)
-  right = Image.fromarray(from_frame(frame, meta, (pw, ph)))
+    rebuilt = _draw_patch_outlines(rebuilt, taken, meta)
+  right = Image.fromarray(rebuilt)
 
   # Captions.
   font = _font(caption_font_size(pw))
