@@ -1,12 +1,14 @@
 """The scan picture (what each scale read, where it put its box) and the gallery."""
 
+import dataclasses
 import html.parser
 import os
 
 import numpy as np
 import pytest
 
-from data_pipelines import transforms
+from data_pipelines import pipeline, synthetic, transforms
+from data_pipelines.tokenizer import Tokenizer
 from scanformer_jax.visualize import gallery
 from scanformer_jax.visualize import scan_picture as sp
 from visualize_fixtures import letterbox_meta, make_records, noise
@@ -90,6 +92,18 @@ def test_picture_right_panel_is_the_rebuild_in_the_original_aspect():
   np.testing.assert_array_equal(right[48:64, 32:48], image[48:64, 32:48])
   np.testing.assert_array_equal(right[0:32, 160:192], block_mean(image, 2)[0:32, 160:192])
   np.testing.assert_array_equal(right[64:128], block_mean(image, 4)[64:128])
+
+
+def test_frame_is_what_the_model_was_given():
+  # The rebuild starts from `to_frame(original, meta)`: it must match the predict
+  # pipeline's own letterboxed input (up to rounding), padding included.
+  image = noise(90, 150, seed=4)
+  batch, meta = pipeline.preprocess_single(image, "a cat", Tokenizer(synthetic.vocab(), 8),
+                                           64, 8)
+  row = {k: v[0] for k, v in meta.items()}
+  frame = sp.to_frame(image, row).astype(int)  # [64, 64, 3]
+  model_input = transforms.denormalize(batch["image"][0]).astype(int)
+  assert np.abs(frame - model_input).max() <= 1
 
 
 def test_flipped_frame_maps_back_unflipped():
@@ -220,3 +234,13 @@ def test_gallery_page_links_existing_images_and_escapes_text(tmp_path):
   assert "val&lt;script&gt;" in page and "early_exit.gflops" in page
   for heading in ("Worst misses", "Best hits", "Random sample"):
     assert heading in page
+
+
+def test_gallery_of_no_hits_says_so(tmp_path):
+  records, images = make_records(4)
+  records = [dataclasses.replace(r, iou=np.array([0.0, 0.1])) for r in records]
+  path = gallery.write_gallery(tmp_path, records, {"count": 4}, lambda r: images[r.sample_id],
+                               size=3)
+  page = open(path, encoding="utf-8").read()
+  assert "Best hits (0)</h2>\n<p>none</p>" in page
+  assert page.count("<img ") == 3

@@ -172,6 +172,8 @@ def write_gallery(out_dir: str | os.PathLike, records: Sequence[GalleryRecord],
   count = 0
   for key, heading in SECTIONS:
     body.append(f"<h2>{_e(heading)} ({len(sections[key])})</h2>")
+    if not len(sections[key]):
+      body.append("<p>none</p>")
     for index in sections[key]:
       record = records[int(index)]
       picture = f"sample_{count:04d}.png"
