@@ -1,0 +1,1 @@
+"""Pictures of what the scan did: the per-sample scan picture and the eval gallery."""
