@@ -150,6 +150,8 @@ def attend_fused(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
   cuDNN takes the bias only as a full [B, 1, Tq, Tk] array (in the operands' dtype) and,
   under a gradient, only even sequence lengths: an odd query block gets one zero row
   (sliced off), an odd key list one zero key of bias NEG_INF (weight exactly 0).
+  A bfloat16 bias rounds the merged token's log n to 8 bits (weight off by < 1.6% for
+  n <= 256), the size of bfloat16's own logit error.
   """
   b, tq, _, _ = q.shape
   tk = k.shape[1]
