@@ -19,11 +19,13 @@ counts some of these, so for matmul-dominated shapes it is a few percent above
 this count (tests/test_flops.py checks the gap).
 
 Token counts per scale s (a "block" is [REG_s | patches | merged C_s]):
-  dense:            1 + N_s                        (every patch is a token)
-  sparse, as run:   1 + capacity[s] (+1 merged token for s >= 1); padding slots are
-                    computed (and embedded) like real tokens, so this is what the
-                    compiled program does, independent of the selection.
-  sparse, effective: 1 + taken_s (+1 if any patch of scale s was replaced), and
+  dense (`dense_flops`): 1 + N_s                  (every patch is a token)
+  sparse, as run (`sparse_flops_as_run`): 1 + capacity[s] (+1 merged token for
+                    s >= 1); padding slots are computed (and embedded) like real
+                    tokens, so this is what the compiled program does, independent
+                    of the selection (eval's `gflops_as_run`).
+  sparse, effective (`sparse_flops` with taken counts; eval's `gflops_kept`):
+                    1 + taken_s (+1 if any patch of scale s was replaced), and
                     taken_s patches embedded; what the scan needs for this sample's
                     selection (a lower bound of the work, reached by a ragged
                     implementation).
@@ -45,9 +47,6 @@ from typing import Optional, Sequence
 import numpy as np
 
 from scanformer_jax.config import ModelConfig
-
-ArrayLike = "float | np.ndarray"
-
 
 def _layer_flops(cfg: ModelConfig, tokens, keys):
   """One transformer layer on `tokens` queries attending to `keys` keys."""
@@ -100,9 +99,16 @@ def dense_tokens(cfg: ModelConfig) -> tuple[int, ...]:
   return tuple(1 + n for n in cfg.num_patches)
 
 
-def sparse_tokens_as_run(cfg: ModelConfig) -> tuple[int, ...]:
-  """Block lengths the compiled sparse program computes: REG + capacity (+ merged)."""
-  return tuple(1 + c + (1 if s > 0 else 0) for s, c in enumerate(cfg.capacities))
+def sparse_tokens_as_run(cfg: ModelConfig,
+                         capacities: Optional[Sequence[int]] = None) -> tuple[int, ...]:
+  """Block lengths the compiled sparse program computes: REG + capacity (+ merged).
+
+  capacities: slots per scale (default `cfg.capacities`; e.g. the bucket a run chose).
+  """
+  capacities = cfg.capacities if capacities is None else tuple(capacities)
+  if len(capacities) != cfg.num_scales:
+    raise ValueError(f"need {cfg.num_scales} capacities, got {len(capacities)}")
+  return tuple(1 + c + (1 if s > 0 else 0) for s, c in enumerate(capacities))
 
 
 def _taken_per_scale(cfg: ModelConfig, taken_counts) -> list:
@@ -129,13 +135,26 @@ def dense_flops(cfg: ModelConfig, text_len):
   return forward_flops(cfg, text_len, dense_tokens(cfg))
 
 
+def sparse_flops_as_run(cfg: ModelConfig, text_len,
+                        capacities: Optional[Sequence[int]] = None):
+  """FLOPs per sample the compiled sparse program executes, whatever the selection.
+
+  Every slot is computed: REG, `capacities[s]` patch slots (padding slots included),
+  the merged token, and `text_len` text tokens (the padded length the program runs).
+  capacities: static slots per scale, default `cfg.capacities` (every patch when
+  `cfg.capacity` is None); pass a bucket's capacities for a bucketed run.
+  """
+  capacities = cfg.capacities if capacities is None else tuple(capacities)
+  return forward_flops(cfg, text_len, sparse_tokens_as_run(cfg, capacities), capacities)
+
+
 def sparse_flops(cfg: ModelConfig, text_len, taken_counts=None):
   """FLOPs per sample of the sparse path.
 
-  taken_counts None: "as run", the static capacities the compiled program computes.
-  taken_counts [..., S]: "effective", each sample's actual taken counts.
+  taken_counts None: "as run" with `cfg.capacities` (`sparse_flops_as_run`).
+  taken_counts [..., S]: "effective" (kept), each sample's actual taken counts.
   """
   if taken_counts is None:
-    return forward_flops(cfg, text_len, sparse_tokens_as_run(cfg), cfg.capacities)
+    return sparse_flops_as_run(cfg, text_len)
   return forward_flops(cfg, text_len, sparse_tokens_effective(cfg, taken_counts),
                        _taken_per_scale(cfg, taken_counts))

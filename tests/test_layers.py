@@ -1,12 +1,14 @@
-"""layers.py: the merged-token identity of `attend`, interpolation, patch order."""
+"""layers.py: the merged-token identity of `attend`, fused == einsum attention,
+interpolation, patch order."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scanformer_jax.layers import (NEG_INF, attend, interpolate_pos_grid, interpolation_matrix,
-                                   patchify)
+from scanformer_jax.layers import (NEG_INF, attend, attend_einsum, attend_fused,
+                                   attention_implementation, interpolate_pos_grid,
+                                   interpolation_matrix, patchify)
 
 B, TQ, H, DH = 2, 5, 3, 8
 
@@ -56,6 +58,31 @@ def test_padding_keys_with_neg_inf_get_no_weight():
   np.testing.assert_allclose(attend(q, k_junk, v_junk, bias),
                              attend(q, k[:, :4], v[:, :4], jnp.zeros((1, 1, 1, 4))),
                              atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("num_queries,num_keys", [(5, 7), (4, 8), (5, 8), (4, 7)])
+@pytest.mark.parametrize("full_bias", [False, True])
+def test_fused_attention_matches_einsum(num_queries, num_keys, full_bias):
+  """`jax.nn.dot_product_attention` through `attend_fused` (odd lengths padded) is the
+  einsum attention, with NEG_INF padding and a log n merged-token bias."""
+  keys = jax.random.split(jax.random.key(3), 4)
+  q = jax.random.normal(keys[0], (B, num_queries, H, DH))
+  k = jax.random.normal(keys[1], (B, num_keys, H, DH))
+  v = jax.random.normal(keys[2], (B, num_keys, H, DH))
+  key_bias = jnp.zeros((B, num_keys)).at[:, 1].set(NEG_INF).at[:, -1].set(jnp.log(5.0))
+  bias = key_bias[:, None, None, :]  # [B, 1, 1, Tk]
+  if full_bias:  # Per-query bias too, as the block-causal reference passes.
+    bias = bias + jax.random.normal(keys[3], (B, 1, num_queries, num_keys))
+  want = attend_einsum(q, k, v, bias)
+  got = attend_fused(q, k, v, bias, "xla")
+  assert got.shape == (B, num_queries, H, DH)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU rule")
+def test_cpu_attends_with_einsums():
+  for dtype in (jnp.float32, jnp.bfloat16):
+    assert attention_implementation(dtype, 64) == "einsum"
 
 
 def test_interpolation_matrix_align_corners_hand_examples():
