@@ -156,3 +156,30 @@ def test_exit_criterion_config_is_checked_against_the_model(rigged):
     evaluate.exit_criterion(no_head)
   with_head = no_head.replace(model=cfg.replace(iou_head=True))
   assert evaluate.exit_criterion(with_head) == early_exit.IouHeadThreshold(0.8)
+
+
+def test_a_new_criterion_is_one_registered_class():
+  """The README's example: registering a class is all it takes to parse it by name."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+
+  @early_exit.register("test_stable_box")
+  @dataclasses.dataclass(frozen=True)
+  class StableBox:
+    tol: float
+    name: str = "test_stable_box"
+
+    @classmethod
+    def from_arg(cls, arg):
+      return cls(float(arg))
+
+    def exit_scale(self, outputs):
+      still = np.abs(np.diff(outputs["boxes"], axis=1)).max(-1) < self.tol  # [B, S-1]
+      stop = np.concatenate([np.zeros_like(still[:, :1]), still], axis=1)  # [B, S]
+      stop[:, -1] = True
+      return np.argmax(stop, axis=1).astype(np.int32)
+
+  boxes = np.zeros((2, 3, 4))
+  boxes[1, 1:] = 0.5  # Sample 1 moves between scales 0 and 1, then stays.
+  criterion = early_exit.parse("test_stable_box:0.1")
+  assert criterion == StableBox(0.1) and "test_stable_box" in early_exit.names()
+  np.testing.assert_array_equal(criterion.exit_scale({"boxes": boxes}), [1, 2])
