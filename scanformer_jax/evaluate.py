@@ -13,10 +13,10 @@ import time
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
-from data_pipelines.contract import DEVICE_KEYS
 from jax.sharding import Mesh
 from tqdm import tqdm
 
+from data_pipelines.contract import DEVICE_KEYS
 from scanformer_jax import data_source, early_exit, flops, sharding as sharding_lib
 from scanformer_jax.config import ExperimentConfig, ModelConfig
 from scanformer_jax.errors import UserError

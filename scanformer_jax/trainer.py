@@ -19,10 +19,10 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
-from data_pipelines.contract import DEVICE_KEYS
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from data_pipelines.contract import DEVICE_KEYS
 from scanformer_jax import (checkpointing, config_io, data_source, evaluate, optim,
                             sharding as sharding_lib, train_state, train_step)
 from scanformer_jax import workdir as workdir_lib

@@ -16,13 +16,14 @@ import json, sys, jax, numpy as np
 sys.path.insert(0, %(tests)r)
 import fake_data
 from scanformer_jax import config_io, optim, sharding, train_state, train_step
+from data_pipelines.contract import DEVICE_KEYS
 from scanformer_jax.config import MeshConfig
 assert jax.device_count() == 8, jax.devices()
 config = config_io.load_config_file(%(config)r)
 cfg = config.model
 tx, schedules = optim.make_optimizer(config.optim, config.train.num_steps)
 rows = [fake_data.make_example(0, i, cfg.image_size, cfg.max_text_len) for i in range(8)]
-batch = {k: np.stack([r[k] for r in rows]) for k in ("image", "text_ids", "text_mask", "box", "valid")}
+batch = {k: np.stack([r[k] for r in rows]) for k in DEVICE_KEYS}
 results = {}
 host_state = None
 for name, mesh_cfg, devices in [

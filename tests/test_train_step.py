@@ -3,9 +3,10 @@
 import jax
 import numpy as np
 import pytest
+from data_pipelines.contract import DEVICE_KEYS
 
-import train_helpers
 import fake_data
+import train_helpers
 from scanformer_jax import config_io, optim, sharding, train_state, train_step
 from scanformer_jax.config import MeshConfig
 
@@ -32,8 +33,7 @@ def setup():
 def _batch(config, start=0):
   rows = [fake_data.make_example(0, i, config.model.image_size, config.model.max_text_len)
           for i in range(start, start + config.train.batch_size)]
-  return {k: np.stack([r[k] for r in rows]) for k in ("image", "text_ids", "text_mask",
-                                                      "box", "valid")}
+  return {k: np.stack([r[k] for r in rows]) for k in DEVICE_KEYS}
 
 
 def test_nan_batch_is_skipped_and_counted(setup):
