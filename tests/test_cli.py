@@ -202,3 +202,15 @@ def test_jit_side_modules_import_no_config_io():
           "    sharding, train_state, train_step)\n"
           "assert 'scanformer_jax.config_io' not in sys.modules, 'config_io imported'\n")
   train_helpers.run_python(code)
+
+
+def test_workdir_paths(tmp_path):
+  from scanformer_jax import workdir  # pylint: disable=g-import-not-at-top
+  config = config_io.load_config_file(train_helpers.FAKE_CONFIG)
+  w = str(tmp_path / "w")
+  assert workdir.config_path(w) == os.path.join(w, "config.json")
+  assert workdir.checkpoint_dir(config, w) == os.path.join(w, "checkpoints")
+  elsewhere = config_io.apply_overrides(config, ["checkpoint.directory=~/ckpts"])
+  assert workdir.checkpoint_dir(elsewhere, w) == os.path.expanduser("~/ckpts")
+  with pytest.raises(UserError, match="no config.json"):
+    workdir.load_config(w)
