@@ -55,7 +55,7 @@ def make_train_step(cfg: ModelConfig, loss_cfg: LossConfig, tx: optax.GradientTr
     take_all = state.step < select_warmup_steps
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, batch, rng, take_all)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)  # Global L2 norm (optax.global_norm is deprecated).
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
