@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from scanformer_jax import experiment
+from scanformer_jax import config_io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "experiments", "configs", "synthetic_tiny.py")
@@ -68,7 +68,7 @@ def main() -> int:
   data_dir = os.path.abspath(args.data_dir)
   os.makedirs(workdir, exist_ok=True)
   config_path = os.path.abspath(args.config)
-  module = experiment.load_config_module(config_path)
+  module = config_io.load_config_module(config_path)
   env = dict(os.environ)
   env.setdefault("JAX_PLATFORMS", "cpu")
   # Reuse compiled programs across the demo's processes and reruns.

@@ -1,4 +1,4 @@
-"""`scanformer bench`: wall-clock of compiled sparse vs dense inference, random weights.
+"""Wall-clock of compiled sparse vs dense inference, random weights (`scanformer bench`).
 
 With `--keep-ratio R` every sample takes exactly round(R * G_s^2) patches at each
 scale s >= 1 (the top parent logits among its candidates, `select_topk`), and the
@@ -13,13 +13,10 @@ moves much less with other processes' load than the wall clock does.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
 import platform
 import statistics
-import sys
 import time
 from typing import Optional
 
@@ -167,44 +164,3 @@ def format_report(report: dict) -> str:
       f"load average {', '.join(f'{x:.2f}' for x in report['host']['loadavg'])}",
   ]
   return "\n".join(lines)
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog="scanformer bench", description=__doc__.split("\n")[0])
-  parser.add_argument("--model", choices=MODELS, default="vilt_b32")
-  parser.add_argument("--batch-size", type=int, default=8)
-  parser.add_argument("--keep-ratio", type=float, default=0.25,
-                      help="fraction of each scale's patches taken at s >= 1, in (0, 1]")
-  parser.add_argument("--steps", type=int, default=10, help="timed steps per mode (median)")
-  parser.add_argument("--warmup", type=int, default=2,
-                      help="untimed calls per mode after compiling (at least 1 is made)")
-  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-  parser.add_argument("--text-len", type=int, default=None,
-                      help="text tokens per sample (default: the model's max_text_len)")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--json", default=None, help="write the report here")
-  args = parser.parse_args(argv)
-  if not 0.0 < args.keep_ratio <= 1.0:
-    parser.error("--keep-ratio must be in (0, 1]")
-  if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
-    parser.error("--batch-size and --steps must be >= 1, --warmup >= 0")
-  return args
-
-
-def main(argv: list[str]) -> int:
-  args = parse_args(argv)
-  report = run(model=args.model, batch_size=args.batch_size, keep_ratio=args.keep_ratio,
-               steps=args.steps, warmup=args.warmup, dtype=args.dtype, seed=args.seed,
-               text_len=args.text_len)
-  print(format_report(report))
-  if args.json:
-    directory = os.path.dirname(os.path.abspath(args.json))
-    os.makedirs(directory, exist_ok=True)
-    with open(args.json, "w") as f:
-      json.dump(report, f, indent=2)
-    print(f"wrote {args.json}")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main(sys.argv[1:]))

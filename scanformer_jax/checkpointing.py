@@ -19,7 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from scanformer_jax.errors import UserError
-from scanformer_jax.experiment import CheckpointConfig
+from scanformer_jax.config import CheckpointConfig
 from scanformer_jax.train_state import TrainState
 
 log = logging.getLogger(__name__)

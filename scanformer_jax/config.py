@@ -1,4 +1,8 @@
-"""Model hyperparameters: one frozen, hashable dataclass usable as a jit static argument."""
+"""Every config dataclass: the model (a jit static argument) and the experiment sections.
+
+Frozen, hashable and free of I/O: jit-side modules import them from here. Reading
+config files, `--set` overrides and config.json live in `config_io.py`.
+"""
 
 from __future__ import annotations
 
@@ -132,3 +136,136 @@ class ModelConfig:
   def vilt_b32(cls, **overrides) -> "ModelConfig":
     """DESIGN.md defaults: ViLT-B/32 backbone, scales 128/256/512, 6 + 6 layers."""
     return cls(**overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Which dataset and how to read it (data_pipelines/pipeline.py, sources.py)."""
+
+  # "synthetic[/<config>]", "refcoco_unc" (catalog ref_coco), "refer/refclef_berkeley",
+  # ... (data_pipelines/sources.py), or "fake" (generated in memory, for tests).
+  dataset: str = "synthetic"
+  # Where the built TFDS datasets live (a local path or gs://...).
+  data_dir: str = "~/tensorflow_datasets"
+  # BERT-uncased vocab.txt; None: the synthetic dataset's own vocab.
+  vocab_path: Optional[str] = None
+  train_split: str = "train"
+  eval_splits: tuple[str, ...] = ("validation",)
+  # Training augmentation (random scale/crop, flip with left/right swap, colour jitter).
+  augment: bool = True
+  # grain worker processes per host (None: the pipeline's default for this machine).
+  # The batch order depends on it: keep it fixed when resuming.
+  worker_count: Optional[int] = None
+  # Fail when more than this fraction of samples is bad (undecodable, empty, ...).
+  max_bad_fraction: float = 0.01
+  # Shuffling and augmentation seed.
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """DESIGN.md section 4: per-scale L1 + GIoU, keep-ratio and early-exit terms."""
+
+  l1_weight: float = 5.0
+  giou_weight: float = 2.0
+  # Weight w_s of each scale's box loss; None: 1 for every scale.
+  scale_weights: Optional[tuple[float, ...]] = None
+  # Target fraction of patches taken at each scale (scale 0 is ignored: all taken).
+  target_ratio: tuple[float, ...] = (1.0, 0.5, 0.25)
+  ratio_weight: float = 2.0
+  # L1 between the IoU head's prediction and the stop-gradient true IoU.
+  iou_weight: float = 1.0
+  # Auxiliary, not in the paper (0 = the paper's objective): binary cross-entropy
+  # teaching each scale's selection logits which patches overlap the ground-truth
+  # box. A dense grounding signal that speeds up training from scratch and makes
+  # the scan zoom into the referred object.
+  select_weight: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW, linear warmup then cosine decay; backbone and new parameters apart."""
+
+  learning_rate: float = 1e-4  # New parameters: REG, scale/constant tokens, heads.
+  backbone_learning_rate: float = 1e-5  # Pretrained ViLT layers and embeddings.
+  warmup_steps: int = 1000
+  # Learning rate at the end of the cosine, as a fraction of the peak.
+  end_lr_fraction: float = 0.0
+  weight_decay: float = 1e-4
+  b1: float = 0.9
+  b2: float = 0.999
+  grad_clip_norm: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  num_steps: int = 100_000
+  batch_size: int = 128  # Global, over all processes and devices.
+  log_every: int = 100
+  seed: int = 0  # Parameter init and Gumbel noise; the data seed is data.seed.
+  # Initial backbone weights: a directory written by `scanformer convert-vilt`; None
+  # trains from scratch.
+  init_from: Optional[str] = None
+  # Steps at the start that take every patch (no Gumbel masks): the box heads learn
+  # from clean inputs while the selection head learns from loss.select_weight alone.
+  # 0 (the paper) samples hard Gumbel selections from the first step.
+  select_warmup_steps: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  batch_size: int = 64  # Global.
+  iou_threshold: float = 0.5
+  # Evaluate the validation split(s) every K training steps (0: only via `eval`).
+  every_steps: int = 0
+  # Early-exit criterion reported next to the full scan, by name (early_exit.py
+  # registry), e.g. "iou_head:0.8" (needs model.iou_head) or "last_scale"; None: no
+  # early-exit report.
+  exit_criterion: Optional[str] = None
+  # Ablation: replace every expression by "[CLS] [SEP]" (how much does the model
+  # need the sentence?).
+  blank_expressions: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  # Where checkpoints go; None: <workdir>/checkpoints. Multi-host runs need a
+  # directory every host can write, e.g. gs://bucket/runs/name/checkpoints.
+  directory: Optional[str] = None
+  every_steps: int = 1000
+  max_to_keep: int = 3
+  async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh `(data, fsdp)`; the batch is split over both axes.
+
+  `data=-1` takes every device not used by `fsdp`. With `fsdp > 1`, parameters (and
+  optimizer moments) of at least `fsdp_min_size` elements are sharded on their largest
+  divisible axis. `distributed=True` calls `jax.distributed.initialize` (on Cloud TPU
+  and SLURM it finds its peers itself; elsewhere set the three fields below).
+  """
+
+  data: int = -1
+  fsdp: int = 1
+  fsdp_min_size: int = 2**18
+  distributed: bool = False
+  coordinator_address: Optional[str] = None
+  num_processes: Optional[int] = None
+  process_id: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  loss: LossConfig = LossConfig()
+  optim: OptimConfig = OptimConfig()
+  train: TrainConfig = TrainConfig()
+  eval: EvalConfig = EvalConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
+  mesh: MeshConfig = MeshConfig()
+
+  def replace(self, **changes) -> "ExperimentConfig":
+    return dataclasses.replace(self, **changes)

@@ -10,14 +10,12 @@ Read back with `scanformer_jax.vilt.load(DIR)`.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import math
 import os
 import re
 import shutil
-import sys
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -25,6 +23,7 @@ from flax import traverse_util
 
 from scanformer_jax import vilt
 from scanformer_jax.config import ModelConfig
+from scanformer_jax.errors import UserError
 from scanformer_jax.weights_io import (WeightsError, read_safetensors, tensors_to_numpy,
                                        torch_load)
 
@@ -36,7 +35,7 @@ BUFFERS = ("embeddings.text_embeddings.position_ids", "embeddings.text_embedding
 BACKBONE_PREFIXES = ("embeddings.", "encoder.", "layernorm.", "pooler.")
 
 
-class ConversionError(Exception):
+class ConversionError(UserError):
   """The source cannot be converted; the message says which tensor or field and why."""
 
 
@@ -368,7 +367,7 @@ def report(cfg: ModelConfig, mapped, skipped, notes) -> str:
   return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- command
+# ----------------------------------------------------------------------------- convert
 
 
 def convert(src: str, out: str, *, vocab: Optional[str] = None, num_heads: Optional[int] = None,
@@ -406,34 +405,3 @@ def convert(src: str, out: str, *, vocab: Optional[str] = None, num_heads: Optio
   written = (f"wrote {params_dir} (orbax), {os.path.join(out, vilt.CONFIG_FILE)}"
              + (f", {os.path.join(out, 'vocab.txt')}" if vocab else ""))
   return "\n".join([head, report(cfg, mapped, skipped, notes + cfg_notes), written])
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog="scanformer convert-vilt",
-      description="Convert pretrained ViLT weights (Hugging Face directory or original .ckpt) "
-                  "into ScanFormer's layout (orbax params + config.json + vocab.txt).")
-  parser.add_argument("--src", required=True,
-                      help="HF ViLT directory (config.json + model.safetensors or "
-                           "pytorch_model.bin) or an original ViLT .ckpt")
-  parser.add_argument("--out", required=True, help="output directory")
-  parser.add_argument("--vocab", help="vocab.txt to copy (default: the one next to --src)")
-  parser.add_argument("--num-heads", type=int,
-                      help="attention heads (original .ckpt without hyper-parameters only)")
-  parser.add_argument("--force", action="store_true", help="overwrite an existing output")
-  return parser.parse_args(argv)
-
-
-def main(argv: list[str]) -> int:
-  args = parse_args(argv)
-  try:
-    print(convert(args.src, args.out, vocab=args.vocab, num_heads=args.num_heads,
-                  force=args.force))
-  except ConversionError as e:
-    print(f"convert-vilt: refused: {e}", file=sys.stderr)
-    return 2
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main(sys.argv[1:]))

@@ -1,38 +1,51 @@
 """The seam between experiments and the host data pipelines.
 
 Turns `DataConfig` + mesh into this process's batch iterators: the grain pipelines
-of `data_pipelines` for real and synthetic datasets, or `fake_data` for
-`data.dataset="fake"`. Training iterators are grain `DatasetIterator`s (their state
+of `data_pipelines` for real and synthetic datasets, or a source registered under
+`data.dataset` with `register` (the tests register an in-memory "fake" dataset,
+tests/fake_data.py). Training iterators are grain `DatasetIterator`s (their state
 goes into checkpoints); evaluation yields every expression once, padded batches.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import zlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import jax
 from jax.sharding import Mesh
 
-from scanformer_jax import fake_data, sharding as sharding_lib
-from scanformer_jax.experiment import ExperimentConfig
+from scanformer_jax import sharding as sharding_lib
+from scanformer_jax.config import ExperimentConfig
 
-FAKE = "fake"
-FAKE_TRAIN_EXAMPLES = 4096
-FAKE_EVAL_EXAMPLES = 64
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+  """A dataset outside `data_pipelines`: (config, global batch rows) -> iterators.
+
+  `rows` is this process's slice of each global batch (`sharding.process_rows`).
+  """
+
+  train: Callable[[ExperimentConfig, slice], Iterator[dict]]  # Checkpointable.
+  eval: Callable[[ExperimentConfig, str, slice], Iterator[dict]]
+
+
+_SOURCES: dict[str, DataSource] = {}
+
+
+def register(name: str, source: DataSource) -> None:
+  """Makes `data.dataset=name` read `source` (a later registration replaces it)."""
+  _SOURCES[name] = source
 
 
 def train_iterator(config: ExperimentConfig, mesh: Mesh):
   """Endless training batches of this process's rows (a checkpointable iterator)."""
-  model, data = config.model, config.data
+  data = config.data
   global_batch = config.train.batch_size
   sharding_lib.check_batch_size(global_batch, mesh, "train.batch_size")
-  if data.dataset == FAKE:
-    rows = sharding_lib.process_rows(mesh, global_batch)
-    ds = fake_data.train_dataset(data.seed, FAKE_TRAIN_EXAMPLES, model.image_size,
-                                 model.max_text_len, global_batch, rows)
-    return iter(ds)
+  if data.dataset in _SOURCES:
+    return _SOURCES[data.dataset].train(config, sharding_lib.process_rows(mesh, global_batch))
   from data_pipelines import pipeline, transforms  # pylint: disable=g-import-not-at-top
   return pipeline.make_train_iter(
       data.dataset, data.train_split, data_dir(config), seed=data.seed,
@@ -42,14 +55,12 @@ def train_iterator(config: ExperimentConfig, mesh: Mesh):
 
 def eval_batches(config: ExperimentConfig, split: str, mesh: Mesh) -> Iterator[dict]:
   """Every expression of `split` once, in fixed order, padded to full batches."""
-  model, data = config.model, config.data
+  data = config.data
   global_batch = config.eval.batch_size
   sharding_lib.check_batch_size(global_batch, mesh, "eval.batch_size")
-  if data.dataset == FAKE:
-    rows = sharding_lib.process_rows(mesh, global_batch)
-    seed = data.seed + 1 + zlib.crc32(split.encode()) % 1000
-    return iter(fake_data.eval_dataset(seed, FAKE_EVAL_EXAMPLES, model.image_size,
-                                       model.max_text_len, global_batch, rows))
+  if data.dataset in _SOURCES:
+    return _SOURCES[data.dataset].eval(config, split,
+                                       sharding_lib.process_rows(mesh, global_batch))
   from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
   return pipeline.make_eval_iter(data.dataset, split, data_dir(config),
                                  **_common_kwargs(config, global_batch))

@@ -7,7 +7,7 @@ so the host can drop padding rows and apply early-exit criteria afterwards.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import chex
 import jax
@@ -20,18 +20,22 @@ from scanformer_jax.model import ScanFormer
 
 
 class EvalStep:
-  """`step(params, batch) -> dict` of per-sample arrays; counts its traces."""
+  """`step(params, batch) -> dict` of per-sample arrays.
 
-  def __init__(self, cfg: ModelConfig, mesh: Mesh, param_shardings: Any):
+  max_traces: if set, tracing the step more often raises (`chex.assert_max_traces`;
+  tests call `chex.clear_trace_counter()` first, as its counter is global).
+  """
+
+  def __init__(self, cfg: ModelConfig, mesh: Mesh, param_shardings: Any,
+               max_traces: Optional[int] = None):
     self.cfg = cfg
-    self.num_traces = 0
     self._model = ScanFormer(cfg)
     batch_sh = sharding_lib.batch_sharding(mesh)
-    self._jitted = jax.jit(self._step, in_shardings=(param_shardings, batch_sh),
+    step = self._step if max_traces is None else chex.assert_max_traces(self._step, max_traces)
+    self._jitted = jax.jit(step, in_shardings=(param_shardings, batch_sh),
                            out_shardings=batch_sh)
 
   def _step(self, params, batch) -> dict[str, jax.Array]:
-    self.num_traces += 1  # Runs at trace time only.
     cfg = self.cfg
     out = self._model.apply({"params": params}, batch["image"], batch["text_ids"],
                             batch["text_mask"], mode="sparse")

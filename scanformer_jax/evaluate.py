@@ -10,18 +10,18 @@ counts and real text length, dense for the same text length.
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from scanformer_jax import early_exit, flops, sharding as sharding_lib
-from scanformer_jax.config import ModelConfig
+from data_pipelines.contract import DEVICE_KEYS
+from scanformer_jax import data_source, early_exit, flops, sharding as sharding_lib
+from scanformer_jax.config import ExperimentConfig, ModelConfig
+from scanformer_jax.errors import UserError
 from scanformer_jax.eval_step import EvalStep
 from scanformer_jax.metrics import RecMetrics
-
-DEVICE_KEYS = ("image", "text_ids", "text_mask", "box", "valid")
 
 
 def blank_expressions(batch: dict) -> dict:
@@ -97,7 +97,7 @@ def exit_report(cfg: ModelConfig, metrics: RecMetrics,
                 criterion: early_exit.ExitCriterion) -> dict[str, Any]:
   """Accuracy and GFLOPs when every sample stops where `criterion` says."""
   rows = metrics.arrays()
-  exit_scale = criterion.exit_scale(rows)
+  exit_scale = criterion.exit_scale(early_exit.model_outputs(rows))
   at_exit = metrics.result(exit_scale)
   return {
       "criterion": criterion.name,
@@ -126,3 +126,44 @@ def evaluate_batches(cfg: ModelConfig, params: Any, step: EvalStep,
   if criterion is not None:
     report["early_exit"] = exit_report(cfg, metrics, criterion)
   return report
+
+
+def parse_criterion(spec: str, cfg: ModelConfig) -> early_exit.ExitCriterion:
+  """The registry's criterion for `spec`, checked against the model's outputs up front.
+
+  A criterion that cannot run on this model (e.g. `iou_head:...` without
+  `model.iou_head`) is a UserError now, not after an evaluation (or hours of training).
+  """
+  s = cfg.num_scales
+  probe = {"boxes": np.zeros((1, s, 4), np.float32), "taken": np.zeros((1, s), np.int32),
+           "num_dropped": np.zeros((1, s), np.int32), "text_len": np.ones((1,), np.int32)}
+  if cfg.iou_head:
+    probe["pred_iou"] = np.zeros((1, s), np.float32)
+  try:
+    criterion = early_exit.parse(spec)
+    criterion.exit_scale(probe)
+  except ValueError as e:
+    raise UserError(f"exit criterion {spec!r}: {e}") from None
+  return criterion
+
+
+def exit_criterion(config: ExperimentConfig) -> Optional[early_exit.ExitCriterion]:
+  """`eval.exit_criterion` (None: no early-exit report); see `parse_criterion`."""
+  spec = config.eval.exit_criterion
+  return None if spec is None else parse_criterion(spec, config.model)
+
+
+def evaluate_params(config: ExperimentConfig, params: Any, mesh: Mesh, param_shardings: Any,
+                    splits: Sequence[str], progress: bool = True,
+                    step: Optional[EvalStep] = None) -> dict[str, dict]:
+  """Every split's report (module docstring) for `params`."""
+  cfg = config.model
+  step = step or EvalStep(cfg, mesh, param_shardings)
+  criterion = exit_criterion(config)
+  return {
+      split: evaluate_batches(
+          cfg, params, step, data_source.eval_batches(config, split, mesh), mesh,
+          config.eval.iou_threshold, criterion, desc=f"eval {split}", progress=progress,
+          blank=config.eval.blank_expressions)
+      for split in splits
+  }

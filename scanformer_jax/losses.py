@@ -18,9 +18,10 @@ from typing import Any, Sequence
 import chex
 import jax
 import jax.numpy as jnp
+import optax
 
 from scanformer_jax import box_ops
-from scanformer_jax.experiment import LossConfig
+from scanformer_jax.config import LossConfig
 
 
 def _masked_mean(x: jax.Array, weight: jax.Array) -> jax.Array:
@@ -91,15 +92,10 @@ def selection_losses(logits: Sequence[jax.Array], taken: Sequence[jax.Array], gt
     grid = int(round(logit.shape[1] ** 0.5))
     target = patches_overlapping(gt, grid).astype(jnp.float32)  # [B, G*G]
     mask = jax.lax.stop_gradient(mask.astype(jnp.float32))  # [B, G*G]
-    bce = sigmoid_bce(logit.astype(jnp.float32), target)  # [B, G*G]
+    bce = optax.sigmoid_binary_cross_entropy(logit.astype(jnp.float32), target)  # [B, G*G]
     per_sample = (bce * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1.0)  # [B]
     out.append(_masked_mean(per_sample, weight))
   return out
-
-
-def sigmoid_bce(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Elementwise binary cross-entropy on logits (numerically stable)."""
-  return jnp.maximum(logits, 0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits)))
 
 
 def scanformer_loss(out: Any, gt_box: jax.Array, valid: jax.Array, cfg: LossConfig

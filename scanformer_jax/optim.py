@@ -14,7 +14,7 @@ from typing import Any, Callable
 import jax
 import optax
 
-from scanformer_jax.experiment import OptimConfig
+from scanformer_jax.config import OptimConfig
 
 NEW_PARAM_PREFIXES = ("reg_tokens", "scale_embed", "const_tokens", "select_head",
                       "box_head", "iou_head")

@@ -17,7 +17,7 @@ from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from scanformer_jax.errors import UserError
-from scanformer_jax.experiment import MeshConfig
+from scanformer_jax.config import MeshConfig
 
 BATCH_AXES = ("data", "fsdp")
 

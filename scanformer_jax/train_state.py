@@ -18,8 +18,7 @@ import optax
 from jax.sharding import Mesh
 
 from scanformer_jax import sharding as sharding_lib
-from scanformer_jax.config import ModelConfig
-from scanformer_jax.experiment import MeshConfig
+from scanformer_jax.config import MeshConfig, ModelConfig
 from scanformer_jax.model import ScanFormer
 
 

@@ -16,17 +16,12 @@ import optax
 from jax.sharding import Mesh
 
 from scanformer_jax import losses, sharding as sharding_lib
-from scanformer_jax.config import ModelConfig
-from scanformer_jax.experiment import LossConfig
+from scanformer_jax.config import LossConfig, ModelConfig
 from scanformer_jax.model import ScanFormer
 from scanformer_jax.train_state import TrainState
 
 Batch = dict[str, jax.Array]
 StepFn = Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
-
-
-def _global_norm(tree) -> jax.Array:
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
 def make_train_step(cfg: ModelConfig, loss_cfg: LossConfig, tx: optax.GradientTransformation,
@@ -60,7 +55,7 @@ def make_train_step(cfg: ModelConfig, loss_cfg: LossConfig, tx: optax.GradientTr
     take_all = state.step < select_warmup_steps
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, batch, rng, take_all)
-    grad_norm = _global_norm(grads)
+    grad_norm = optax.tree.norm(grads)  # Global L2 norm (optax.global_norm is deprecated).
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

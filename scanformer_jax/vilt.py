@@ -13,7 +13,6 @@ padding positions carry no meaning in either.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from scanformer_jax import config_io
 from scanformer_jax.config import ModelConfig
 from scanformer_jax.layers import (NEG_INF, EncoderLayer, PatchEmbed, TextEmbeddings, dense,
                                    embed, final_norm, patchify)
@@ -249,19 +249,6 @@ def param_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
 # ----------------------------------------------------------------------------- files
 
 
-def config_to_json(cfg: ModelConfig) -> dict:
-  return dataclasses.asdict(cfg)
-
-
-def config_from_json(data: Mapping[str, Any]) -> ModelConfig:
-  """Inverse of `config_to_json` (JSON lists back to tuples); unknown keys rejected."""
-  fields = {f.name for f in dataclasses.fields(ModelConfig)}
-  unknown = sorted(set(data) - fields)
-  if unknown:
-    raise ValueError(f"config.json has fields ModelConfig does not know: {unknown}")
-  return ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
-
-
 def save(directory: Union[str, os.PathLike], params: Mapping[str, Any], cfg: ModelConfig,
          force: bool = False) -> None:
   """Write DIR/params (orbax) and DIR/config.json (ModelConfig fields)."""
@@ -274,7 +261,7 @@ def save(directory: Union[str, os.PathLike], params: Mapping[str, Any], cfg: Mod
     ckptr.save(os.path.join(directory, PARAMS_SUBDIR), tree, force=force)
     ckptr.wait_until_finished()
   with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-    json.dump(config_to_json(cfg), f, indent=2, sort_keys=True)
+    json.dump(config_io.model_config_to_dict(cfg), f, indent=2, sort_keys=True)
     f.write("\n")
 
 
@@ -290,7 +277,7 @@ def load(directory: Union[str, os.PathLike]) -> tuple[dict, ModelConfig]:
         f"{directory} is not a converted ViLT directory (needs {CONFIG_FILE} and "
         f"{PARAMS_SUBDIR}/); create one with `scanformer convert-vilt --src ... --out DIR`")
   with open(config_path) as f:
-    cfg = config_from_json(json.load(f))
+    cfg = config_io.model_config_from_dict(json.load(f), config_path)
   with ocp.StandardCheckpointer() as ckptr:
     params = ckptr.restore(params_path)
   return jax.tree.map(np.asarray, params), cfg

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from scanformer_jax import bench, cli, flops
+from scanformer_jax.cli import bench as bench_cmd
 
 
 def test_keep_counts_and_config():
@@ -18,7 +19,7 @@ def test_keep_counts_and_config():
 
 def test_parse_args_rejects_bad_ratio():
   with pytest.raises(SystemExit):
-    bench.parse_args(["--keep-ratio", "0"])
+    bench_cmd.parse_args(["--keep-ratio", "0"])
 
 
 @pytest.mark.slow

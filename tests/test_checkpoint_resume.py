@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import train_helpers
-from scanformer_jax import trainer
+from scanformer_jax.cli import train as train_cmd
 from scanformer_jax.errors import UserError
 
 
@@ -33,7 +33,7 @@ def uninterrupted(tmp_path_factory):
 def test_sigkill_then_rerun_matches_uninterrupted(uninterrupted, tmp_path):
   workdir = tmp_path / "killed"
   # Checkpoints every 2 steps; die right after step 5 (step 4 is the last saved).
-  proc = _train(workdir, extra_env={trainer.FAULT_ENV: "KILL@5"}, check=False)
+  proc = _train(workdir, extra_env={train_cmd.FAULT_ENV: "KILL@5"}, check=False)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
   steps = sorted(int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit())
   assert steps[-1] == 4, steps
@@ -72,12 +72,13 @@ def test_corrupt_latest_checkpoint_falls_back(uninterrupted, tmp_path, caplog):
   assert "could not be restored" in caplog.text
 
   # Resuming training takes the same fallback (and then redoes steps 5-6).
-  from scanformer_jax import (checkpointing, data_source, experiment, optim, sharding,
+  from scanformer_jax import (checkpointing, config_io, data_source, optim, sharding,
                               train_state)
+  from scanformer_jax.config import MeshConfig
   import jax
-  config = experiment.load_json(str(workdir / "config.json"))
-  cfg = config.model.architecture()
-  mesh = sharding.make_mesh(experiment.MeshConfig(data=1), jax.devices()[:1])
+  config = config_io.load_json(str(workdir / "config.json"))
+  cfg = config.model
+  mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
   tx, _ = optim.make_optimizer(config.optim, config.train.num_steps)
   ckpt = checkpointing.Checkpointer(str(workdir / "checkpoints"), read_only=True)
   state = ckpt.restore_latest(train_state.abstract_state(cfg, tx),
@@ -99,7 +100,7 @@ def test_sigterm_saves_and_stops(uninterrupted, tmp_path):
   """A real SIGTERM (sent by the process to itself after step 3, i.e. mid-run) saves a
   checkpoint at that step and exits 143; rerunning finishes exactly like the rest."""
   workdir = tmp_path / "preempted"
-  proc = _train(workdir, extra_env={trainer.FAULT_ENV: "TERM@3"}, check=False)
+  proc = _train(workdir, extra_env={train_cmd.FAULT_ENV: "TERM@3"}, check=False)
   assert proc.returncode == 143, proc.stderr[-3000:]
   assert "SIGTERM" in proc.stderr
   steps = sorted(int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit())

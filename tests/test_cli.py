@@ -1,5 +1,5 @@
-"""Experiment configs and `--set` overrides; user errors of train/eval/predict give
-one clear line and exit code 2, never a traceback."""
+"""Experiment configs and `--set` overrides; user errors of every command give one
+clear line and exit code 2, a traceback only with --verbose."""
 
 import glob
 import os
@@ -7,10 +7,11 @@ import os
 import pytest
 
 import train_helpers
-from scanformer_jax import cli, experiment
-from scanformer_jax.commands import evaluate as eval_cmd
-from scanformer_jax.commands import predict as predict_cmd
-from scanformer_jax.commands import train as train_cmd
+from scanformer_jax import cli, config_io
+from scanformer_jax.cli import eval as eval_cmd
+from scanformer_jax.cli import predict as predict_cmd
+from scanformer_jax.cli import train as train_cmd
+from scanformer_jax.config import ModelConfig
 from scanformer_jax.errors import UserError
 
 CONFIGS = sorted(p for p in glob.glob(os.path.join(train_helpers.ROOT, "experiments",
@@ -19,21 +20,21 @@ CONFIGS = sorted(p for p in glob.glob(os.path.join(train_helpers.ROOT, "experime
 
 
 def test_overrides_are_typed():
-  config = experiment.load_config_file(train_helpers.FAKE_CONFIG)
-  config = experiment.apply_overrides(config, [
+  config = config_io.load_config_file(train_helpers.FAKE_CONFIG)
+  config = config_io.apply_overrides(config, [
       "train.num_steps=12", "optim.learning_rate=3e-4", "data.augment=false",
       "data.eval_splits=val,testA,testB", "model.image_sizes=(32, 64)",
       "model.capacity=None", "mesh.process_id=1", "data.vocab_path=/x/vocab.txt",
-      "model.init_from=~/vilt", "loss.target_ratio=[1, 0.4]"])
+      "train.init_from=~/vilt", "loss.target_ratio=[1, 0.4]"])
   assert config.train.num_steps == 12 and config.optim.learning_rate == 3e-4
   assert config.data.augment is False
   assert config.data.eval_splits == ("val", "testA", "testB")
   assert config.model.image_sizes == (32, 64) and config.model.capacity is None
   assert config.loss.target_ratio == (1.0, 0.4)
-  assert config.model.init_from == "~/vilt"
-  # The architecture drops init_from; the JSON round trip is exact.
-  assert not hasattr(config.model.architecture(), "init_from")
-  assert experiment.from_dict(experiment.to_dict(config)) == config
+  assert config.train.init_from == "~/vilt"
+  # The model section is the architecture alone; the JSON round trip is exact.
+  assert type(config.model) is ModelConfig and not hasattr(config.model, "init_from")
+  assert config_io.from_dict(config_io.to_dict(config)) == config
 
 
 @pytest.mark.parametrize("override, message", [
@@ -46,18 +47,18 @@ def test_overrides_are_typed():
     ("model.vocab_size=None", "may not be None"),
 ])
 def test_bad_overrides(override, message):
-  config = experiment.load_config_file(train_helpers.FAKE_CONFIG)
+  config = config_io.load_config_file(train_helpers.FAKE_CONFIG)
   with pytest.raises(UserError, match=message.replace("(", r"\(")):
-    experiment.apply_overrides(config, [override])
+    config_io.apply_overrides(config, [override])
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_experiment_configs_load(path):
-  config = experiment.load_config_file(path)
+  config = config_io.load_config_file(path)
   assert len(config.loss.target_ratio) == config.model.num_scales
   assert config.train.batch_size % 8 == 0  # Splits over 8-device hosts.
   if not os.path.basename(path).startswith("synthetic_"):
-    assert config.model.architecture() == experiment.ModelConfig.vilt_b32()
+    assert config.model == ModelConfig.vilt_b32()
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS
@@ -70,7 +71,7 @@ def test_synthetic_text_length_fits_its_expressions(path):
   """
   from data_pipelines import synthetic, synthetic_builder  # pylint: disable=g-import-not-at-top
   from data_pipelines.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
-  module = experiment.load_config_module(path)
+  module = config_io.load_config_module(path)
   config = module.get_config()
   assert config.data.dataset == synthetic_builder.dataset_name(module.SYNTHETIC_SPEC)
   max_len = config.model.max_text_len
@@ -89,9 +90,9 @@ def test_resume_refuses_a_different_model_and_keeps_the_workdir(tmp_path, capsys
   from scanformer_jax import trainer  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / "w"
   workdir.mkdir()
-  started = experiment.load_config_file(train_helpers.FAKE_CONFIG)
+  started = config_io.load_config_file(train_helpers.FAKE_CONFIG)
   config_json = workdir / "config.json"
-  experiment.save_json(started, str(config_json))
+  config_io.save_json(started, str(config_json))
   before = config_json.read_text()
   width = started.model.mlp_dim
   err = _errors(train_cmd.main, ["--config", train_helpers.FAKE_CONFIG, "--workdir",
@@ -101,7 +102,7 @@ def test_resume_refuses_a_different_model_and_keeps_the_workdir(tmp_path, capsys
   assert config_json.read_text() == before
   # Same parameter shapes, other settings: resumable, with a warning.
   trainer._check_resumed_config(  # pylint: disable=protected-access
-      str(config_json), experiment.apply_overrides(started, ["optim.learning_rate=0.5",
+      str(config_json), config_io.apply_overrides(started, ["optim.learning_rate=0.5",
                                                               "model.select_threshold=0.3"]))
   assert "resuming anyway" in caplog.text
 
@@ -137,8 +138,79 @@ def test_user_errors_exit_2(tmp_path, capsys):
 
 
 def test_dispatcher_routes_to_the_commands(capsys):
-  for name in ("train", "eval", "predict"):
+  for name in ("train", "eval", "predict", "bench", "convert-vilt"):
     with pytest.raises(SystemExit) as exit_info:
       cli.main([name, "--help"])
     assert exit_info.value.code == 0
-    assert "--workdir" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"scanformer {name}" in out
+    if name in ("train", "eval", "predict"):
+      assert "--workdir" in out and "--set" in out
+
+
+def test_overrides_validate_once_after_all_of_them():
+  """A section is validated with every override applied, so their order does not
+  matter: 3 heads alone do not divide the fake config's hidden size 32, 48 / 3 do."""
+  config = config_io.load_config_file(train_helpers.FAKE_CONFIG)
+  assert config.model.hidden_size % 3
+  for overrides in (["model.hidden_size=48", "model.num_heads=3"],
+                    ["model.num_heads=3", "model.hidden_size=48"]):
+    model = config_io.apply_overrides(config, overrides).model
+    assert (model.hidden_size, model.num_heads) == (48, 3)
+  with pytest.raises(UserError, match="model.num_heads.*divisible by num_heads"):
+    config_io.apply_overrides(config, ["model.num_heads=3"])
+
+
+def test_model_config_json_codec_round_trip():
+  cfg = ModelConfig.tiny(capacity=(4, 8, 16), iou_head=True)
+  assert config_io.model_config_from_dict(config_io.model_config_to_dict(cfg)) == cfg
+  with pytest.raises(UserError, match="unknown key model.bogus"):
+    config_io.model_config_from_dict({"bogus": 1})
+
+
+def test_verbose_shows_the_traceback(tmp_path, capsys, monkeypatch):
+  from scanformer_jax.cli import common  # pylint: disable=g-import-not-at-top
+  # Debug logging would outlive the test on pytest's (then closed) stderr.
+  monkeypatch.setattr(common, "setup_logging", lambda verbose: None)
+  argv = ["--config", str(tmp_path / "missing.py"), "--workdir", str(tmp_path / "w")]
+  assert train_cmd.main(argv + ["--verbose"]) == 2
+  err = capsys.readouterr().err
+  assert "Traceback" in err
+  assert err.strip().splitlines()[-1].startswith("scanformer train: error: config file")
+
+
+def test_every_command_fails_the_same_way(tmp_path, capsys):
+  err = _errors(cli.main, ["convert-vilt", "--src", str(tmp_path / "nope"), "--out",
+                           str(tmp_path / "o")], capsys)
+  assert err.startswith("scanformer convert-vilt: error: ") and "does not exist" in err
+  err = _errors(cli.main, ["data", "inspect", "--dataset", "synthetic", "--split", "train",
+                           "--data-dir", str(tmp_path), "--num", "0"], capsys)
+  assert err.startswith("scanformer data: error: --num must be >= 1")
+  err = _errors(cli.main, ["nosuchcommand"], capsys)
+  assert "unknown command 'nosuchcommand'" in err
+
+
+def test_version(capsys):
+  assert cli.main(["--version"]) == 0
+  assert capsys.readouterr().out.startswith("scanformer ")
+
+
+def test_jit_side_modules_import_no_config_io():
+  """The model, step and sharding modules never load the file-reading config code."""
+  code = ("import sys\n"
+          "from scanformer_jax import (checkpointing, eval_step, losses, model, optim,\n"
+          "    sharding, train_state, train_step)\n"
+          "assert 'scanformer_jax.config_io' not in sys.modules, 'config_io imported'\n")
+  train_helpers.run_python(code)
+
+
+def test_workdir_paths(tmp_path):
+  from scanformer_jax import workdir  # pylint: disable=g-import-not-at-top
+  config = config_io.load_config_file(train_helpers.FAKE_CONFIG)
+  w = str(tmp_path / "w")
+  assert workdir.config_path(w) == os.path.join(w, "config.json")
+  assert workdir.checkpoint_dir(config, w) == os.path.join(w, "checkpoints")
+  elsewhere = config_io.apply_overrides(config, ["checkpoint.directory=~/ckpts"])
+  assert workdir.checkpoint_dir(elsewhere, w) == os.path.expanduser("~/ckpts")
+  with pytest.raises(UserError, match="no config.json"):
+    workdir.load_config(w)

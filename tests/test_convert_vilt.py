@@ -17,6 +17,7 @@ from flax import traverse_util
 from safetensors.numpy import save_file
 
 from scanformer_jax import convert_vilt, vilt
+from scanformer_jax.cli import convert_vilt as convert_cmd
 
 HF_CONFIG = dict(vocab_size=37, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
                  intermediate_size=40, max_position_embeddings=12, type_vocab_size=2,
@@ -68,7 +69,7 @@ def write_hf_dir(path, config=None, state=None, seed=0):
 
 def run_cli(capsys, *argv):
   capsys.readouterr()
-  code = convert_vilt.main(list(argv))
+  code = convert_cmd.main(list(argv))
   out = capsys.readouterr()
   return code, out.out, out.err
 
@@ -78,7 +79,7 @@ def converted(tmp_path_factory):
   """(HF state dict, converted directory)."""
   root = tmp_path_factory.mktemp("conv")
   state = write_hf_dir(root / "hf")
-  assert convert_vilt.main(["--src", str(root / "hf"), "--out", str(root / "out")]) == 0
+  assert convert_cmd.main(["--src", str(root / "hf"), "--out", str(root / "out")]) == 0
   return state, root / "out"
 
 

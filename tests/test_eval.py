@@ -1,13 +1,17 @@
 """Evaluation: hand-checkable Acc@0.5 / mIoU through the real jitted sparse step,
 padding excluded, one compile across batches, early exit and blanked expressions."""
 
+import chex
 import jax
 import numpy as np
 import pytest
+from data_pipelines.contract import DEVICE_KEYS
 
+import fake_data
 import train_helpers
-from scanformer_jax import (early_exit, evaluate, experiment, fake_data, sharding,
-                            train_state)
+from scanformer_jax import config_io, early_exit, evaluate, sharding, train_state
+from scanformer_jax.config import EvalConfig, MeshConfig
+from scanformer_jax.errors import UserError
 from scanformer_jax.eval_step import EvalStep
 
 PRED = np.array([0.5, 0.5, 0.4, 0.4], np.float32)  # What the rigged model always says.
@@ -24,15 +28,16 @@ CASES = [
 @pytest.fixture(scope="module")
 def rigged():
   """The tiny test model with a box head that outputs PRED whatever it sees."""
-  config = experiment.load_config_file(train_helpers.FAKE_CONFIG)
-  cfg = config.model.architecture()
-  mesh = sharding.make_mesh(experiment.MeshConfig(data=1), jax.devices()[:1])
+  config = config_io.load_config_file(train_helpers.FAKE_CONFIG)
+  cfg = config.model
+  mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
   params = jax.tree.map(np.asarray, train_state.init_params(cfg, jax.random.PRNGKey(0)))
   out = params["box_head"]["mlp"]["out"]
   out["kernel"] = np.zeros_like(out["kernel"])
   out["bias"] = np.log(PRED / (1 - PRED))  # sigmoid^-1
-  shardings = sharding.tree_shardings(params, mesh, experiment.MeshConfig(data=1))
-  step = EvalStep(cfg, mesh, shardings)
+  shardings = sharding.tree_shardings(params, mesh, MeshConfig(data=1))
+  chex.clear_trace_counter()
+  step = EvalStep(cfg, mesh, shardings, max_traces=1)  # A second trace raises.
   return config, cfg, mesh, params, step
 
 
@@ -52,7 +57,7 @@ def _batches(config, num_batches: int, batch: int):
   batches = []
   for b in range(num_batches):
     chunk = rows[b * batch:(b + 1) * batch]
-    out = {k: np.stack([r[k] for r in chunk]) for k in evaluate.DEVICE_KEYS}
+    out = {k: np.stack([r[k] for r in chunk]) for k in DEVICE_KEYS}
     out["meta"] = {"index": np.array([r["index"] if r["valid"] else -1 for r in chunk])}
     batches.append(out)
   return batches, np.array(truth)
@@ -72,8 +77,7 @@ def test_accuracy_by_hand_padding_excluded_and_one_compile(rigged):
   assert all(0.0 <= k <= 1.0 for k in report["keep_ratio"])
   assert report["num_dropped"] == 0.0  # Full capacity: nothing dropped.
   assert 0 < report["gflops_sparse"] <= report["gflops_dense"]
-  assert report["samples_per_s"] > 0
-  assert step.num_traces == 1  # Three batches, one compile.
+  assert report["samples_per_s"] > 0  # Three batches, one trace (max_traces=1 above).
 
 
 def test_blanked_expressions_keep_cls_and_sep(rigged):
@@ -95,3 +99,87 @@ def test_iou_head_threshold_exit():
   np.testing.assert_array_equal(early_exit.LastScale().exit_scale(outputs), [2, 2, 2])
   with pytest.raises(ValueError, match="IoU head"):
     criterion.exit_scale({"boxes": np.zeros((1, 3, 4))})
+
+
+def test_a_retrace_is_caught(rigged):
+  """The max_traces guard of the test above can fail: a new batch shape retraces."""
+  config, cfg, mesh, params, _ = rigged
+  chex.clear_trace_counter()
+  step = EvalStep(cfg, mesh, sharding.tree_shardings(params, mesh, MeshConfig(data=1)),
+                  max_traces=1)
+  (small,), _ = _batches(config, 1, 4)
+  (large,), _ = _batches(config, 1, 8)
+  to_device = lambda b: sharding.to_global({k: b[k] for k in DEVICE_KEYS}, mesh)  # noqa: E731
+  step(params, to_device(small))
+  with pytest.raises(AssertionError, match="traced > 1 times"):
+    step(params, to_device(large))
+
+
+def test_criteria_registry_parses_names():
+  assert early_exit.parse("iou_head:0.7") == early_exit.IouHeadThreshold(0.7)
+  assert early_exit.parse("last_scale") == early_exit.LastScale()
+  assert {"iou_head", "last_scale"} <= set(early_exit.names())
+  assert early_exit.parse("iou_head:0.7").spec == "iou_head:0.7"
+  for bad, message in (("nope:1", "unknown exit criterion 'nope'"),
+                       ("iou_head", "needs a number"), ("last_scale:3", "no argument")):
+    with pytest.raises(ValueError, match=message):
+      early_exit.parse(bad)
+
+
+def test_criteria_never_see_the_true_iou(rigged):
+  """exit_report hands a criterion the model's outputs only: no ground-truth `iou`."""
+  config, cfg, mesh, params, step = rigged
+  seen = []
+
+  class Spy:
+    name = "spy"
+
+    def exit_scale(self, outputs):
+      seen.append(set(outputs))
+      return early_exit.LastScale().exit_scale(outputs)
+
+  batches, _ = _batches(config, num_batches=1, batch=8)
+  metrics, _ = evaluate.collect(cfg, params, step, batches, mesh, progress=False)
+  assert "iou" in metrics.arrays()  # The rows have it; the criterion must not.
+  report = evaluate.exit_report(cfg, metrics, Spy())
+  assert seen == [{"boxes", "taken", "num_dropped", "text_len"}]
+  assert report["acc@0.5"] == metrics.result()["acc@0.5"]
+
+
+def test_exit_criterion_config_is_checked_against_the_model(rigged):
+  config, cfg, *_ = rigged
+  assert not cfg.iou_head
+  ok = config.replace(eval=EvalConfig(exit_criterion="last_scale"))
+  assert evaluate.exit_criterion(ok) == early_exit.LastScale()
+  no_head = config.replace(eval=EvalConfig(exit_criterion="iou_head:0.8"))
+  with pytest.raises(UserError, match="IoU head"):
+    evaluate.exit_criterion(no_head)
+  with_head = no_head.replace(model=cfg.replace(iou_head=True))
+  assert evaluate.exit_criterion(with_head) == early_exit.IouHeadThreshold(0.8)
+
+
+def test_a_new_criterion_is_one_registered_class():
+  """The README's example: registering a class is all it takes to parse it by name."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+
+  @early_exit.register("test_stable_box")
+  @dataclasses.dataclass(frozen=True)
+  class StableBox:
+    tol: float
+    name: str = "test_stable_box"
+
+    @classmethod
+    def from_arg(cls, arg):
+      return cls(float(arg))
+
+    def exit_scale(self, outputs):
+      still = np.abs(np.diff(outputs["boxes"], axis=1)).max(-1) < self.tol  # [B, S-1]
+      stop = np.concatenate([np.zeros_like(still[:, :1]), still], axis=1)  # [B, S]
+      stop[:, -1] = True
+      return np.argmax(stop, axis=1).astype(np.int32)
+
+  boxes = np.zeros((2, 3, 4))
+  boxes[1, 1:] = 0.5  # Sample 1 moves between scales 0 and 1, then stays.
+  criterion = early_exit.parse("test_stable_box:0.1")
+  assert criterion == StableBox(0.1) and "test_stable_box" in early_exit.names()
+  np.testing.assert_array_equal(criterion.exit_scale({"boxes": boxes}), [1, 2])

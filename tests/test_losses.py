@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from scanformer_jax import losses
-from scanformer_jax.experiment import LossConfig
+from scanformer_jax.config import LossConfig
 
 
 def _out(boxes, taken, pred_iou=None):

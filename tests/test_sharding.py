@@ -12,20 +12,24 @@ import pytest
 import train_helpers
 
 CODE = r"""
-import json, jax, numpy as np
-from scanformer_jax import experiment, fake_data, optim, sharding, train_state, train_step
+import json, sys, jax, numpy as np
+sys.path.insert(0, %(tests)r)
+import fake_data
+from scanformer_jax import config_io, optim, sharding, train_state, train_step
+from data_pipelines.contract import DEVICE_KEYS
+from scanformer_jax.config import MeshConfig
 assert jax.device_count() == 8, jax.devices()
-config = experiment.load_config_file(%(config)r)
-cfg = config.model.architecture()
+config = config_io.load_config_file(%(config)r)
+cfg = config.model
 tx, schedules = optim.make_optimizer(config.optim, config.train.num_steps)
 rows = [fake_data.make_example(0, i, cfg.image_size, cfg.max_text_len) for i in range(8)]
-batch = {k: np.stack([r[k] for r in rows]) for k in ("image", "text_ids", "text_mask", "box", "valid")}
+batch = {k: np.stack([r[k] for r in rows]) for k in DEVICE_KEYS}
 results = {}
 host_state = None
 for name, mesh_cfg, devices in [
-    ("one", experiment.MeshConfig(data=1), jax.devices()[:1]),
-    ("data8", experiment.MeshConfig(data=8), None),
-    ("fsdp", experiment.MeshConfig(data=4, fsdp=2, fsdp_min_size=512), None)]:
+    ("one", MeshConfig(data=1), jax.devices()[:1]),
+    ("data8", MeshConfig(data=8), None),
+    ("fsdp", MeshConfig(data=4, fsdp=2, fsdp_min_size=512), None)]:
   mesh = sharding.make_mesh(mesh_cfg, devices)
   shardings = train_state.state_shardings(cfg, tx, mesh, mesh_cfg)
   step = train_step.jit_train_step(
@@ -50,7 +54,7 @@ print("RESULT" + json.dumps(results))
 @pytest.mark.slow
 def test_eight_devices_match_one_device():
   proc = train_helpers.run_python(
-      CODE % {"config": train_helpers.FAKE_CONFIG},
+      CODE % {"config": train_helpers.FAKE_CONFIG, "tests": train_helpers.TESTS},
       extra_env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
   line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
   results = json.loads(line[len("RESULT"):])

@@ -3,15 +3,17 @@
 import jax
 import numpy as np
 import pytest
+from data_pipelines.contract import DEVICE_KEYS
 
+import fake_data
 import train_helpers
-from scanformer_jax import (experiment, fake_data, optim, sharding, train_state,
-                            train_step)
+from scanformer_jax import config_io, optim, sharding, train_state, train_step
+from scanformer_jax.config import MeshConfig
 
 
 def _step_and_state(config, mesh, select_warmup_steps=0):
   """A jitted train step and a fresh state for `config` on `mesh`."""
-  cfg = config.model.architecture()
+  cfg = config.model
   tx, schedules = optim.make_optimizer(config.optim, config.train.num_steps)
   shardings = train_state.state_shardings(cfg, tx, mesh, config.mesh)
   step = train_step.jit_train_step(
@@ -22,8 +24,8 @@ def _step_and_state(config, mesh, select_warmup_steps=0):
 
 @pytest.fixture(scope="module")
 def setup():
-  config = experiment.load_config_file(train_helpers.FAKE_CONFIG)
-  mesh = sharding.make_mesh(experiment.MeshConfig(data=1), jax.devices()[:1])
+  config = config_io.load_config_file(train_helpers.FAKE_CONFIG)
+  mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
   step, state = _step_and_state(config, mesh)
   return config, mesh, step, state
 
@@ -31,8 +33,7 @@ def setup():
 def _batch(config, start=0):
   rows = [fake_data.make_example(0, i, config.model.image_size, config.model.max_text_len)
           for i in range(start, start + config.train.batch_size)]
-  return {k: np.stack([r[k] for r in rows]) for k in ("image", "text_ids", "text_mask",
-                                                      "box", "valid")}
+  return {k: np.stack([r[k] for r in rows]) for k in DEVICE_KEYS}
 
 
 def test_nan_batch_is_skipped_and_counted(setup):
@@ -64,7 +65,7 @@ def test_nan_batch_is_skipped_and_counted(setup):
 def test_select_warmup_takes_every_patch_then_gumbel(setup):
   """During select_warmup_steps every patch is taken; afterwards Gumbel drops some."""
   config, mesh, _, _ = setup
-  cfg = config.model.architecture()
+  cfg = config.model
   step, state = _step_and_state(config, mesh, select_warmup_steps=2)
   keeps = []
   for start in (0, 8, 16):

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 import train_helpers
-from scanformer_jax import experiment, trainer
-from scanformer_jax.commands import evaluate as eval_cmd
-from scanformer_jax.commands import predict as predict_cmd
+from scanformer_jax import config_io, trainer
+from scanformer_jax.cli import eval as eval_cmd
+from scanformer_jax.cli import predict as predict_cmd
 
 STEPS = 60
 REPORT_KEYS = {"acc@0.5", "acc@0.5_per_scale", "mean_iou", "keep_ratio", "num_dropped",
@@ -24,8 +24,8 @@ def trained(tmp_path_factory):
   from data_pipelines import synthetic_builder
   data_dir = tmp_path_factory.mktemp("data")
   synthetic_builder.build(str(data_dir), "tiny")  # 48 / 24 / 24 expressions, 64 px
-  config = experiment.load_config_file(train_helpers.FAKE_CONFIG)
-  config = experiment.apply_overrides(config, [
+  config = config_io.load_config_file(train_helpers.FAKE_CONFIG)
+  config = config_io.apply_overrides(config, [
       "data.dataset=synthetic/tiny", f"data.data_dir={data_dir}",
       f"train.num_steps={STEPS}", "checkpoint.every_steps=30",
       "model.initializer_range=0.15", "optim.warmup_steps=5", "data.augment=false", "optim.backbone_learning_rate=3e-3"])

@@ -17,7 +17,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-FAKE_CONFIG = str(Path(__file__).resolve().parent / "fake_tiny_config.py")
+TESTS = str(Path(__file__).resolve().parent)
+FAKE_CONFIG = str(Path(TESTS) / "fake_tiny_config.py")
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 JAX_CACHE = os.path.join(tempfile.gettempdir(), f"scanformer-test-jax-cache-{os.getuid()}")
 
@@ -64,16 +65,9 @@ def run_python(code: str, extra_env: Optional[dict] = None, timeout: float = 300
 def load_final_params(workdir: str) -> dict:
   """The newest checkpoint's parameters of a fake_tiny_config workdir, as numpy."""
   import jax  # pylint: disable=g-import-not-at-top
-  from scanformer_jax import checkpointing, experiment, sharding, train_state, trainer
-  config = experiment.load_json(os.path.join(workdir, "config.json"))
-  cfg = config.model.architecture()
-  mesh_cfg = experiment.MeshConfig(data=1)
-  mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:1])
-  abstract = train_state.abstract_params(cfg)
-  ckpt = checkpointing.Checkpointer(trainer.checkpoint_dir(config, workdir), read_only=True)
-  params, step = ckpt.restore_params(abstract, sharding.tree_shardings(abstract, mesh, mesh_cfg))
-  ckpt.close()
-  return {"step": step, "params": jax.tree.map(np.asarray, params)}
+  from scanformer_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  run = workdir_lib.load_for_inference(workdir)
+  return {"step": run.step, "params": jax.tree.map(np.asarray, run.params)}
 
 
 def max_abs_diff(a, b) -> float:

@@ -4,7 +4,7 @@ The paper does not publish its optimisation details; these follow the usual
 ViLT/TransVG-style REC fine-tuning recipe and are all config fields:
   - model: ViLT-B/32 (768 x 12 layers, patch 32), scales 128/256/512, Encoder1 = 6
     layers, text length 40, initialised from converted ViLT weights
-    (`scanformer convert-vilt ... --out <dir>`, then `--set model.init_from=<dir>`);
+    (`scanformer convert-vilt ... --out <dir>`, then `--set train.init_from=<dir>`);
   - AdamW (b2 0.999, weight decay 1e-4), global batch 128, peak learning rate 1e-4
     for the new parts (REG/scale/constant tokens, heads) and 1e-5 for the pretrained
     backbone, linear warmup over the first ~1 epoch then cosine decay to 0,
@@ -16,7 +16,7 @@ ViLT/TransVG-style REC fine-tuning recipe and are all config fields:
 The data files must be built first (README, "Data").
 """
 
-from scanformer_jax import experiment as E
+from scanformer_jax import config as C
 
 BATCH = 128
 EPOCHS = 90
@@ -27,26 +27,25 @@ def steps_for(num_train_expressions: int, epochs: int = EPOCHS, batch: int = BAT
 
 
 def vilt_rec_config(dataset: str, eval_splits: tuple, num_train_expressions: int,
-                    train_split: str = "train") -> E.ExperimentConfig:
+                    train_split: str = "train") -> C.ExperimentConfig:
   steps = steps_for(num_train_expressions)
-  return E.ExperimentConfig(
-      model=E.model_config(
+  return C.ExperimentConfig(
+      model=C.ModelConfig(
           # ViLT-B/32 backbone (ModelConfig defaults), set explicitly for readers.
           hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072, patch_size=32,
           image_sizes=(128, 256, 512), encoder1_layers=6, max_text_len=40,
-          vocab_size=30522, pos_grid_size=12, box_head_layers=3,
-          # Directory written by `scanformer convert-vilt`; None trains from scratch.
-          init_from=None),
-      data=E.DataConfig(dataset=dataset, data_dir="~/tensorflow_datasets",
+          vocab_size=30522, pos_grid_size=12, box_head_layers=3),
+      data=C.DataConfig(dataset=dataset, data_dir="~/tensorflow_datasets",
                         vocab_path=None,  # Set to the vocab.txt shipped with ViLT.
                         train_split=train_split, eval_splits=eval_splits, augment=True),
-      loss=E.LossConfig(l1_weight=5.0, giou_weight=2.0, target_ratio=(1.0, 0.5, 0.25),
+      loss=C.LossConfig(l1_weight=5.0, giou_weight=2.0, target_ratio=(1.0, 0.5, 0.25),
                         ratio_weight=2.0),
-      optim=E.OptimConfig(learning_rate=1e-4, backbone_learning_rate=1e-5,
+      optim=C.OptimConfig(learning_rate=1e-4, backbone_learning_rate=1e-5,
                           warmup_steps=max(1, num_train_expressions // BATCH),
                           weight_decay=1e-4, grad_clip_norm=1.0),
-      train=E.TrainConfig(num_steps=steps, batch_size=BATCH, log_every=100),
-      eval=E.EvalConfig(batch_size=128, every_steps=5000),
-      checkpoint=E.CheckpointConfig(every_steps=2000, max_to_keep=3),
-      mesh=E.MeshConfig(data=-1, fsdp=1),
+      # init_from: directory written by `scanformer convert-vilt`; None trains from scratch.
+      train=C.TrainConfig(num_steps=steps, batch_size=BATCH, log_every=100, init_from=None),
+      eval=C.EvalConfig(batch_size=128, every_steps=5000),
+      checkpoint=C.CheckpointConfig(every_steps=2000, max_to_keep=3),
+      mesh=C.MeshConfig(data=-1, fsdp=1),
   )

@@ -2,7 +2,7 @@
 
     scanformer convert-vilt --out ~/vilt_b32                       # once
     scanformer train --config experiments/configs/refcoco.py --workdir runs/refcoco \
-        --set model.init_from=~/vilt_b32 --set data.vocab_path=~/vilt_b32/vocab.txt
+        --set train.init_from=~/vilt_b32 --set data.vocab_path=~/vilt_b32/vocab.txt
     scanformer eval --workdir runs/refcoco --json runs/refcoco/eval.json
 
 Data: `refcoco_unc` (TFDS catalog `ref_coco`); for the refer-layout build use

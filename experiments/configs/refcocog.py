@@ -1,7 +1,7 @@
 """RefCOCOg (UMD splits; longer expressions): val / test.
 
     scanformer train --config experiments/configs/refcocog.py --workdir runs/refcocog \
-        --set model.init_from=~/vilt_b32 --set data.vocab_path=~/vilt_b32/vocab.txt
+        --set train.init_from=~/vilt_b32 --set data.vocab_path=~/vilt_b32/vocab.txt
 
 Data: `refcocog_umd` (catalog) or `refer/refcocog_umd`. Recipe: _vilt_rec.py.
 """

@@ -1,7 +1,7 @@
 """RefCOCO+ (UNC splits; no absolute-location words): val / testA / testB.
 
     scanformer train --config experiments/configs/refcocoplus.py --workdir runs/refcocoplus \
-        --set model.init_from=~/vilt_b32 --set data.vocab_path=~/vilt_b32/vocab.txt
+        --set train.init_from=~/vilt_b32 --set data.vocab_path=~/vilt_b32/vocab.txt
 
 Data: `refcocoplus_unc` (catalog) or `refer/refcoco+_unc`. Recipe: _vilt_rec.py.
 """

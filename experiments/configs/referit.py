@@ -3,7 +3,7 @@
     scanformer data refer --refer-root R --dataset refclef --split-by berkeley \
         --image-dir I --data-dir ~/tensorflow_datasets
     scanformer train --config experiments/configs/referit.py --workdir runs/referit \
-        --set model.init_from=~/vilt_b32 --set data.vocab_path=~/vilt_b32/vocab.txt
+        --set train.init_from=~/vilt_b32 --set data.vocab_path=~/vilt_b32/vocab.txt
 
 Recipe: _vilt_rec.py.
 """

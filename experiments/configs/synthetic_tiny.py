@@ -18,7 +18,7 @@ scale 2.
 """
 
 from data_pipelines import synthetic_builder
-from scanformer_jax import experiment as E
+from scanformer_jax import config as C
 
 # The task with all four shapes (data_pipelines/synthetic_builder.py spec); the
 # open problem the demo leaves, trained by synthetic_shapes.py.
@@ -30,8 +30,8 @@ SYNTHETIC_SPEC = ALL_SHAPES_SPEC + ",shapes=square"
 DATASET = synthetic_builder.dataset_name(SYNTHETIC_SPEC)
 
 
-def get_config() -> E.ExperimentConfig:
-  model = E.model_config(
+def get_config() -> C.ExperimentConfig:
+  model = C.ModelConfig(
       hidden_size=128, num_layers=4, num_heads=4, mlp_dim=256, encoder1_layers=2,
       image_sizes=(16, 32, 64), patch_size=8, pos_grid_size=8,
       # The longest demo expression is 6 tokens ("[CLS] the small red square [SEP]").
@@ -40,13 +40,13 @@ def get_config() -> E.ExperimentConfig:
       # crawls; ~1/sqrt(hidden) (LeCun-like) learns several times faster, and a
       # sin-cos position table lets the box head read positions from step 0.
       initializer_range=0.09, pos_embed_init="sincos")
-  return E.ExperimentConfig(
+  return C.ExperimentConfig(
       model=model,
       # No augmentation: ~3 epochs of 20k expressions do not overfit, and the
       # unaugmented task is learned faster within the CPU budget.
-      data=E.DataConfig(dataset=DATASET, data_dir="runs/data",
+      data=C.DataConfig(dataset=DATASET, data_dir="runs/data",
                         eval_splits=("validation",), augment=False),
-      loss=E.LossConfig(target_ratio=(1.0, 0.5, 0.25), ratio_weight=2.0,
+      loss=C.LossConfig(target_ratio=(1.0, 0.5, 0.25), ratio_weight=2.0,
                         # Per-patch grounding supervision for the selection head (see
                         # LossConfig.select_weight; 0 is the paper's objective). From
                         # scratch it is what breaks the constant-box plateau: at 1000
@@ -54,13 +54,13 @@ def get_config() -> E.ExperimentConfig:
                         # four shapes).
                         select_weight=5.0),
       # From scratch: one learning rate for everything.
-      optim=E.OptimConfig(learning_rate=1e-3, backbone_learning_rate=1e-3,
+      optim=C.OptimConfig(learning_rate=1e-3, backbone_learning_rate=1e-3,
                           warmup_steps=200, weight_decay=0.05, grad_clip_norm=1.0),
       # Half the steps see every patch before hard Gumbel selection starts: from
       # scratch, random masks on the REG inputs otherwise halve the learning speed
       # (val Acc@0.5 0.359 -> 0.569 at 2000 steps).
-      train=E.TrainConfig(num_steps=1800, batch_size=32, log_every=50,
+      train=C.TrainConfig(num_steps=1800, batch_size=32, log_every=50,
                           select_warmup_steps=900),
-      eval=E.EvalConfig(batch_size=50),
-      checkpoint=E.CheckpointConfig(every_steps=500, max_to_keep=2),
+      eval=C.EvalConfig(batch_size=50),
+      checkpoint=C.CheckpointConfig(every_steps=500, max_to_keep=2),
   )

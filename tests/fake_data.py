@@ -1,7 +1,9 @@
-"""A tiny generated REC task as a grain pipeline, for trainer tests and smoke runs.
+"""A tiny generated REC task as a grain pipeline, for the trainer tests.
 
-`data.dataset="fake"`: each image shows two squares (token 5 = the red one, token 6
-= the green one) on noise; the expression names one, the box is that square. No
+Importing this module registers it as `data.dataset="fake"` (`data_source.register`;
+tests/conftest.py and tests/fake_tiny_config.py import it, so in-process tests and
+CLI subprocesses started with that config both see it). Each image shows two squares
+(token 5 = the red one, token 6 = the green one) on noise; the expression names one, the box is that square. No
 files, no TFDS; batches follow the batch contract and the iterator is a grain
 `DatasetIterator`, so checkpointing and resume take the same path as real data.
 Every process builds the same global batch and keeps its own rows, so any process
@@ -10,8 +12,16 @@ layout sees exactly the batches of a single-process run.
 
 from __future__ import annotations
 
-import numpy as np
+import zlib
+
 import grain
+import numpy as np
+
+from scanformer_jax import data_source
+
+NAME = "fake"
+TRAIN_EXAMPLES = 4096
+EVAL_EXAMPLES = 64
 
 RED_TOKEN, GREEN_TOKEN, CLS, SEP = 5, 6, 2, 3
 COLOURS = {RED_TOKEN: (1.0, -1.0, -1.0), GREEN_TOKEN: (-1.0, 1.0, -1.0)}
@@ -79,3 +89,19 @@ def eval_dataset(seed: int, num_examples: int, image_size: int, text_len: int,
     return _stack(out)
   ds = grain.MapDataset.range(num_examples).batch(global_batch, drop_remainder=False)
   return ds.map(build).to_iter_dataset()
+
+
+def _train_iterator(config, rows: slice):
+  m = config.model
+  return iter(train_dataset(config.data.seed, TRAIN_EXAMPLES, m.image_size, m.max_text_len,
+                            config.train.batch_size, rows))
+
+
+def _eval_iterator(config, split: str, rows: slice):
+  m = config.model
+  seed = config.data.seed + 1 + zlib.crc32(split.encode()) % 1000
+  return iter(eval_dataset(seed, EVAL_EXAMPLES, m.image_size, m.max_text_len,
+                           config.eval.batch_size, rows))
+
+
+data_source.register(NAME, data_source.DataSource(train=_train_iterator, eval=_eval_iterator))

@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 
-from scanformer_jax import commands
+from scanformer_jax.cli import common
 
 # Box colours per scale, coarse to fine (the last one is the answer).
 SCALE_COLOURS = ((66, 135, 245), (245, 176, 66), (60, 200, 90), (230, 60, 200), (240, 40, 40))
@@ -20,15 +20,11 @@ SCALE_COLOURS = ((66, 135, 245), (245, 176, 66), (60, 200, 90), (230, 60, 200), 
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="scanformer predict",
                                    description="Box of the object an expression refers to.")
-  parser.add_argument("--workdir", required=True, help="training run directory")
+  common.add_workdir_args(parser)
   parser.add_argument("--image", required=True, help="image file (any PIL format)")
   parser.add_argument("--text", required=True, help="the referring expression")
   parser.add_argument("--out", metavar="PNG", help="write the image with boxes drawn")
   parser.add_argument("--step", type=int, help="checkpoint step (default: newest)")
-  parser.add_argument("--config", help="experiment config (default: W/config.json)")
-  parser.add_argument("--set", dest="overrides", action="append", default=[],
-                      metavar="KEY=VALUE", help="config override (repeatable)")
-  parser.add_argument("-v", "--verbose", action="store_true")
   return parser
 
 
@@ -50,37 +46,29 @@ def draw_boxes(image, boxes, path: str) -> None:
 
 def main(argv: list[str]) -> int:
   args = _parser().parse_args(argv)
-  commands.setup_logging(args.verbose)
+  common.setup_logging(args.verbose)
 
   def body() -> int:
-    config = commands.resolve_config(args.config, args.workdir, args.overrides)
+    config = common.resolve_config(args.config, args.workdir, args.overrides)
     import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
     from data_pipelines import pipeline, transforms  # pylint: disable=g-import-not-at-top
-    from scanformer_jax import (checkpointing, data_source, experiment, sharding,  # pylint: disable=g-import-not-at-top
-                                train_state, trainer)
+    from scanformer_jax import data_source, workdir  # pylint: disable=g-import-not-at-top
     from scanformer_jax.model import ScanFormer  # pylint: disable=g-import-not-at-top
 
-    cfg = config.model.architecture()
-    ckpt = checkpointing.Checkpointer(trainer.checkpoint_dir(config, args.workdir),
-                                      config.checkpoint, read_only=True)
+    cfg = config.model
+    run = workdir.load_for_inference(args.workdir, config, args.step)
     image = pipeline.load_image_file(args.image)
     tokenizer = data_source.load_tokenizer(config)
     batch, meta = pipeline.preprocess_single(image, args.text, tokenizer, cfg.image_size,
                                              cfg.max_text_len)
-    # One sample: a single-device mesh (orbax reshards FSDP checkpoints on restore).
-    mesh_cfg = experiment.MeshConfig(data=1, fsdp=1)
-    mesh = sharding.make_mesh(mesh_cfg, jax.local_devices()[:1])
-    abstract = train_state.abstract_params(cfg)
-    shardings = sharding.tree_shardings(abstract, mesh, mesh_cfg)
-    params, step = ckpt.restore_params(abstract, shardings, args.step)
 
     @jax.jit
     def forward(params, image, text_ids, text_mask):
       return ScanFormer(cfg).apply({"params": params}, image, text_ids, text_mask,
                                    mode="sparse")
 
-    out = jax.device_get(forward(params, batch["image"], batch["text_ids"],
+    out = jax.device_get(forward(run.params, batch["image"], batch["text_ids"],
                                  batch["text_mask"]))
     boxes = np.asarray(out.boxes[0])  # [S, 4] normalized cx, cy, w, h
     row_meta = {k: v[0] for k, v in meta.items()}
@@ -93,7 +81,7 @@ def main(argv: list[str]) -> int:
         "box": [round(float(v), 2) for v in pixel_boxes[-1]],  # x0, y0, x1, y1 px
         "boxes_per_scale": [[round(float(v), 2) for v in b] for b in pixel_boxes],
         "keep_ratio": keep,
-        "checkpoint_step": step,
+        "checkpoint_step": run.step,
     }
     if out.pred_iou is not None:
       result["pred_iou"] = [float(v) for v in np.asarray(out.pred_iou[0])]
@@ -103,4 +91,4 @@ def main(argv: list[str]) -> int:
     print(json.dumps(result))
     return 0
 
-  return commands.run("scanformer predict", body)
+  return common.run("scanformer predict", body, args.verbose)

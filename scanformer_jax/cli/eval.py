@@ -11,13 +11,13 @@ import argparse
 import json
 import os
 
-from scanformer_jax import commands
+from scanformer_jax.cli import common
 
 
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="scanformer eval",
                                    description="Evaluate a workdir's checkpoint.")
-  commands.add_config_args(parser, config_required=False)
+  common.add_workdir_args(parser)
   parser.add_argument("--split", action="append", default=[],
                       help="split to evaluate (repeatable or comma-separated); "
                       "default: data.eval_splits")
@@ -40,27 +40,21 @@ def format_report(split: str, r: dict) -> str:
 
 def main(argv: list[str]) -> int:
   args = _parser().parse_args(argv)
-  commands.setup_logging(args.verbose)
+  common.setup_logging(args.verbose)
 
   def body() -> int:
-    config = commands.resolve_config(args.config, args.workdir, args.overrides)
+    config = common.resolve_config(args.config, args.workdir, args.overrides)
     from scanformer_jax import sharding  # pylint: disable=g-import-not-at-top
     sharding.initialize_distributed(config.mesh)
     import jax  # pylint: disable=g-import-not-at-top
-    from scanformer_jax import checkpointing, train_state, trainer  # pylint: disable=g-import-not-at-top
+    from scanformer_jax import evaluate, workdir  # pylint: disable=g-import-not-at-top
     splits = [s for item in args.split for s in item.split(",") if s] or list(
         config.data.eval_splits)
-    mesh = sharding.make_mesh(config.mesh)
-    cfg = config.model.architecture()
-    abstract = train_state.abstract_params(cfg)
-    shardings = sharding.tree_shardings(abstract, mesh, config.mesh)
-    ckpt = checkpointing.Checkpointer(trainer.checkpoint_dir(config, args.workdir),
-                                      config.checkpoint, read_only=True)
-    params, step = ckpt.restore_params(abstract, shardings, args.step)
-    reports = trainer.evaluate_params(config, params, mesh, shardings, splits,
-                                      progress=not args.no_progress)
+    run = workdir.load_for_inference(args.workdir, config, args.step, config.mesh)
+    reports = evaluate.evaluate_params(config, run.params, run.mesh, run.param_shardings,
+                                       splits, progress=not args.no_progress)
     if jax.process_index() == 0:
-      print(f"checkpoint step {step}")
+      print(f"checkpoint step {run.step}")
       for split, report in reports.items():
         print(format_report(split, report))
       if args.json:
@@ -70,4 +64,4 @@ def main(argv: list[str]) -> int:
           f.write("\n")
     return 0
 
-  return commands.run("scanformer eval", body)
+  return common.run("scanformer eval", body, args.verbose)

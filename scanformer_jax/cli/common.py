@@ -1,15 +1,11 @@
-"""`scanformer train | eval | predict`: thin argument parsing around the library.
-
-Every command's `main(argv) -> int` goes through `run`, which turns a `UserError`
-into one line on stderr and exit code 2 (no traceback).
-"""
+"""What every `scanformer` command shares: logging, the workdir flags, the error path."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
+import traceback
 from typing import Callable, Optional
 
 from scanformer_jax.errors import UserError
@@ -31,10 +27,17 @@ def setup_logging(verbose: bool = False) -> None:
     pass
 
 
-def run(prog: str, body: Callable[[], int]) -> int:
+def run(prog: str, body: Callable[[], int], verbose: bool = False) -> int:
+  """Runs a command's body: a `UserError` becomes one line on stderr and exit code 2.
+
+  With `verbose` the traceback is printed first (issue 17). Any other exception is a
+  bug and propagates with its traceback.
+  """
   try:
     return int(body() or 0)
   except UserError as e:
+    if verbose:
+      traceback.print_exc(file=sys.stderr)
     print(f"{prog}: error: {e}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
@@ -42,7 +45,13 @@ def run(prog: str, body: Callable[[], int]) -> int:
     return 130
 
 
-def add_config_args(parser: argparse.ArgumentParser, config_required: bool) -> None:
+def add_verbose_arg(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("-v", "--verbose", action="store_true",
+                      help="debug logging; tracebacks for errors")
+
+
+def add_workdir_args(parser: argparse.ArgumentParser, config_required: bool = False) -> None:
+  """--workdir, --config, --set, --verbose: the flags of train, eval and predict."""
   parser.add_argument("--config", required=config_required,
                       help="experiment config file (python, get_config())" +
                       ("" if config_required else "; default: <workdir>/config.json"))
@@ -50,14 +59,14 @@ def add_config_args(parser: argparse.ArgumentParser, config_required: bool) -> N
   parser.add_argument("--set", dest="overrides", action="append", default=[],
                       metavar="KEY=VALUE", help="override a config field, e.g. "
                       "train.num_steps=1000 (repeatable)")
-  parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+  add_verbose_arg(parser)
 
 
 def resolve_config(config_path: Optional[str], workdir: str, overrides: list[str]):
   """The config file (or the workdir's config.json) with `--set` overrides applied."""
-  from scanformer_jax import experiment  # pylint: disable=g-import-not-at-top
+  from scanformer_jax import config_io, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   if config_path:
-    config = experiment.load_config_file(config_path)
+    config = config_io.load_config_file(config_path)
   else:
-    config = experiment.load_json(os.path.join(workdir, "config.json"))
-  return experiment.apply_overrides(config, overrides)
+    config = workdir_lib.load_config(workdir)
+  return config_io.apply_overrides(config, overrides)

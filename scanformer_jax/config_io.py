@@ -1,0 +1,225 @@
+"""Experiment config I/O: `get_config()` files, `--set` overrides, config.json.
+
+An experiment is one `ExperimentConfig` (config.py). Config files are python files
+whose `get_config()` returns it; `--set section.key=value` overrides any leaf with
+type checking, and the resolved config is written to `<workdir>/config.json` so
+`eval` and `predict` rebuild the exact model that was trained. Host-side only: no
+jit-side module imports this file.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import json
+import os
+import sys
+import types
+import typing
+from typing import Any, Sequence, Union
+
+from scanformer_jax.config import ExperimentConfig, ModelConfig
+from scanformer_jax.errors import UserError
+
+
+# ----------------------------------------------------------------------------------
+# Loading config files.
+
+
+def load_config_module(path: str) -> types.ModuleType:
+  """Imports a python config file as a module (its directory importable meanwhile)."""
+  if not os.path.isfile(path):
+    raise UserError(f"config file not found: {path}")
+  name = "scanformer_experiment_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  if spec is None or spec.loader is None:
+    raise UserError(f"config file {path} is not a python file")
+  module = importlib.util.module_from_spec(spec)
+  # Configs may import shared recipes that sit next to them.
+  config_dir = os.path.dirname(os.path.abspath(path))
+  sys.path.insert(0, config_dir)
+  try:
+    spec.loader.exec_module(module)
+  finally:
+    sys.path.remove(config_dir)
+  return module
+
+
+def load_config_file(path: str) -> ExperimentConfig:
+  """Imports a python config file and returns its `get_config()`."""
+  module = load_config_module(path)
+  if not hasattr(module, "get_config"):
+    raise UserError(f"config file {path} has no get_config() function")
+  config = module.get_config()
+  if not isinstance(config, ExperimentConfig):
+    raise UserError(f"{path}: get_config() must return an ExperimentConfig, "
+                    f"got {type(config).__name__}")
+  return config
+
+
+# ----------------------------------------------------------------------------------
+# Typed values: `--set` strings and config.json entries become field values.
+
+
+def _is_optional(tp) -> tuple[bool, Any]:
+  origin = typing.get_origin(tp)
+  if origin in (Union, types.UnionType):
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if len(args) == 1 and len(typing.get_args(tp)) == 2:
+      return True, args[0]
+  return False, tp
+
+
+def _parse_literal(text: str) -> Any:
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+  """Checks (and where unambiguous converts) `value` to the annotated type `tp`."""
+  optional, inner = _is_optional(tp)
+  if value is None or (optional and isinstance(value, str) and value.lower() == "none"):
+    if optional:
+      return None
+    raise UserError(f"{key} may not be None")
+  tp = inner
+  if typing.get_origin(tp) is tuple:
+    args = typing.get_args(tp)
+    if isinstance(value, str):
+      value = [_parse_literal(v.strip()) for v in value.split(",") if v.strip()]
+    elif not isinstance(value, (list, tuple)):
+      value = [value]
+    elem = args[0] if args else Any
+    return tuple(coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value))
+  if tp is bool:
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+      return value.lower() in ("true", "1", "yes")
+    if isinstance(value, bool):
+      return value
+    raise UserError(f"{key} expects true/false, got {value!r}")
+  if tp is int:
+    if isinstance(value, int) and not isinstance(value, bool):
+      return value
+    if isinstance(value, float) and value.is_integer():
+      return int(value)
+    raise UserError(f"{key} expects an integer, got {value!r}")
+  if tp is float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+    raise UserError(f"{key} expects a number, got {value!r}")
+  if tp is str:
+    return str(value)
+  if tp is Any:
+    return value
+  raise UserError(f"{key}: unsupported field type {tp}")
+
+
+def _field_types(cls) -> dict[str, Any]:
+  return typing.get_type_hints(cls)
+
+
+def _section_names(config: ExperimentConfig) -> list[str]:
+  return [f.name for f in dataclasses.fields(config)]
+
+
+def apply_overrides(config: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
+  """Applies `section.key=value` strings; unknown keys and bad values are UserErrors.
+
+  Each value is type-checked on its own, but a section is rebuilt (and validated) once,
+  after all of its overrides: `model.hidden_size=64 model.num_heads=4` works in any order.
+  """
+  changes: dict[str, dict[str, Any]] = {}
+  for item in overrides:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep:
+      raise UserError(f"--set expects key=value, got {item!r}")
+    section_name, dot, field_name = key.partition(".")
+    if not dot or section_name not in _section_names(config):
+      raise UserError(f"unknown config key {key!r}: expected <section>.<field> with section "
+                      f"one of {', '.join(_section_names(config))}")
+    types_ = _field_types(type(getattr(config, section_name)))
+    if field_name not in types_:
+      raise UserError(f"unknown config key {key!r}; {section_name} fields are: "
+                      f"{', '.join(sorted(types_))}")
+    value = coerce(_parse_literal(text.strip()), types_[field_name], key)
+    changes.setdefault(section_name, {})[field_name] = value
+  for section_name, fields in changes.items():
+    try:
+      section = dataclasses.replace(getattr(config, section_name), **fields)
+    except (ValueError, TypeError) as e:
+      keys = ", ".join(f"{section_name}.{name}" for name in fields)
+      raise UserError(f"invalid value for {keys}: {e}") from None
+    config = dataclasses.replace(config, **{section_name: section})
+  return config
+
+
+# ----------------------------------------------------------------------------------
+# JSON round trip (<workdir>/config.json).
+
+
+def to_dict(config: ExperimentConfig) -> dict[str, Any]:
+  return dataclasses.asdict(config)
+
+
+def _section_from_dict(cls, values: dict[str, Any], where: str, name: str):
+  field_types = _field_types(cls)
+  kwargs = {}
+  for key, value in values.items():
+    if key not in field_types:
+      raise UserError(f"{where}: unknown key {name}.{key}")
+    kwargs[key] = coerce(value, field_types[key], f"{name}.{key}")
+  try:
+    return cls(**kwargs)
+  except (ValueError, TypeError) as e:
+    raise UserError(f"{where}: invalid {name}: {e}") from None
+
+
+def from_dict(data: dict[str, Any]) -> ExperimentConfig:
+  """Inverse of `to_dict`; unknown keys are errors, missing keys take defaults."""
+  sections = {}
+  hints = _field_types(ExperimentConfig)
+  for name, values in data.items():
+    if name not in hints:
+      raise UserError(f"config.json: unknown section {name!r}")
+    sections[name] = _section_from_dict(hints[name], values, "config.json", name)
+  return ExperimentConfig(**sections)
+
+
+def model_config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
+  """A `ModelConfig` as JSON-able fields (the `model` section of config.json)."""
+  return dataclasses.asdict(cfg)
+
+
+def model_config_from_dict(data: dict[str, Any], where: str = "config.json") -> ModelConfig:
+  """Inverse of `model_config_to_dict`: typed, unknown keys rejected, missing keys default."""
+  return _section_from_dict(ModelConfig, data, where, "model")
+
+
+def save_json(config: ExperimentConfig, path: str) -> None:
+  """Writes atomically: a reader (another host, a killed run) never sees half a file."""
+  partial = f"{path}.partial"
+  with open(partial, "w") as f:
+    json.dump(to_dict(config), f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(partial, path)
+
+
+def load_json(path: str) -> ExperimentConfig:
+  if not os.path.isfile(path):
+    raise UserError(f"no config.json at {path}: is this a training workdir? "
+                    "(pass --config to name the experiment explicitly)")
+  with open(path) as f:
+    return from_dict(json.load(f))
+
+
+def flat_items(config: ExperimentConfig) -> list[tuple[str, Any]]:
+  """`[("train.num_steps", 100), ...]`: every leaf key, for docs and logging."""
+  out = []
+  for section in dataclasses.fields(config):
+    for key, value in dataclasses.asdict(getattr(config, section.name)).items():
+      out.append((f"{section.name}.{key}", value))
+  return out
