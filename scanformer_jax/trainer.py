@@ -136,6 +136,8 @@ def _parse_fault(spec: str) -> tuple[int, int]:
   if not spec:
     return 0, -1
   name, _, step = spec.partition("@")
+  if step.startswith("save:"):  # checkpointing.py fires it inside that step's save.
+    return 0, -1
   return getattr(signal, "SIG" + name.upper()), int(step)
 
 
