@@ -208,6 +208,7 @@ class Checkpointer:
     progress = {"step": state.step, "rng": state.rng, "skipped": state.skipped}
     sums, _ = checksums({"params": state.params, "opt_state": state.opt_state,
                          "progress": progress})
+    self.wait()  # orbax would wait for the previous save anyway; this names its step.
     self._saving_step = step
     with self._storage_errors(f"saving step {step}"):
       self.manager.save(step, force=True, custom_metadata={"checksums": sums},

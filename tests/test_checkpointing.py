@@ -213,7 +213,7 @@ def tiny_tmpfs(tmp_path):
     pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode}); "
                 "the monkeypatched disk-full test covers the message")
   yield mount_point
-  subprocess.run(["umount", str(mount_point)], check=False)
+  subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def test_disk_full_on_a_real_tiny_filesystem(tiny_tmpfs):
