@@ -149,3 +149,41 @@ def test_sigterm_saves_and_stops(uninterrupted, tmp_path):
   a = train_helpers.load_final_params(str(uninterrupted))
   b = train_helpers.load_final_params(str(workdir))
   assert train_helpers.max_abs_diff(a["params"], b["params"]) == 0.0
+
+
+def _allocated_bytes(path) -> int:
+  """Bytes a tmpfs charges for the files under `path` (whole 4 KiB pages)."""
+  total = 0
+  for root, _, files in os.walk(path):
+    total += sum(-(-os.path.getsize(os.path.join(root, f)) // 4096) * 4096 for f in files)
+  return total
+
+
+@pytest.mark.slow
+def test_disk_full_during_training_is_one_line_and_keeps_checkpoints(uninterrupted,
+                                                                     tmp_path):
+  """A workdir on a tmpfs with room for about one and a half checkpoints."""
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  one_checkpoint = _allocated_bytes(uninterrupted / "checkpoints" / "2")
+  rest = _allocated_bytes(uninterrupted) - _allocated_bytes(uninterrupted / "checkpoints")
+  workdir = tmp_path / "full"
+  workdir.mkdir()
+  size = rest + 64 * 1024 + one_checkpoint * 3 // 2
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                            str(workdir)], capture_output=True, text=True, check=False)
+  if mounted.returncode != 0:
+    pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); "
+                "tests/test_checkpointing.py covers the message with a patched writer")
+  try:
+    proc = _train(workdir, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    # orbax and asyncio also log the failed writes; the command's answer is one line.
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("scanformer train: error: ")]
+    assert len(errors) == 1 and str(workdir) in errors[0], proc.stderr[-3000:]
+    assert "no space left" in errors[0] or "cannot write" in errors[0], errors[0]
+    assert train_helpers.load_final_params(str(workdir))["step"] == 2  # Kept intact.
+    with open(workdir / "metrics.jsonl", encoding="utf-8") as f:
+      assert all(json.loads(line) for line in f)  # Every line parses.
+  finally:
+    subprocess.run(["umount", "-l", str(workdir)], check=False)
