@@ -4,6 +4,7 @@ and saved again; max_to_keep is validated; a full disk is one line."""
 import errno
 import logging
 import os
+import shutil
 import subprocess
 
 import grain
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 from scanformer_jax import checkpointing
@@ -56,15 +58,14 @@ def _step_dirs(directory):
 
 
 def _array_files(step_dir, item="params"):
-  files = []
-  for root, _, names in os.walk(os.path.join(step_dir, item)):
-    files += [os.path.join(root, n) for n in names if "/d/" in os.path.join(root, n) + "/"]
+  """The data chunks (files in `d/` folders) of one item of a checkpoint."""
+  files = [os.path.join(root, n) for root, _, names in os.walk(os.path.join(step_dir, item))
+           if os.path.basename(root) == "d" for n in names]
   assert files, f"no array files under {step_dir}/{item}"
   return files
 
 
 def _break_remove_params(step_dir):
-  import shutil  # pylint: disable=g-import-not-at-top
   shutil.rmtree(os.path.join(step_dir, "params"))
 
 
@@ -127,8 +128,6 @@ def test_save_replaces_an_existing_step_it_did_not_resume_from(tmp_path):
 def _replace_params(step_dir, params):
   """Swaps a checkpoint's params item for a readable one holding other values: the
   same-size garbage case (files decode fine, the numbers are wrong)."""
-  import shutil  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   other = os.path.join(os.path.dirname(step_dir), "other_params")
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(other, params)
