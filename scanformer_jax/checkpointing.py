@@ -198,7 +198,8 @@ class Checkpointer:
     """Starts an async save of `state` (all hosts must call it, at the same step).
 
     A step directory that exists already and is not the one this run resumed from
-    (a stray or incomplete one) is moved aside and written anew.
+    (a stray or incomplete one) is moved aside and written anew. A non-finite state
+    is refused (UserError): it would only shadow the good checkpoints.
     """
     step = int(jax.device_get(state.step))
     if step in self.manager.all_steps():
@@ -206,8 +207,13 @@ class Checkpointer:
         return  # On disk already: this run resumed from it.
       self._move_aside(step, "replaced by a new save of that step")
     progress = {"step": state.step, "rng": state.rng, "skipped": state.skipped}
-    sums, _ = checksums({"params": state.params, "opt_state": state.opt_state,
-                         "progress": progress})
+    sums, finite = checksums({"params": state.params, "opt_state": state.opt_state,
+                              "progress": progress})
+    if not finite:  # It could never be restored (see `_verify`); keep the older ones.
+      raise UserError(
+          f"training diverged: the parameters or optimizer state at step {step} are not "
+          f"finite, so no checkpoint is saved (those in {self.directory} are kept); lower "
+          "optim.learning_rate or resume from an earlier step with another config")
     self.wait()  # orbax would wait for the previous save anyway; this names its step.
     self._saving_step = step
     with self._storage_errors(f"saving step {step}"):

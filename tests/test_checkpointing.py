@@ -243,3 +243,13 @@ def test_disk_full_on_a_real_tiny_filesystem(tiny_tmpfs):
                                  _data())
   ckpt.close()
   assert int(restored.step) == saved[-1]
+
+
+def test_a_non_finite_state_is_not_saved(tmp_path):
+  _save_steps(tmp_path, [2])
+  ckpt = checkpointing.Checkpointer(str(tmp_path), CFG)
+  diverged = _state(4).replace(params={"w": jnp.full((4, 8), jnp.inf), "b": jnp.zeros((8,))})
+  with pytest.raises(UserError, match="training diverged: .* at step 4 are not finite"):
+    ckpt.save(diverged, _data())
+  ckpt.close()
+  assert _step_dirs(tmp_path) == ["2"]
