@@ -3,21 +3,35 @@ RNG, skipped count) and the grain iterator state, saved together.
 
 Saves are asynchronous (training continues while arrays are written) and atomic
 (orbax writes a temporary directory and renames it when complete; leftovers of a
-killed save are deleted on start). A latest checkpoint that still fails to restore
-(corrupt files) is skipped with a warning in favour of the previous one; if none
-restores, that is a user error (e.g. the checkpoint belongs to another config).
+killed save are deleted on start). Each checkpoint's metadata carries a checksum of
+every array, so same-size garbage in an array file is caught on restore.
+
+A checkpoint that fails to restore (unreadable files, a wrong checksum, non-finite
+values) is skipped with a warning in favour of the previous one. A training run also
+moves it aside to `<step>.corrupt-<time>` (never deleted), so that step is trained
+and saved again instead of shadowing every later resume. If no checkpoint restores,
+that is a user error (e.g. the checkpoint belongs to another config).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
-from typing import Any, Optional
+import signal
+import time
+from typing import Any, Iterator, Optional
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
+from scanformer_jax import sharding as sharding_lib
 from scanformer_jax.errors import UserError
 from scanformer_jax.config import CheckpointConfig
 from scanformer_jax.train_state import TrainState
@@ -25,6 +39,13 @@ from scanformer_jax.train_state import TrainState
 log = logging.getLogger(__name__)
 
 ITEMS = ("params", "opt_state", "progress", "data")
+# Checked items: their checksums go into each step's custom metadata.
+_CHECKED = ("params", "opt_state", "progress")
+# The trainer's test hook; this module handles its "<signal>@save:<step>" form: the
+# signal fires while step <step>'s checkpoint is being written (all arrays are in the
+# temporary directory, which is not yet renamed), i.e. a crash in the middle of a save.
+FAULT_ENV = "SCANFORMER_TEST_FAULT"
+_FAULT_SAVE_PREFIX = "save:"
 
 
 def _with_shardings(abstract: Any, shardings: Any) -> Any:
@@ -32,39 +53,190 @@ def _with_shardings(abstract: Any, shardings: Any) -> Any:
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+  """[2] uint32: the sum of the leaf's 32-bit words and their position-weighted sum."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    words = x.astype(jnp.uint32)
+  else:
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    words = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+  # Flat index from iotas (no reshape, so sharded leaves stay sharded); uint32 wraps.
+  index = jnp.zeros(words.shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(words.ndim)):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * np.uint32(
+        stride % 2**32)
+    stride *= words.shape[axis]
+  weighted = words * (index * np.uint32(2) + np.uint32(1))
+  return jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(weighted, dtype=jnp.uint32)])
+
+
+def _leaf_finite(x: jax.Array) -> jax.Array:
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    return jnp.all(jnp.isfinite(x))
+  return jnp.bool_(True)
+
+
+@jax.jit
+def _inspect(tree: Any) -> tuple[Any, jax.Array]:
+  """Per-leaf checksums of `tree` and whether every floating value is finite."""
+  finite = [_leaf_finite(x) for x in jax.tree.leaves(tree)]
+  return (jax.tree.map(_leaf_checksum, tree),
+          jnp.all(jnp.stack(finite)) if finite else jnp.bool_(True))
+
+
+def checksums(items: dict[str, Any]) -> tuple[dict[str, dict[str, str]], bool]:
+  """`{item: {leaf path: hex checksum}}` of `items` and whether all values are finite."""
+  sums, finite = sharding_lib.fetch(_inspect(items))
+  flat = jax.tree_util.tree_flatten_with_path(sums, is_leaf=lambda x: isinstance(
+      x, np.ndarray))[0]
+  out: dict[str, dict[str, str]] = {}
+  for path, value in flat:
+    item, rest = path[0].key, jax.tree_util.keystr(path[1:])
+    out.setdefault(item, {})[rest] = f"{int(value[0]):08x}{int(value[1]):08x}"
+  return out, bool(finite)
+
+
+def _is_disk_full(e: Optional[BaseException]) -> bool:
+  """Whether `e` or anything it was raised from is an out-of-space error."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def _all_hosts_agree(ok: bool) -> bool:
+  """True only if `ok` on every process (a per-host file may be the broken one)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(multihost_utils.process_allgather(np.int32(ok)).min())
+
+
+def _save_fault() -> Optional[tuple[int, int]]:
+  """(signal, step) of a "<signal>@save:<step>" `FAULT_ENV`, else None."""
+  name, _, at = os.environ.get(FAULT_ENV, "").partition("@")
+  if not at.startswith(_FAULT_SAVE_PREFIX):
+    return None
+  return getattr(signal, "SIG" + name.upper()), int(at[len(_FAULT_SAVE_PREFIX):])
+
+
+class CorruptCheckpointError(Exception):
+  """A checkpoint whose files read back but hold other values than were saved."""
+
+
 class Checkpointer:
   """Save/restore `TrainState` + data iterator under `<workdir>/checkpoints`."""
 
   def __init__(self, directory: str, cfg: CheckpointConfig = CheckpointConfig(),
                read_only: bool = False):
+    if cfg.max_to_keep < 1:
+      raise UserError(f"checkpoint.max_to_keep={cfg.max_to_keep} must be >= 1 (the "
+                      "number of newest checkpoints kept)")
     # Local paths made absolute (orbax needs that); gs://... and other URLs as given.
     local = "://" not in directory
     self.directory = os.path.abspath(directory) if local else directory
     if read_only and local and not os.path.isdir(self.directory):
       raise UserError(f"no checkpoints in {self.directory}: train first "
                       "(scanformer train --config ... --workdir ...)")
+    self.read_only = read_only
+    self._restored_step: Optional[int] = None
+    self._saving_step: Optional[int] = None
+    self._fault = _save_fault()
+    async_options = None
+    if self._fault and cfg.async_save:
+      async_options = ocp.AsyncOptions(post_finalization_callback=self._inject_save_fault)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.max_to_keep, enable_async_checkpointing=cfg.async_save,
-        create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        async_options=async_options, create=not read_only, read_only=read_only,
+        cleanup_tmp_directories=not read_only)
+    with self._storage_errors("creating the checkpoint directory"):
+      self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def latest_step(self) -> Optional[int]:
-    return self.manager.latest_step()
+  @contextlib.contextmanager
+  def _storage_errors(self, what: str) -> Iterator[None]:
+    """A full disk becomes one line naming the directory; other errors pass through."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except  # Re-raised unless disk full.
+      if not _is_disk_full(e):
+        raise
+      raise UserError(
+          f"no space left on the device of {self.directory} ({what}); free space or set "
+          "checkpoint.directory, then rerun the same command: it resumes from the last "
+          "complete checkpoint") from None
+
+  def _inject_save_fault(self) -> None:
+    signum, step = self._fault
+    if self._saving_step == step:
+      log.warning("%s: signal %d while writing the checkpoint of step %d", FAULT_ENV,
+                  signum, step)
+      os.kill(os.getpid(), signum)
+
+  def _move_aside(self, step: int, reason: str) -> None:
+    """Renames step `step` to `<step>.corrupt-<time>` (process 0), so it can be redone."""
+    path = epath.Path(self.directory) / str(step)
+    target = path.parent / f"{step}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
+    if jax.process_index() == 0 and path.exists():
+      path.rename(target)
+      log.warning("moved checkpoint step %d aside to %s (%s); it will be saved again",
+                  step, target, reason)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"scanformer_checkpoint_move_aside_{step}")
+    self.manager.reload()
 
   def save(self, state: TrainState, data_iterator: Any) -> None:
-    """Starts an async save of `state` (all hosts must call it, at the same step)."""
+    """Starts an async save of `state` (all hosts must call it, at the same step).
+
+    A step directory that exists already and is not the one this run resumed from
+    (a stray or incomplete one) is moved aside and written anew. A non-finite state
+    is refused (UserError): it would only shadow the good checkpoints.
+    """
     step = int(jax.device_get(state.step))
     if step in self.manager.all_steps():
-      return
+      if step == self._restored_step:
+        return  # On disk already: this run resumed from it.
+      self._move_aside(step, "replaced by a new save of that step")
     progress = {"step": state.step, "rng": state.rng, "skipped": state.skipped}
-    self.manager.save(step, force=True, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state.params),
-        opt_state=ocp.args.StandardSave(state.opt_state),
-        progress=ocp.args.StandardSave(progress),
-        data=grain.checkpoint.CheckpointSave(data_iterator)))
+    sums, finite = checksums({"params": state.params, "opt_state": state.opt_state,
+                              "progress": progress})
+    if not finite:  # It could never be restored (see `_verify`); keep the older ones.
+      raise UserError(
+          f"training diverged: the parameters or optimizer state at step {step} are not "
+          f"finite, so no checkpoint is saved (those in {self.directory} are kept); lower "
+          "optim.learning_rate or resume from an earlier step with another config")
+    self.wait()  # orbax would wait for the previous save anyway; this names its step.
+    self._saving_step = step
+    with self._storage_errors(f"saving step {step}"):
+      self.manager.save(step, force=True, custom_metadata={"checksums": sums},
+                        args=ocp.args.Composite(
+                            params=ocp.args.StandardSave(state.params),
+                            opt_state=ocp.args.StandardSave(state.opt_state),
+                            progress=ocp.args.StandardSave(progress),
+                            data=grain.checkpoint.CheckpointSave(data_iterator)))
+
+  def _verify(self, step: int, restored: dict[str, Any]) -> None:
+    """Raises CorruptCheckpointError if `restored` differs from what step `step` saved."""
+    sums, finite = checksums(restored)
+    if not finite:
+      raise CorruptCheckpointError("non-finite values in the restored arrays")
+    saved = (self.manager.metadata(step).custom_metadata or {}).get("checksums")
+    if saved is None:
+      return  # Written before checksums existed.
+    for item, leaves in sums.items():
+      bad = [k for k, v in leaves.items() if saved.get(item, {}).get(k) != v]
+      if bad:
+        raise CorruptCheckpointError(
+            f"{item} checksum mismatch in {len(bad)} array(s), e.g. {bad[0] or '(root)'}")
 
   def _restore_step(self, step: int, target: TrainState, shardings: TrainState,
                     data_iterator: Any) -> TrainState:
@@ -76,6 +248,7 @@ class Checkpointer:
             _with_shardings(target.opt_state, shardings.opt_state)),
         progress=ocp.args.StandardRestore(_with_shardings(progress, progress_sh)),
         data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    self._verify(step, {k: out[k] for k in _CHECKED})
     p = out["progress"]
     return TrainState(step=p["step"], params=out["params"], opt_state=out["opt_state"],
                       rng=p["rng"], skipped=p["skipped"])
@@ -85,22 +258,30 @@ class Checkpointer:
     """The newest checkpoint that restores (None if there are none).
 
     `abstract`: shapes of the state (`train_state.abstract_state`); the data iterator
-    is set to its saved position in place.
+    is set to its saved position in place. Unless read-only, a newer checkpoint that
+    fails is moved aside (see the module docstring).
     """
     steps = self.all_steps()
     errors = []
     for step in reversed(steps):
+      state, error = None, None
       try:
         state = self._restore_step(step, abstract, shardings, data_iterator)
       except Exception as e:  # pylint: disable=broad-except  # Any unreadable checkpoint.
-        errors.append((step, e))
-        log.warning("checkpoint at step %d in %s could not be restored (%s: %s); "
-                    "falling back to the previous one", step, self.directory,
-                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        error = e
+      if not _all_hosts_agree(error is None):
+        error = error or CorruptCheckpointError("unreadable on another process")
+        errors.append((step, error))
+        message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        log.warning("checkpoint at step %d in %s could not be restored (%s); "
+                    "falling back to the previous one", step, self.directory, message)
+        if not self.read_only:
+          self._move_aside(step, message)
         continue
       if errors:
         log.warning("resumed from step %d after skipping unreadable checkpoint(s) %s",
                     step, [s for s, _ in errors])
+      self._restored_step = step
       return state
     if errors:
       step, e = errors[0]
@@ -122,6 +303,7 @@ class Checkpointer:
       try:
         out = self.manager.restore(s, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(_with_shardings(abstract_params, shardings))))
+        self._verify(s, {"params": out["params"]})
         if errors:
           log.warning("using checkpoint step %d; newer ones were unreadable: %s", s,
                       [e for e, _ in errors])
@@ -135,8 +317,11 @@ class Checkpointer:
                     f"config or is corrupt ({type(e).__name__}: {e})")
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._storage_errors(f"saving step {self._saving_step}"):
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()

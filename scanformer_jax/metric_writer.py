@@ -3,16 +3,25 @@
 Only process 0 writes. TensorBoard files come from tensorboardX (no TensorFlow).
 The JSONL file is appended to, so a resumed run continues the same file; records
 from a killed run's unsaved steps may repeat (each record carries its `step`).
+
+Each record is one `write` call of the whole line. A line torn by a crash or a full
+disk (no trailing newline) is cut off when the file is next opened, with a warning,
+so the file stays valid JSON lines.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from typing import Any, Mapping, Optional
 
 import jax
+
+from scanformer_jax.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def _plain(value: Any) -> Any:
@@ -25,24 +34,65 @@ def _plain(value: Any) -> Any:
   return value if math.isfinite(value) else str(value)
 
 
+def repair_torn_line(path: str) -> int:
+  """Truncates `path` after its last newline; returns the number of bytes cut."""
+  if not os.path.exists(path):
+    return 0
+  with open(path, "rb+") as f:
+    size = f.seek(0, os.SEEK_END)
+    end = size
+    while end > 0:  # Find the last newline, reading backwards in blocks.
+      start = max(0, end - 65536)
+      f.seek(start)
+      block = f.read(end - start)
+      at = block.rfind(b"\n")
+      if at >= 0:
+        end = start + at + 1
+        break
+      end = start
+    if end < size:
+      f.truncate(end)
+  return size - end
+
+
 class MetricWriter:
   def __init__(self, workdir: str, enabled: Optional[bool] = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self._path = os.path.join(workdir, "metrics.jsonl")
     self._jsonl = None
     self._tb = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      cut = repair_torn_line(self._path)
+      if cut:
+        log.warning("%s ended in a torn line (%d bytes, from a crash or a full disk); "
+                    "cut it off", self._path, cut)
+      # Unbuffered: one os-level write per record.
+      self._jsonl = open(self._path, "ab", buffering=0)
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def _append(self, line: bytes) -> None:
+    offset = self._jsonl.tell()
+    try:
+      written = self._jsonl.write(line)
+      if written != len(line):
+        raise OSError(f"short write ({written} of {len(line)} bytes)")
+    except OSError as e:
+      try:  # Leave no partial record behind.
+        self._jsonl.truncate(offset)
+      except OSError:
+        pass  # repair_torn_line cuts it on the next start.
+      raise UserError(f"cannot write {self._path} ({e.strerror or e}); free space in "
+                      f"{os.path.dirname(self._path) or '.'} and rerun the same "
+                      "command to resume") from None
 
   def write(self, step: int, scalars: Mapping[str, Any], prefix: str = "") -> None:
     if not self.enabled:
       return
     record = {"step": int(step)}
     record.update({prefix + k: _plain(v) for k, v in scalars.items()})
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
+    self._append((json.dumps(record) + "\n").encode("utf-8"))
     for key, value in record.items():
       if key != "step" and isinstance(value, (int, float)):
         self._tb.add_scalar(key, value, global_step=int(step))

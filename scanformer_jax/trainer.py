@@ -10,6 +10,7 @@ run. SIGTERM (preemption) saves a checkpoint at the next step and stops.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from data_pipelines.contract import DEVICE_KEYS
 from scanformer_jax import (checkpointing, config_io, data_source, evaluate, optim,
                             sharding as sharding_lib, train_state, train_step)
-from scanformer_jax import workdir as workdir_lib
+from scanformer_jax import workdir as workdir_lib, workdir_lock
 from scanformer_jax.config import ExperimentConfig, ModelConfig
 from scanformer_jax.errors import UserError
 from scanformer_jax.eval_step import EvalStep
@@ -134,7 +135,18 @@ def _log_line(step: int, m: dict[str, float]) -> str:
 
 def train(config: ExperimentConfig, workdir: str, devices=None, progress: bool = True,
           step_callbacks: Sequence[StepCallback] = ()) -> TrainResult:
-  """Trains (or resumes) `config` in `workdir` until `train.num_steps`."""
+  """Trains (or resumes) `config` in `workdir` until `train.num_steps`.
+
+  The first process holds `<workdir>/.lock` throughout: one run per workdir.
+  """
+  lock = (workdir_lock.WorkdirLock(workdir) if jax.process_index() == 0
+          else contextlib.nullcontext())
+  with lock:
+    return _train_locked(config, workdir, devices, progress, step_callbacks)
+
+
+def _train_locked(config: ExperimentConfig, workdir: str, devices, progress: bool,
+                  step_callbacks: Sequence[StepCallback]) -> TrainResult:
   tc = config.train
   cfg = config.model
   if tc.num_steps < 1 or tc.log_every < 1 or config.checkpoint.every_steps < 1:

@@ -11,12 +11,14 @@ import os
 import signal
 from typing import Any, Callable, Optional
 
+from scanformer_jax import checkpointing
 from scanformer_jax.cli import common
 
 # Test hook, "<signal>@<step>" (e.g. "KILL@5", "TERM@3"): this process sends itself
 # the signal right after that step (a crash or a preemption at a known point; see
-# tests/test_checkpoint_resume.py).
-FAULT_ENV = "SCANFORMER_TEST_FAULT"
+# tests/test_checkpoint_resume.py). "<signal>@save:<step>" fires inside that step's
+# checkpoint save instead (checkpointing.py).
+FAULT_ENV = checkpointing.FAULT_ENV
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +35,8 @@ def fault_injection(spec: str) -> Optional[Callable[[int, Any], None]]:
   if not spec:
     return None
   name, _, at = spec.partition("@")
+  if at.startswith("save:"):  # checkpointing.py fires it inside that step's save.
+    return None
   signum, fault_step = getattr(signal, "SIG" + name.upper()), int(at)
 
   def inject(step: int, checkpointer) -> None:
