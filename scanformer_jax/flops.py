@@ -46,8 +46,6 @@ import numpy as np
 
 from scanformer_jax.config import ModelConfig
 
-ArrayLike = "float | np.ndarray"
-
 
 def _layer_flops(cfg: ModelConfig, tokens, keys):
   """One transformer layer on `tokens` queries attending to `keys` keys."""
