@@ -70,8 +70,8 @@ def param_group(name: str) -> str:
             if any(_declares(entry, name) for entry in entries)]
   if len(groups) != 1:
     raise ValueError(f"top-level parameter {name!r} is in {len(groups)} groups of "
-                     f"model.PARAM_GROUPS ({', '.join(groups) or 'none'}); declare it in "
-                     "exactly one, next to ScanFormer.setup")
+                     f"model.PARAM_GROUPS ({', '.join(groups) or 'none'}); every top-level "
+                     "name ScanFormer.setup creates must be declared in exactly one")
   return groups[0]
 
 
@@ -96,7 +96,8 @@ class ScanFormerOutput:
 
 
 class ScanFormer(nn.Module):
-  """See the module docstring. `__call__` is the public forward."""
+  """See the module docstring. `__call__` is the forward; `encode_text`,
+  `scan_scale_dense` and `scan_scale_sparse` are its public steps."""
 
   cfg: ModelConfig
 

@@ -36,7 +36,7 @@ def test_a_parameter_in_no_group_fails(params):
   with pytest.raises(ValueError, match="'extra_head' is in 0 groups"):
     optim.param_labels(extra)
   for name in ("layers_x", "layers_", "box_head_2", "reg_tokens2"):
-    with pytest.raises(ValueError, match="declare it in exactly one"):
+    with pytest.raises(ValueError, match="declared in exactly one"):
       model.param_group(name)
 
 
