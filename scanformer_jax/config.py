@@ -40,10 +40,14 @@ class ModelConfig:
   encoder1_layers: int = 6
   # Static token budget of the sparse path per scale (None: all patches).
   capacity: Optional[tuple[int, ...]] = None
-  # Inference selection: a child block is taken iff sigmoid(logit) > threshold.
+  # Inference selection rule, a name registered in selection.py (`selection.RULES`):
+  # "threshold" or "topk"; setting select_topk selects "topk". Training samples
+  # Gumbel decisions instead.
+  select_rule: str = "threshold"
+  # "threshold": a child block is taken iff sigmoid(parent logit) > select_threshold.
   select_threshold: float = 0.5
-  # Optional fixed-count selection (benchmarks, ablations): at scale s >= 1 take
-  # exactly the top `select_topk[s]` candidates by parent logit. Inference only.
+  # "topk", fixed-count selection (benchmarks, ablations): at scale s >= 1 take
+  # exactly the top `select_topk[s]` candidates by parent logit.
   select_topk: Optional[tuple[int, ...]] = None
   # Gumbel-sigmoid temperature for training.
   tau: float = 1.0
@@ -87,6 +91,9 @@ class ModelConfig:
           raise ValueError(f"{name}[{s}]={count} outside [0, {total}]")
     if self.capacity is not None and self.capacity[0] != self.num_patches[0]:
       raise ValueError("scale 0 takes every patch: capacity[0] must equal its patch count")
+    if self.select_topk is not None and self.select_rule not in ("threshold", "topk"):
+      raise ValueError(f"select_topk selects the 'topk' rule, but select_rule is "
+                       f"{self.select_rule!r}: set one of them")
 
   # Derived, static quantities.
   @property
@@ -104,6 +111,11 @@ class ModelConfig:
   @property
   def capacities(self) -> tuple[int, ...]:
     return self.capacity if self.capacity is not None else self.num_patches
+
+  @property
+  def selection_rule(self) -> str:
+    """The inference selection rule: "topk" whenever select_topk is set."""
+    return "topk" if self.select_topk is not None else self.select_rule
 
   @property
   def image_size(self) -> int:

@@ -24,12 +24,10 @@ from flax import traverse_util
 from scanformer_jax import vilt
 from scanformer_jax.config import ModelConfig
 from scanformer_jax.errors import UserError
+from scanformer_jax.model import PARAM_GROUPS
 from scanformer_jax.weights_io import (WeightsError, read_safetensors, tensors_to_numpy,
                                        torch_load)
 
-# ScanFormer parameters with no ViLT counterpart: initialised fresh by init_from.
-SCANFORMER_ONLY = ("reg_tokens", "scale_embed", "const_tokens", "select_head", "box_head",
-                   "iou_head")
 # HF buffers that may sit in older state dicts; not parameters.
 BUFFERS = ("embeddings.text_embeddings.position_ids", "embeddings.text_embeddings.token_type_ids")
 BACKBONE_PREFIXES = ("embeddings.", "encoder.", "layernorm.", "pooler.")
@@ -361,8 +359,8 @@ def report(cfg: ModelConfig, mapped, skipped, notes) -> str:
   else:
     lines.append("skipped nothing")
   lines.append("kept for vilt_forward, unused by ScanFormer: " + ", ".join(vilt.VILT_ONLY_GROUPS))
-  lines.append("ScanFormer initialises fresh: " + ", ".join(SCANFORMER_ONLY[:-1])
-               + " (+ iou_head when enabled)")
+  lines.append("ScanFormer initialises fresh: " + ", ".join(PARAM_GROUPS["new"])
+               + " (those its config enables)")
   lines += [f"note: {n}" for n in notes]
   return "\n".join(lines)
 

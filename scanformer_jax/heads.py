@@ -22,8 +22,11 @@ class SelectionHead(nn.Module):
     return dense(self.cfg, 1, "logit")(x)[..., 0].astype(jnp.float32)
 
 
-class Mlp(nn.Module):
-  """`depth - 1` hidden ReLU layers of width hidden_size, then `out` features."""
+class HeadMlp(nn.Module):
+  """`depth - 1` hidden ReLU layers of width hidden_size, then `out` float32 features.
+
+  The heads' MLP; the transformer layers' GELU MLP is `layers.Mlp`.
+  """
 
   cfg: ModelConfig
   depth: int
@@ -44,7 +47,7 @@ class BoxHead(nn.Module):
   @nn.compact
   def __call__(self, reg: jax.Array) -> jax.Array:
     """reg: [B, D] -> [B, 4]."""
-    return jax.nn.sigmoid(Mlp(self.cfg, self.cfg.box_head_layers, 4, name="mlp")(reg))
+    return jax.nn.sigmoid(HeadMlp(self.cfg, self.cfg.box_head_layers, 4, name="mlp")(reg))
 
 
 class IouHead(nn.Module):
@@ -55,4 +58,4 @@ class IouHead(nn.Module):
   @nn.compact
   def __call__(self, reg: jax.Array) -> jax.Array:
     """reg: [B, D] -> [B]."""
-    return jax.nn.sigmoid(Mlp(self.cfg, 2, 1, name="mlp")(reg)[..., 0])
+    return jax.nn.sigmoid(HeadMlp(self.cfg, 2, 1, name="mlp")(reg)[..., 0])

@@ -19,22 +19,21 @@ class KVCache:
   values: tuple[jax.Array, ...]  # per layer [B, T, H, Dh]
   bias: jax.Array                # [B, T] additive key bias, shared by all layers
 
-  @property
-  def length(self) -> int:
-    return self.bias.shape[1]
-
   def layer(self, index: int) -> tuple[jax.Array, jax.Array]:
     return self.keys[index], self.values[index]
 
   @classmethod
   def start(cls, keys, values, bias: jax.Array) -> "KVCache":
-    """The cache holding one first block (the text)."""
+    """The cache of one block: per-layer keys/values [B, T, H, Dh], bias [B, T]."""
+    b, t = bias.shape
+    chex.assert_equal(len(keys), len(values))
+    chex.assert_shape([*keys, *values], (b, t, None, None))
     return cls(keys=tuple(keys), values=tuple(values), bias=bias)
 
-  def append(self, keys, values, bias: jax.Array) -> "KVCache":
-    """A cache with one more block: per-layer keys/values [B, T', H, Dh], bias [B, T']."""
-    chex.assert_equal(len(keys), len(self.keys))
+  def append(self, block: "KVCache") -> "KVCache":
+    """This cache with `block`'s tokens after its own, in this cache's dtypes."""
+    chex.assert_equal(len(block.keys), len(self.keys))
     cat = lambda old, new: jnp.concatenate([old, new.astype(old.dtype)], axis=1)
-    return KVCache(keys=tuple(map(cat, self.keys, keys)),
-                   values=tuple(map(cat, self.values, values)),
-                   bias=jnp.concatenate([self.bias, bias], axis=1))
+    return KVCache(keys=tuple(map(cat, self.keys, block.keys)),
+                   values=tuple(map(cat, self.values, block.values)),
+                   bias=cat(self.bias, block.bias))

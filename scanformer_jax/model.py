@@ -15,6 +15,12 @@ Two execution paths share the parameters:
          the bias log(n): n identical keys weigh exp(q.k) * n = exp(q.k + log n),
          so this is exact, not an approximation.
 The scale loop is unrolled in Python: every shape and cache offset is static.
+
+The steps are public, so that other code can run a prefix of the scan (as
+PaliGemma's prefill_cache / extend_cache): `encode_text` returns the cache;
+`scan_scale_dense` / `scan_scale_sparse` run one scale against it and return a
+`ScaleOutput` whose `kv` the next scale appends; `__call__` is one loop per path.
+Call them with `model.apply(variables, ..., method=ScanFormer.encode_text)`.
 """
 
 from __future__ import annotations
@@ -39,6 +45,45 @@ from scanformer_jax.pyramid import build_pyramid
 MODES = ("sparse", "dense")
 TEXT_MODALITY, IMAGE_MODALITY = 0, 1
 
+# ScanFormer's top-level parameter names by group, declared once (`param_group` reads
+# it; optim, vilt and convert_vilt derive their lists from it). "backbone": ViLT's,
+# copied from a converted checkpoint by `vilt.init_scanformer_from_vilt` and trained at
+# the backbone learning rate. "new": ScanFormer's own, initialised fresh and trained at
+# the full rate (iou_head only with cfg.iou_head). "layers_*" is layers_0, layers_1, ...
+PARAM_GROUPS = {
+    "backbone": ("text_embed", "patch_embed", "pos_embed", "modality_embed", "layers_*",
+                 "final_norm"),
+    "new": ("reg_tokens", "scale_embed", "const_tokens", "select_head", "box_head",
+            "iou_head"),
+}
+
+
+def _declares(entry: str, name: str) -> bool:
+  if entry.endswith("_*"):
+    return name.startswith(entry[:-1]) and name[len(entry) - 1:].isdigit()
+  return name == entry
+
+
+def param_group(name: str) -> str:
+  """The group of a top-level parameter name; ValueError unless exactly one declares it."""
+  groups = [group for group, entries in PARAM_GROUPS.items()
+            if any(_declares(entry, name) for entry in entries)]
+  if len(groups) != 1:
+    raise ValueError(f"top-level parameter {name!r} is in {len(groups)} groups of "
+                     f"model.PARAM_GROUPS ({', '.join(groups) or 'none'}); every top-level "
+                     "name ScanFormer.setup creates must be declared in exactly one")
+  return groups[0]
+
+
+@flax.struct.dataclass
+class ScaleOutput:
+  """What one scale of the scan produces (`ScanFormer.scan_scale_dense` / `_sparse`)."""
+  reg: jax.Array               # [B, D] float32, REG_s after the final LayerNorm
+  selection_logits: jax.Array  # [B, N_s] float32, on the full patch grid
+  taken: jax.Array             # [B, N_s]: bool; the float 0/1 mask in the dense path
+  num_dropped: jax.Array       # [B] int32, wanted but over capacity
+  kv: KVCache                  # the block's keys/values and key bias, for `cache.append`
+
 
 @flax.struct.dataclass
 class ScanFormerOutput:
@@ -51,7 +96,8 @@ class ScanFormerOutput:
 
 
 class ScanFormer(nn.Module):
-  """See the module docstring. `__call__` is the public forward."""
+  """See the module docstring. `__call__` is the forward; `encode_text`,
+  `scan_scale_dense` and `scan_scale_sparse` are its public steps."""
 
   cfg: ModelConfig
 
@@ -59,7 +105,8 @@ class ScanFormer(nn.Module):
     cfg = self.cfg
     d, s = cfg.hidden_size, cfg.num_scales
     normal = nn.initializers.normal(cfg.initializer_range)
-    # Backbone (ViLT parameter layout, see layers.py and vilt.py).
+    # Backbone (ViLT parameter layout, see layers.py and vilt.py). Every top-level
+    # name created here is declared in PARAM_GROUPS.
     self.text_embed = TextEmbeddings(cfg)
     self.patch_embed = PatchEmbed(cfg)
     pos_init = normal
@@ -113,24 +160,19 @@ class ScanFormer(nn.Module):
   def _const_token(self, s: int) -> jax.Array:
     return self.const_tokens[s].astype(self.cfg.compute_dtype)  # [D]
 
-  # ------------------------------------------------------------------- blocks
-  def _encode_text(self, text_ids: jax.Array, text_mask: jax.Array) -> KVCache:
-    """Text through every layer (attending to itself only); starts the cache."""
-    x = self._embed_text(text_ids)
-    bias = jnp.where(text_mask, 0.0, NEG_INF).astype(jnp.float32)  # [B, L]
-    keys, values = [], []
-    for layer in self.layers:
-      x, (k, v) = layer(x, bias[:, None, None, :])
-      keys.append(k)
-      values.append(v)
-    return KVCache.start(keys, values, bias)
+  def _dense_block(self, s: int, image: jax.Array, mask: jax.Array) -> jax.Array:
+    """[REG_s | every patch] [B, 1 + N_s, D]; replaced patches (mask 0) have input C_s."""
+    tokens = self._patch_tokens(image.astype(self.cfg.compute_dtype), s)  # [B, N, D]
+    m = mask.astype(tokens.dtype)[..., None]  # [B, N, 1]
+    x = m * tokens + (1 - m) * self._const_token(s)
+    return jnp.concatenate([self._reg_token(s, tokens.shape[0]), x], axis=1)
 
-  def _encode_scale(self, tokens: jax.Array, bias: jax.Array, cache: KVCache):
+  def _encode_block(self, tokens: jax.Array, bias: jax.Array, cache: KVCache):
     """One scale's block through every layer, attending to the cache and itself.
 
     tokens: [B, T, D] with REG first; bias: [B, T] additive key bias of the block.
     Returns (REG feature [B, D] after the final norm, selection logits of tokens
-    1..T-1 [B, T-1], the block's per-layer keys and values).
+    1..T-1 [B, T-1], the block as a KVCache).
     """
     full_bias = jnp.concatenate([cache.bias, bias], axis=1)[:, None, None, :]
     x, keys, values = tokens, [], []
@@ -142,39 +184,61 @@ class ScanFormer(nn.Module):
       if index == self.cfg.encoder1_layers - 1:
         logits = self.select_head(x[:, 1:])
     reg = self.final_norm(x[:, 0]).astype(jnp.float32)
-    return reg, logits, keys, values
+    return reg, logits, KVCache.start(keys, values, bias)
 
-  # --------------------------------------------------------------- the paths
-  def _dense_scale(self, s, tokens, mask, cache):
-    """Every patch is a token; replaced ones (mask 0) have input C_s."""
-    b = tokens.shape[0]
-    m = mask.astype(tokens.dtype)[..., None]  # [B, N, 1]
-    x = m * tokens + (1 - m) * self._const_token(s)
-    block = jnp.concatenate([self._reg_token(s, b), x], axis=1)
-    bias = jnp.zeros(block.shape[:2], jnp.float32)
-    reg, logits, keys, values = self._encode_scale(block, bias, cache)
-    return reg, logits, (keys, values, bias)
+  # ------------------------------------------------------------------- the steps
+  def encode_text(self, text_ids: jax.Array, text_mask: jax.Array) -> KVCache:
+    """Text [B, L] (mask [B, L]) through every layer, attending to itself only.
 
-  def _sparse_scale(self, s, image, wanted, scores, cache):
-    """Taken patches in `capacity[s]` slots, the rest merged into one C_s token.
+    Returns the cache every scale starts from (the text's keys/values, padding masked).
+    """
+    chex.assert_equal_shape([text_ids, text_mask])
+    chex.assert_type(text_ids, int)
+    x = self._embed_text(text_ids)
+    bias = jnp.where(text_mask.astype(bool), 0.0, NEG_INF).astype(jnp.float32)  # [B, L]
+    keys, values = [], []
+    for layer in self.layers:
+      x, (k, v) = layer(x, bias[:, None, None, :])
+      keys.append(k)
+      values.append(v)
+    return KVCache.start(keys, values, bias)
 
-    Block layout: [REG_s | capacity[s] slots | merged C_s] (no merged token at
-    scale 0, where every patch is taken). Only the slotted patches are embedded.
+  def scan_scale_dense(self, s: int, image: jax.Array, mask: jax.Array,
+                       cache: KVCache) -> ScaleOutput:
+    """Scale s of the dense path: every patch is a token, attending to `cache`.
+
+    image: [B, r_s, r_s, 3], pyramid level s. mask: [B, N_s] 0/1 (float, the gradient
+    path in training, or bool): patches with mask 0 are replaced by C_s. The output's
+    `taken` is `mask` as given.
+    """
+    cfg = self.cfg
+    b, n = mask.shape
+    chex.assert_shape(image, (b, cfg.image_sizes[s], cfg.image_sizes[s], 3))
+    chex.assert_equal(n, cfg.num_patches[s])
+    block = self._dense_block(s, image, mask)
+    reg, logits, kv = self._encode_block(block, jnp.zeros(block.shape[:2], jnp.float32), cache)
+    return ScaleOutput(reg=reg, selection_logits=logits, taken=mask,
+                       num_dropped=jnp.zeros((b,), jnp.int32), kv=kv)
+
+  def scan_scale_sparse(self, s: int, image: jax.Array, wanted: jax.Array,
+                        scores: Optional[jax.Array], cache: KVCache) -> ScaleOutput:
+    """Scale s of the sparse path: taken patches in `capacity[s]` slots, the rest merged.
+
+    image: [B, r_s, r_s, 3], pyramid level s; wanted: [B, N_s] bool; scores: [B, N_s]
+    priorities when more are wanted than fit (None at full capacity). Block layout:
+    [REG_s | capacity[s] slots | merged C_s] (no merged token at scale 0, where every
+    patch is taken). Only the slotted patches are embedded.
     """
     cfg = self.cfg
     b, n = wanted.shape
-    capacity = cfg.capacities[s]
-    if capacity == n:  # Every wanted patch fits: keep the patches in place.
-      slots = self._patch_tokens(image, s)  # [B, N, D]
-      slot_valid, taken = wanted, wanted
-      index, dropped = None, jnp.zeros((b,), jnp.int32)
-    else:
-      index, slot_valid, taken, dropped = selection.capacity_slots(wanted, scores, capacity)
-      slots = self._patch_tokens(image, s, index)  # [B, C, D]
-    parts = [self._reg_token(s, b), slots]
-    bias_parts = [jnp.zeros((b, 1)), jnp.where(slot_valid, 0.0, NEG_INF)]
+    chex.assert_shape(image, (b, cfg.image_sizes[s], cfg.image_sizes[s], 3))
+    chex.assert_equal(n, cfg.num_patches[s])
+    slots = selection.fill_slots(wanted, scores, cfg.capacities[s])
+    patches = self._patch_tokens(image.astype(cfg.compute_dtype), s, slots.index)  # [B, C, D]
+    parts = [self._reg_token(s, b), patches]
+    bias_parts = [jnp.zeros((b, 1)), jnp.where(slots.valid, 0.0, NEG_INF)]
     if s > 0:
-      num_replaced = n - taken.sum(axis=1)  # [B]
+      num_replaced = n - slots.taken.sum(axis=1)  # [B]
       merged_bias = jnp.where(num_replaced > 0,
                               jnp.log(jnp.maximum(num_replaced, 1).astype(jnp.float32)),
                               NEG_INF)
@@ -182,19 +246,52 @@ class ScanFormer(nn.Module):
       bias_parts.append(merged_bias[:, None])
     block = jnp.concatenate(parts, axis=1)
     bias = jnp.concatenate(bias_parts, axis=1).astype(jnp.float32)
-    reg, head_logits, keys, values = self._encode_scale(block, bias, cache)
+    reg, head_logits, kv = self._encode_block(block, bias, cache)
     # Logits on the full grid; a replaced patch's logit is the merged token's.
-    slot_logits = head_logits[:, :slots.shape[1]]
-    if s == 0:
-      logits = slot_logits
-    else:
-      merged_logit = head_logits[:, -1:]  # [B, 1]
-      if index is None:
-        logits = jnp.where(taken, slot_logits, merged_logit)
+    slot_logits = head_logits[:, :patches.shape[1]]
+    logits = slot_logits if s == 0 else slots.to_grid(slot_logits, head_logits[:, -1:])
+    return ScaleOutput(reg=reg, selection_logits=logits, taken=slots.taken,
+                       num_dropped=slots.num_dropped, kv=kv)
+
+  # ------------------------------------------------------------------- the paths
+  def _scan_dense(self, images, cache: KVCache, train: bool,
+                  force_taken: Optional[tuple[jax.Array, ...]]) -> list[ScaleOutput]:
+    """The dense scan of pyramid levels `images` (scales 0.., a prefix allowed)."""
+    cfg = self.cfg
+    gumbel_rng = self.make_rng("gumbel") if train else None
+    mask = jnp.ones((images[0].shape[0], cfg.num_patches[0]), jnp.float32)  # Scale 0: all.
+    outs = []
+    for s, image in enumerate(images):
+      if force_taken is not None:
+        mask = force_taken[s].astype(jnp.float32)
+      out = self.scan_scale_dense(s, image, mask, cache)
+      outs.append(out if train else out.replace(taken=mask > 0.5))
+      if s == len(images) - 1:  # The last scale's keys/values are never attended to.
+        break
+      cache = cache.append(out.kv)
+      if train:
+        decide = selection.hard_gumbel_sigmoid(
+            out.selection_logits, jax.random.fold_in(gumbel_rng, s), cfg.tau)
+        mask = selection.upsample_to_children(mask * decide, cfg.grid_sizes[s])
       else:
-        logits = jnp.broadcast_to(merged_logit, (b, n)).at[jnp.arange(b)[:, None], index].set(
-            jnp.where(slot_valid, slot_logits, merged_logit))
-    return reg, logits, taken, dropped, (keys, values, bias)
+        wanted, _ = selection.wanted_children(cfg, s, mask > 0.5, out.selection_logits)
+        mask = wanted.astype(jnp.float32)
+    return outs
+
+  def _scan_sparse(self, images, cache: KVCache) -> list[ScaleOutput]:
+    """The sparse scan of pyramid levels `images` (scales 0.., a prefix allowed)."""
+    cfg = self.cfg
+    wanted = jnp.ones((images[0].shape[0], cfg.num_patches[0]), bool)  # Scale 0: all.
+    scores = None
+    outs = []
+    for s, image in enumerate(images):
+      out = self.scan_scale_sparse(s, image, wanted, scores, cache)
+      outs.append(out)
+      if s == len(images) - 1:  # The last scale's keys/values are never attended to.
+        break
+      cache = cache.append(out.kv)
+      wanted, scores = selection.wanted_children(cfg, s, out.taken, out.selection_logits)
+    return outs
 
   def __call__(self, image: jax.Array, text_ids: jax.Array, text_mask: jax.Array,
                mode: str = "sparse", train: bool = False,
@@ -215,57 +312,23 @@ class ScanFormer(nn.Module):
     b = image.shape[0]
     chex.assert_shape(image, (b, cfg.image_size, cfg.image_size, 3))
     chex.assert_shape([text_ids, text_mask], (b, None))
-    chex.assert_type(text_ids, int)
 
-    cache = self._encode_text(text_ids, text_mask.astype(bool))
+    cache = self.encode_text(text_ids, text_mask)
     images = build_pyramid(image.astype(jnp.float32), cfg.image_sizes)
-    gumbel_rng = self.make_rng("gumbel") if train else None
-    topk = cfg.select_topk or (None,) * cfg.num_scales
+    if mode == "dense":
+      scales = self._scan_dense(images, cache, train, force_taken)
+    else:
+      scales = self._scan_sparse(images, cache)
 
-    regs, logits_out, taken_out, dropped_out = [], [], [], []
-    mask = jnp.ones((b, cfg.num_patches[0]), jnp.float32)  # dense: scale-0 takes all
-    wanted, scores = jnp.ones((b, cfg.num_patches[0]), bool), None
-    for s in range(cfg.num_scales):
-      image_s = images[s].astype(cfg.compute_dtype)
-      last = s == cfg.num_scales - 1
-      if mode == "dense":
-        tokens = self._patch_tokens(image_s, s)
-        if force_taken is not None:
-          mask = force_taken[s].astype(jnp.float32)
-        reg, logits, block_kv = self._dense_scale(s, tokens, mask, cache)
-        taken = mask if train else mask > 0.5
-        dropped = jnp.zeros((b,), jnp.int32)
-        if not last:
-          grid = cfg.grid_sizes[s]
-          if train:
-            decide = selection.hard_gumbel_sigmoid(
-                logits, jax.random.fold_in(gumbel_rng, s), cfg.tau)
-            mask = selection.upsample_to_children(mask * decide, grid)
-          else:
-            child, _ = selection.wanted_children(
-                mask > 0.5, logits, grid, cfg.select_threshold, topk[s + 1])
-            mask = child.astype(jnp.float32)
-      else:
-        reg, logits, taken, dropped, block_kv = self._sparse_scale(s, image_s, wanted, scores,
-                                                                   cache)
-        if not last:
-          wanted, scores = selection.wanted_children(
-              taken, logits, cfg.grid_sizes[s], cfg.select_threshold, topk[s + 1])
-      if not last:  # The last scale's keys/values are never attended to.
-        cache = cache.append(*block_kv)
-      chex.assert_shape([logits, taken], (b, cfg.num_patches[s]))
-      regs.append(reg)
-      logits_out.append(logits)
-      taken_out.append(taken)
-      dropped_out.append(dropped)
-
-    reg_features = jnp.stack(regs, axis=1)  # [B, S, D]
-    boxes = self.box_head(reg_features)     # [B, S, 4]
+    reg_features = jnp.stack([out.reg for out in scales], axis=1)  # [B, S, D]
+    boxes = self.box_head(reg_features)                             # [B, S, 4]
     pred_iou = self.iou_head(reg_features) if cfg.iou_head else None
     chex.assert_shape(boxes, (b, cfg.num_scales, 4))
-    return ScanFormerOutput(boxes=boxes, selection_logits=tuple(logits_out),
-                            taken=tuple(taken_out), num_dropped=jnp.stack(dropped_out, 1),
-                            reg_features=reg_features, pred_iou=pred_iou)
+    return ScanFormerOutput(
+        boxes=boxes, selection_logits=tuple(out.selection_logits for out in scales),
+        taken=tuple(out.taken for out in scales),
+        num_dropped=jnp.stack([out.num_dropped for out in scales], axis=1),
+        reg_features=reg_features, pred_iou=pred_iou)
 
   def block_causal_reference(self, image: jax.Array, text_ids: jax.Array,
                              text_mask: jax.Array, taken: tuple[jax.Array, ...]) -> jax.Array:
@@ -284,10 +347,7 @@ class ScanFormer(nn.Module):
     reg_positions = []
     offset = length
     for s in range(cfg.num_scales):
-      tokens = self._patch_tokens(images[s].astype(cfg.compute_dtype), s)
-      m = taken[s].astype(tokens.dtype)[..., None]
-      x = m * tokens + (1 - m) * self._const_token(s)
-      seq.append(jnp.concatenate([self._reg_token(s, b), x], axis=1))
+      seq.append(self._dense_block(s, images[s], taken[s]))
       key_bias.append(jnp.zeros((b, 1 + cfg.num_patches[s])))
       block_ids.append(jnp.full((1 + cfg.num_patches[s],), s + 1, jnp.int32))
       reg_positions.append(offset)

@@ -1,10 +1,9 @@
 """Optimizer: global-norm clipping, then AdamW with warmup + cosine decay, with a
 lower learning rate for the (pretrained) backbone than for ScanFormer's new parts.
 
-New parameters are the top-level modules ScanFormer adds to ViLT (REG tokens, scale
-embeddings, constant tokens, selection/box/IoU heads); everything else (text and
-patch embeddings, position and modality embeddings, transformer layers, final norm)
-is backbone. Weight decay applies to matrices only (not biases, norms, vectors).
+The two groups are `model.PARAM_GROUPS`: "new" (what ScanFormer adds to ViLT) and
+"backbone"; a top-level parameter in neither is an error, not a silent default.
+Weight decay applies to matrices only (not biases, norms, vectors).
 """
 
 from __future__ import annotations
@@ -15,24 +14,15 @@ import jax
 import optax
 
 from scanformer_jax.config import OptimConfig
-
-NEW_PARAM_PREFIXES = ("reg_tokens", "scale_embed", "const_tokens", "select_head",
-                      "box_head", "iou_head")
-
-
-def is_new_param(top_level_name: str) -> bool:
-  return top_level_name.startswith(NEW_PARAM_PREFIXES)
+from scanformer_jax.model import PARAM_GROUPS, param_group
 
 
 def param_labels(params: Any) -> Any:
-  """Same tree as `params` with "new" or "backbone" at every leaf."""
+  """Same tree as `params` with its group ("new" or "backbone") at every leaf."""
   if not isinstance(params, dict) and not hasattr(params, "items"):
     raise TypeError("params must be a dict keyed by top-level module name")
-  return {
-      name: jax.tree.map(lambda _, label="new" if is_new_param(name) else "backbone": label,
-                         subtree)
-      for name, subtree in params.items()
-  }
+  return {name: jax.tree.map(lambda _, group=param_group(name): group, subtree)
+          for name, subtree in params.items()}
 
 
 def _decay_mask(params: Any) -> Any:
@@ -62,7 +52,8 @@ def make_optimizer(cfg: OptimConfig, num_steps: int
   parts = []
   if cfg.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
+  learning_rates = {"new": schedules["lr"], "backbone": schedules["lr_backbone"]}
+  assert set(learning_rates) == set(PARAM_GROUPS), sorted(PARAM_GROUPS)
   parts.append(optax.multi_transform(
-      {"new": adamw(schedules["lr"]), "backbone": adamw(schedules["lr_backbone"])},
-      param_labels))
+      {group: adamw(lr) for group, lr in learning_rates.items()}, param_labels))
   return optax.chain(*parts), schedules

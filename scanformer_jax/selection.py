@@ -1,20 +1,32 @@
-"""Patch selection: hierarchical taken masks, Gumbel decisions, capacity top-k.
+"""Patch selection: hierarchical taken masks, Gumbel decisions, rules, capacity slots.
 
 Patch (i, j) of a G x G grid has the four children (2i..2i+1, 2j..2j+1) on the
 2G x 2G grid of the next scale. A child is taken iff its parent was taken and the
 parent's selection logit says "take my children". All masks are flat [B, G*G]
 in row-major patch order.
+
+Inference selection is a rule from `RULES`, named by `ModelConfig.selection_rule`.
+A rule sees the children that may be taken and their parents' logits and returns
+the children it wants; a new one is a function registered here with `@rule("name")`.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import chex
+import flax.struct
 import jax
 import jax.numpy as jnp
 
+from scanformer_jax.config import ModelConfig
 from scanformer_jax.layers import NEG_INF
+
+# (candidates [B, N] bool, scores [B, N] float32, cfg, scale) -> wanted [B, N] bool, for
+# the N patches of `scale` >= 1. candidates: children of taken parents; scores: each
+# child's parent logit. A rule must want candidates only (wanted_children enforces it).
+SelectionRule = Callable[[jax.Array, jax.Array, ModelConfig, int], jax.Array]
+RULES: dict[str, SelectionRule] = {}
 
 
 def upsample_to_children(x: jax.Array, grid: int) -> jax.Array:
@@ -51,19 +63,50 @@ def topk_mask(candidates: jax.Array, scores: jax.Array, k: int) -> jax.Array:
   return chosen & candidates
 
 
-def wanted_children(parent_taken: jax.Array, parent_logits: jax.Array, parent_grid: int,
-                    threshold: float, topk: Optional[int]) -> tuple[jax.Array, jax.Array]:
-  """Inference selection of scale s+1 from scale s.
+def rule(name: str) -> Callable[[SelectionRule], SelectionRule]:
+  """Decorator: registers a selection rule under `name` (a `select_rule` value)."""
+  def register(fn: SelectionRule) -> SelectionRule:
+    if name in RULES:
+      raise ValueError(f"selection rule {name!r} is already registered")
+    RULES[name] = fn
+    return fn
+  return register
 
-  Returns (wanted [B, 4N] bool, scores [B, 4N]: each child's parent logit, the
-  priority used when a capacity or a fixed count must choose among them).
+
+@rule("threshold")
+def threshold_rule(candidates, scores, cfg, scale):
+  """Children of parents with sigmoid(logit) > select_threshold."""
+  del scale
+  return candidates & threshold_decision(scores, cfg.select_threshold)
+
+
+@rule("topk")
+def topk_rule(candidates, scores, cfg, scale):
+  """Exactly the top `select_topk[scale]` candidates by parent logit (fewer if fewer)."""
+  if cfg.select_topk is None:
+    raise ValueError("select_rule 'topk' needs select_topk (one count per scale)")
+  return topk_mask(candidates, scores, cfg.select_topk[scale])
+
+
+def wanted_children(cfg: ModelConfig, parent_scale: int, parent_taken: jax.Array,
+                    parent_logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Inference selection of scale s+1 from scale s = parent_scale, by cfg's rule.
+
+  parent_taken: [B, N_s] bool; parent_logits: [B, N_s]. Returns (wanted [B, N_{s+1}]
+  bool, scores [B, N_{s+1}]: each child's parent logit, the priority used when a
+  capacity must choose among them).
   """
-  scores = upsample_to_children(parent_logits.astype(jnp.float32), parent_grid)
-  candidates = upsample_to_children(parent_taken, parent_grid)
-  if topk is not None:
-    return topk_mask(candidates, scores, topk), scores
-  decide = threshold_decision(parent_logits, threshold)
-  return upsample_to_children(parent_taken & decide, parent_grid), scores
+  name = cfg.selection_rule
+  if name not in RULES:
+    raise ValueError(f"select_rule {name!r} is not a registered selection rule "
+                     f"({', '.join(sorted(RULES))}); register it with @selection.rule")
+  grid = cfg.grid_sizes[parent_scale]
+  chex.assert_shape([parent_taken, parent_logits], (None, grid * grid))
+  scores = upsample_to_children(parent_logits.astype(jnp.float32), grid)
+  candidates = upsample_to_children(parent_taken, grid)
+  wanted = RULES[name](candidates, scores, cfg, parent_scale + 1)
+  chex.assert_equal_shape([wanted, candidates])
+  return wanted & candidates, scores
 
 
 def capacity_slots(wanted: jax.Array, scores: jax.Array, capacity: int):
@@ -82,3 +125,37 @@ def capacity_slots(wanted: jax.Array, scores: jax.Array, capacity: int):
   valid = jnp.arange(capacity)[None, :] < jnp.minimum(count, capacity)[:, None]
   taken = jnp.zeros((b, n), bool).at[jnp.arange(b)[:, None], index].set(valid)
   return index, valid, taken, count - valid.sum(axis=1, dtype=jnp.int32)
+
+
+@flax.struct.dataclass
+class Slots:
+  """Which patches of a scale fill its `capacity` static slots, and the way back.
+
+  index None: capacity is the patch count, every patch sits in its own slot (in place).
+  """
+  index: Optional[jax.Array]  # [B, C] patch index held by each slot
+  valid: jax.Array            # [B, C] bool, the slot holds a wanted patch
+  taken: jax.Array            # [B, N] bool, wanted patches that got a slot
+  num_dropped: jax.Array      # [B] int32, wanted patches left out for lack of slots
+
+  def to_grid(self, slot_values: jax.Array, fill: jax.Array) -> jax.Array:
+    """Per-slot values [B, C] on the full grid [B, N]; `fill` [B, 1] where no slot is."""
+    if self.index is None:
+      return jnp.where(self.taken, slot_values, fill)
+    b, n = self.taken.shape
+    rows = jnp.arange(b)[:, None]
+    return jnp.broadcast_to(fill, (b, n)).at[rows, self.index].set(
+        jnp.where(self.valid, slot_values, fill))
+
+
+def fill_slots(wanted: jax.Array, scores: Optional[jax.Array], capacity: int) -> Slots:
+  """The slots of a scale with `wanted` [B, N] patches (scores [B, N]: priorities).
+
+  scores may be None when capacity == N (nothing has to be chosen).
+  """
+  b, n = wanted.shape
+  if capacity == n:  # Every wanted patch fits: keep the patches in place.
+    return Slots(index=None, valid=wanted, taken=wanted,
+                 num_dropped=jnp.zeros((b,), jnp.int32))
+  index, valid, taken, dropped = capacity_slots(wanted, scores, capacity)
+  return Slots(index=index, valid=valid, taken=taken, num_dropped=dropped)

@@ -29,21 +29,17 @@ from scanformer_jax import config_io
 from scanformer_jax.config import ModelConfig
 from scanformer_jax.layers import (NEG_INF, EncoderLayer, PatchEmbed, TextEmbeddings, dense,
                                    embed, final_norm, patchify)
+from scanformer_jax.model import param_group
 
-# Top-level parameter names shared with ScanFormer (copied by `init_from`).
-BACKBONE_GROUPS = ("text_embed", "patch_embed", "pos_embed", "modality_embed", "final_norm")
-# Present in converted checkpoints, unused by ScanFormer.
+# Top-level parameter names shared with ScanFormer (copied by `init_from`) are the
+# "backbone" group of `model.PARAM_GROUPS`. Present in converted checkpoints, unused
+# by ScanFormer:
 VILT_ONLY_GROUPS = ("cls_token", "pooler")
 # ModelConfig fields that fix the backbone's parameter shapes and numerics.
 BACKBONE_FIELDS = ("vocab_size", "max_text_len", "type_vocab_size", "hidden_size", "num_layers",
                    "num_heads", "mlp_dim", "layer_norm_eps", "patch_size", "pos_grid_size")
 PARAMS_SUBDIR = "params"
 CONFIG_FILE = "config.json"
-
-
-def is_backbone_name(name: str) -> bool:
-  """Whether a top-level parameter name belongs to the shared ViLT backbone."""
-  return name in BACKBONE_GROUPS or (name.startswith("layers_") and name[7:].isdigit())
 
 
 # ----------------------------------------------------------------------------- image side
@@ -227,13 +223,9 @@ def vilt_forward(params: Mapping[str, Any], cfg: ModelConfig, input_ids,
                   pixel_mask)
 
 
-def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
-  """Random ViLT parameters (the tree `convert-vilt` writes); jitted."""
-  return _init(cfg, rng)
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _init(cfg: ModelConfig, rng: jax.Array) -> dict:
+  """Random ViLT parameters (the tree `convert-vilt` writes)."""
   p = cfg.patch_size
   ids = jnp.zeros((1, 1), jnp.int32)
   image = jnp.zeros((1, p, p, 3), jnp.float32)
@@ -306,8 +298,8 @@ def init_scanformer_from_vilt(
   scanformer_params: ScanFormer's params (bare tree or `{'params': tree}`);
   converted: a `convert-vilt` output directory, a `(params, cfg)` pair, or a bare
   ViLT params tree (then only shapes are checked); cfg: the training ModelConfig.
-  Every backbone tensor (`text_embed`, `patch_embed`, `pos_embed`, `modality_embed`,
-  `layers_*`, `final_norm`) is copied; ScanFormer-only ones keep their init.
+  Every tensor of the "backbone" group (`model.PARAM_GROUPS`) is copied; the "new"
+  ones keep their init.
   Raises ValueError when the backbones differ, a tensor is missing or has another shape.
   Returns (params in the input's structure and array kind, human summary).
   """
@@ -334,7 +326,7 @@ def init_scanformer_from_vilt(
   vilt_flat = traverse_util.flatten_dict(dict(unwrap(vilt_params)))
   out, copied, fresh, errors = {}, [], set(), []
   for path, value in target.items():
-    if not is_backbone_name(path[0]):
+    if param_group(path[0]) != "backbone":
       out[path] = value
       fresh.add(path[0])
       continue

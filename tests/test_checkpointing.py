@@ -17,7 +17,7 @@ import pytest
 
 from scanformer_jax import checkpointing
 from scanformer_jax.errors import UserError
-from scanformer_jax.experiment import CheckpointConfig
+from scanformer_jax.config import CheckpointConfig
 from scanformer_jax.train_state import TrainState
 
 TX = optax.adam(1e-3)

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scanformer_jax import ModelConfig, ScanFormer
+from scanformer_jax import ModelConfig, ScanFormer, selection
 from scanformer_jax.layers import EncoderLayer
+from scanformer_jax.pyramid import build_pyramid
 
 CFG = ModelConfig.tiny()
 B, L = 2, 10
@@ -187,6 +188,34 @@ def test_block_causal_pass_equals_scan_with_kv_cache(full, small, variables, inp
   for out in (full[0], small[1]):
     regs = reference(variables, *inputs, out.taken)
     np.testing.assert_allclose(regs, out.reg_features, atol=ATOL, rtol=0)
+
+
+def test_public_steps_run_a_prefix_of_the_scan(full, variables, inputs, threshold):
+  """encode_text, then scan_scale_sparse for scales 0 and 1: the full scan's first two."""
+  cfg = CFG.replace(select_threshold=threshold)
+  net = ScanFormer(cfg)
+
+  def prefix(v, image, text_ids, text_mask):
+    cache = net.apply(v, text_ids, text_mask, method=ScanFormer.encode_text)
+    images = build_pyramid(image, cfg.image_sizes)
+    wanted, scores, outs = jnp.ones((B, cfg.num_patches[0]), bool), None, []
+    for s in range(2):
+      out = net.apply(v, s, images[s], wanted, scores, cache,
+                      method=ScanFormer.scan_scale_sparse)
+      outs.append(out)
+      cache = cache.append(out.kv)
+      wanted, scores = selection.wanted_children(cfg, s, out.taken, out.selection_logits)
+    return outs, cache
+
+  outs, cache = jax.jit(prefix, compiler_options=FAST_COMPILE)(variables, *inputs)
+  sparse = full[0]
+  for s, out in enumerate(outs):
+    np.testing.assert_array_equal(out.taken, sparse.taken[s])
+    np.testing.assert_allclose(out.reg, sparse.reg_features[:, s], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(out.selection_logits, sparse.selection_logits[s], atol=ATOL,
+                               rtol=0)
+  # Text, then [REG_0 | 4 patches], then [REG_1 | 16 slots | merged C_1].
+  assert cache.bias.shape == (B, L + (1 + CFG.num_patches[0]) + (1 + CFG.num_patches[1] + 1))
 
 
 def test_dense_training_gradients_reach_selection_head(raw_variables, inputs):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scanformer_jax import selection
+from scanformer_jax import ModelConfig, selection
 from scanformer_jax.layers import patchify
 
 
@@ -47,7 +47,9 @@ def test_topk_mask_picks_best_candidates_only():
 def test_wanted_children_threshold_and_topk():
   parent_taken = jnp.array([[True, True, False, True]])   # 2 x 2 grid
   parent_logits = jnp.array([[2.0, -2.0, 5.0, 0.5]])
-  wanted, scores = selection.wanted_children(parent_taken, parent_logits, 2, 0.5, None)
+  cfg = ModelConfig.tiny(select_threshold=0.5)
+  assert cfg.grid_sizes[0] == 2 and cfg.selection_rule == "threshold"
+  wanted, scores = selection.wanted_children(cfg, 0, parent_taken, parent_logits)
   # Parent 0 (taken, p>0.5) and 3 (taken, sigmoid(0.5)>0.5); parent 2 not taken.
   expect_parents = np.array([True, False, False, True])
   np.testing.assert_array_equal(
@@ -55,7 +57,9 @@ def test_wanted_children_threshold_and_topk():
   np.testing.assert_array_equal(scores, selection.upsample_to_children(parent_logits, 2))
   # topk=6: the 4 children of parent 0 (best logit) and 2 of parent 3's;
   # the children of parent 1 (logit -2, still a candidate) lose.
-  wanted_k, _ = selection.wanted_children(parent_taken, parent_logits, 2, 0.5, 6)
+  cfg_k = cfg.replace(select_topk=(4, 6, 64))
+  assert cfg_k.selection_rule == "topk"
+  wanted_k, _ = selection.wanted_children(cfg_k, 0, parent_taken, parent_logits)
   wanted_k = np.asarray(wanted_k).reshape(4, 4)
   assert wanted_k.sum() == 6
   assert wanted_k[:2, :2].all() and not wanted_k[:2, 2:].any() and not wanted_k[2:, :2].any()
