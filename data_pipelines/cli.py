@@ -63,11 +63,11 @@ def _parser() -> argparse.ArgumentParser:
 def _inspect(args: argparse.Namespace) -> list[dict]:
   """The first N good samples of the split in pipeline order (fixed)."""
   import numpy as np
-  from data_pipelines import pipeline, sources, transforms
+  from data_pipelines import processing, sources, transforms
   if args.num < 1:
     raise DataError("--num must be >= 1")
   src = sources.SampleSource(args.dataset, args.split, args.data_dir)
-  proc = pipeline.SampleProcessor(args.image_size, 2, None, None)
+  proc = processing.SampleProcessor(args.image_size, 2, None, None)
   out, bad = [], 0
   for idx in range(len(src)):
     if len(out) == args.num:
@@ -95,8 +95,8 @@ def _inspect(args: argparse.Namespace) -> list[dict]:
 
 def _draw(image_bytes: bytes, box, item: dict, path: Path) -> None:
   from PIL import ImageDraw
-  from data_pipelines import transforms
-  img = transforms.open_image(image_bytes).convert("RGB")
+  from data_pipelines import images
+  img = images.to_rgb(images.open_image(image_bytes))
   d = ImageDraw.Draw(img)
   d.rectangle([float(v) for v in box], outline=(255, 0, 0), width=max(1, img.width // 200))
   d.text((3, 3), item["expression"][:80], fill=(255, 0, 0))

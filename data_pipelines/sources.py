@@ -37,10 +37,6 @@ class DatasetRef:
   config_dir: epath.Path  # <data_dir>/<builder>/<config> (local or e.g. gs://)
   build_hint: str  # the command that builds it
 
-  @property
-  def is_synthetic(self) -> bool:
-    return self.name == "synthetic" or self.name.startswith("synthetic/")
-
 
 def resolve(name: str, data_dir: str | os.PathLike) -> DatasetRef:
   """Maps a dataset name to where its built files live (does not check they exist)."""

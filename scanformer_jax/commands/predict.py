@@ -56,7 +56,7 @@ def main(argv: list[str]) -> int:
     config = commands.resolve_config(args.config, args.workdir, args.overrides)
     import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
-    from data_pipelines import pipeline, transforms  # pylint: disable=g-import-not-at-top
+    from data_pipelines import processing, transforms  # pylint: disable=g-import-not-at-top
     from scanformer_jax import (checkpointing, data_source, experiment, sharding,  # pylint: disable=g-import-not-at-top
                                 train_state, trainer)
     from scanformer_jax.model import ScanFormer  # pylint: disable=g-import-not-at-top
@@ -64,10 +64,10 @@ def main(argv: list[str]) -> int:
     cfg = config.model.architecture()
     ckpt = checkpointing.Checkpointer(trainer.checkpoint_dir(config, args.workdir),
                                       config.checkpoint, read_only=True)
-    image = pipeline.load_image_file(args.image)
+    image = processing.load_image_file(args.image)
     tokenizer = data_source.load_tokenizer(config)
-    batch, meta = pipeline.preprocess_single(image, args.text, tokenizer, cfg.image_size,
-                                             cfg.max_text_len)
+    batch, meta = processing.preprocess_single(image, args.text, tokenizer, cfg.image_size,
+                                               cfg.max_text_len, source=args.image)
     # One sample: a single-device mesh (orbax reshards FSDP checkpoints on restore).
     mesh_cfg = experiment.MeshConfig(data=1, fsdp=1)
     mesh = sharding.make_mesh(mesh_cfg, jax.local_devices()[:1])
