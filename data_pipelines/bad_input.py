@@ -2,10 +2,11 @@
 
 A sample is bad when its image is unusable (`images`: undecodable, truncated, empty,
 too small, too large), its expression is empty (also when it holds only control or
-zero-width characters) or tokenizes to unknown word pieces only, or its box is
+zero-width characters), or its box is
 malformed (NaN, infinite), has zero or negative area, or lies outside the image.
 Over-long expressions are not bad: they are truncated to the token budget and
-counted (`truncated`). Bad samples are skipped (training) or
+counted (`truncated`). Non-ASCII text is kept: the tokenizer lowercases and strips
+accents as BERT does, and characters outside the vocab become [UNK], as in ViLT. Bad samples are skipped (training) or
 turned into `valid=False` rows (evaluation), counted by reason, and the counts are
 logged once per epoch. If more than `max_bad_fraction` of the samples seen in an
 epoch are bad, the pipeline stops with a `DataError` naming the dataset.
@@ -48,13 +49,6 @@ def check_expression(text: str) -> str:
     raise BadSample("expression", "empty expression (nothing but whitespace, control or "
                     "zero-width characters)")
   return text
-
-
-def check_tokens(ids: np.ndarray, mask: np.ndarray, unk_id: int, text: str) -> None:
-  """BadSample unless some word piece of `text` is in the vocab (ids: [CLS] .. [SEP])."""
-  pieces = np.asarray(ids)[1:int(np.sum(mask)) - 1]  # [n] without [CLS] / [SEP]
-  if not pieces.size or np.all(pieces == unk_id):
-    raise BadSample("expression", f"no word of {text!r} is in the vocab")
 
 
 def check_box(box_xyxy: np.ndarray, width: int, height: int) -> np.ndarray:

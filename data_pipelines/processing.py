@@ -95,7 +95,6 @@ class SampleProcessor:
     fbox = np.clip(fbox, 0, [geom.out_w, geom.out_h, geom.out_w, geom.out_h])
     if self.tokenizer is not None:
       ids, mask, truncated = self.tokenizer.encode(text)
-      bad_input.check_tokens(ids, mask, self.tokenizer.unk_id, text)
     else:
       ids = np.full((self.max_text_len,), PAD_ID, np.int32)
       mask, truncated = np.zeros((self.max_text_len,), np.bool_), False

@@ -54,7 +54,6 @@ BAD_TEXTS = {
     "whitespace-only": (" \t\n  ", "empty expression"),
     "control-only": ("\x00\x07\x1b\x7f", "empty expression"),
     "zero-width-only": ("\u200b\u200c\u200d\u2060\ufeff", "empty expression"),
-    "unknown words only (non-ASCII)": ("\U0001F642 \u2603", "is in the vocab"),
 }
 BAD_BOXES = {
     "zero-area": ([10.0, 5.0, 10.0, 20.0], "zero-area box"),
@@ -100,6 +99,8 @@ def test_expressions_kept_as_the_tokenizer_reads_them():
   assert "bad" not in row and row["meta"]["expression"] == "the l\u00e9ft block"
   ids, _, _ = TOK.encode("the left block")
   np.testing.assert_array_equal(row["text_ids"], ids)  # accents stripped as BERT does
+  emoji = proc(block_sample(0, text="\U0001F642 \u2603"))  # kept: [UNK] [UNK], as ViLT
+  assert emoji["text_ids"][1:3].tolist() == [TOK.unk_id] * 2
   long_row = proc(block_sample(0, text="the left block " * 20))
   assert long_row["meta"]["truncated"] and long_row["text_mask"].all()
 
