@@ -7,7 +7,7 @@ a one-line `DataError` in `predict`); nothing is silently altered:
   - fewer than MIN_IMAGE_SIDE pixels on a side (e.g. 1x1: nothing to ground);
   - more than MAX_IMAGE_PIXELS pixels (checked on the header, before decoding;
     PIL's DecompressionBombError gets the same answer);
-  - an unreadable EXIF block, or non-finite pixels in a float (F) image.
+  - unreadable EXIF data, or non-finite pixels in a float (F) image.
 
 Modes: 1, L, P, RGB, CMYK, YCbCr, LAB, HSV convert with PIL. Alpha (LA, PA, RGBA,
 RGBa, P with transparency) is dropped, not composited: the colours stay as stored,
@@ -65,10 +65,10 @@ def open_image(data: bytes | Image.Image) -> Image.Image:
 
 
 def _upright(img: Image.Image) -> Image.Image:
-  try:
+  try:  # (PNG keeps EXIF after the pixels: reading it decodes the image)
     orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
   except Exception as e:  # pylint: disable=broad-except
-    raise BadSample("image", f"unreadable EXIF data: {e}") from None
+    raise BadSample("image", f"cannot decode image or its EXIF data: {e}") from None
   if orientation in (1, None):
     return img  # still lazy: JPEG can decode straight to a reduced size (`draft`)
   try:

@@ -44,6 +44,8 @@ def _truncated_jpeg() -> bytes:
 BAD_IMAGES = {
     "corrupt": (b"\xff\xd8 definitely not a jpeg", "cannot open image"),
     "truncated": (_truncated_jpeg(), "cannot decode image"),
+    "truncated PNG": (encode(np.random.default_rng(1).integers(0, 256, (64, 64, 3)).astype(
+        np.uint8))[:3000], "cannot decode image"),
     "zero-byte": (b"", "zero-byte image"),
     "1x1": (encode(np.zeros((1, 1, 3), np.uint8)), "image too small (1x1 px"),
     "huge": (_png_header(9000, 9000), "image too large (9000x9000 = 81000000 pixels"),
