@@ -22,6 +22,7 @@ from data_pipelines.tokenizer import Tokenizer
 from data_pipelines.transforms import AugmentConfig
 
 log = logging.getLogger("data_pipelines")
+LOGGED_BAD_SAMPLES = 5
 
 _META_DTYPES = {
     "expression": np.object_, "image_id": np.int64, "index": np.int64,
@@ -55,6 +56,8 @@ class SampleProcessor:
 
   With `augment` (training) it needs the per-sample rng that grain's random_map
   passes; without, it letterboxes the whole image. `tokenizer=None` skips text ids.
+  The first LOGGED_BAD_SAMPLES bad samples (per copy: per worker) are logged with
+  why they are bad; the pipelines count all of them per epoch.
   """
 
   def __init__(self, image_size: int, max_text_len: int, tokenizer: Tokenizer | None,
@@ -63,11 +66,16 @@ class SampleProcessor:
     self.max_text_len = max_text_len
     self.tokenizer = tokenizer
     self.augment = augment
+    self._logged = 0
 
   def __call__(self, raw: dict[str, Any], rng: np.random.Generator | None = None):
     try:
       return self.process(raw, rng)
     except BadSample as e:
+      if self._logged < LOGGED_BAD_SAMPLES:
+        self._logged += 1
+        log.warning("bad sample skipped (index %s, image_id %s): %s", raw.get("index", -1),
+                    raw.get("image_id", -1), e)
       return {"bad": e.reason, "raw": {"index": raw.get("index", -1),
                                        "image_id": raw.get("image_id", -1),
                                        "epoch": raw.get("epoch", 0)}}

@@ -124,6 +124,11 @@ def test_pipeline_counts_every_bad_class(caplog):
   t = it.stats.totals
   assert (t["image"], t["expression"], t["box"]) == (len(BAD_IMAGES), len(BAD_TEXTS),
                                                      len(BAD_BOXES))
+  # The first few are logged with why.
+  logged = [r.getMessage() for r in caplog.records if "bad sample skipped" in r.getMessage()]
+  assert len(logged) == processing.LOGGED_BAD_SAMPLES
+  messages = [m for _, m in (*BAD_IMAGES.values(), *BAD_TEXTS.values(), *BAD_BOXES.values())]
+  assert all(any(m in line for m in messages) for line in logged), logged
 
 
 # ------------------------------------------------------------ predict's single image
