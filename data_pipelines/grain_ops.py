@@ -161,7 +161,6 @@ def per_process_batch(global_batch_size: int, process_count: int) -> int:
   return global_batch_size // process_count
 
 
-
 class EvalSource:
   """This process's shard of the samples, padded with `{"pad": True}` to `total`.
 
@@ -177,4 +176,3 @@ class EvalSource:
 
   def __getitem__(self, i: int) -> dict:
     return self.src[self.pi + int(i) * self.pc] if i < self.n else {"pad": True}
-

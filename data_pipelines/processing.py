@@ -13,6 +13,7 @@ import os
 from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image
 
 from data_pipelines import bad_input, images, transforms
 from data_pipelines.bad_input import BadSample
@@ -153,7 +154,6 @@ def collate(rows: Sequence[dict]) -> dict[str, Any]:
   return batch
 
 
-
 class EvalRow:
   """Eval map: a raw sample or a `{"pad": True}` marker -> a row (valid=False when
   padding or bad, the bad reason counted in meta.skipped)."""
@@ -168,7 +168,6 @@ class EvalRow:
     if "bad" in row:
       return pad_row(self.proc.image_size, self.proc.max_text_len, bad=row)
     return row
-
 
 
 def load_image_file(path: str | os.PathLike) -> np.ndarray:
@@ -197,7 +196,6 @@ def preprocess_single(image: np.ndarray, text: str, tokenizer: Tokenizer,
   `transforms.box_to_original_pixels(box[0], {k: v[0] for k, v in meta.items()})`
   or directly on the [1, 4] batch.
   """
-  from PIL import Image
   arr = np.asarray(image)
   if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
     raise DataError(f"{source}: expected a uint8 [H, W, 3] image, got {arr.dtype} "
