@@ -88,9 +88,9 @@ def check_inputs(refer_root: str | os.PathLike, dataset: str, split_by: str,
   inst_path = folder / "instances.json"
   for p in (refs_path, inst_path):
     if not p.is_file():
-      raise DataError(f"missing {p}\n{_STEPS}")
+      raise DataError(f"missing {p}. {_STEPS}")
   if not Path(image_dir).is_dir():
-    raise DataError(f"image directory not found: {image_dir}\n{_STEPS}")
+    raise DataError(f"image directory not found: {image_dir}. {_STEPS}")
   return refs_path, inst_path
 
 

@@ -75,7 +75,7 @@ def builder_dir(ref: DatasetRef) -> epath.Path:
                 if p.is_dir() and (p / "dataset_info.json").is_file()]
   if not versions:
     raise DataError(f"dataset {ref.name!r} is not built: no {ref.config_dir}/<version>/"
-                    f"dataset_info.json. Build it with:\n  {ref.build_hint}")
+                    f"dataset_info.json. Build it with: {ref.build_hint}")
   return max(versions, key=lambda p: _version_key(p.name))
 
 
