@@ -3,6 +3,7 @@ shards. The per-sample work is in `processing`; `pipeline` assembles the two."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import threading
 import time
@@ -128,11 +129,14 @@ def exit_with_parent(worker_index: int, worker_count: int) -> None:
   after `kill -9` of the parent they block forever on their full output queue, and
   keep multiprocessing's resource tracker alive too. A daemon thread polls
   `os.getppid()` (it changes when the orphan is re-parented) and ends the worker.
+  The parent's pid comes from multiprocessing (recorded when the worker was created),
+  so a parent that died while the worker was still starting is noticed too.
   Not `prctl(PR_SET_PDEATHSIG)`: that fires when the parent *thread* that spawned the
   worker ends, and grain spawns workers from a short-lived thread pool.
   """
   del worker_index, worker_count
-  parent = os.getppid()
+  parent_process = multiprocessing.parent_process()
+  parent = parent_process.pid if parent_process is not None else os.getppid()
 
   def watch() -> None:
     while os.getppid() == parent:
