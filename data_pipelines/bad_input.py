@@ -1,15 +1,23 @@
 """Bad samples: what counts as bad, and the per-epoch counts that get logged.
 
-A sample is bad when its image does not decode, its expression is empty, or its box
-has zero area or lies outside the image. Bad samples are skipped (training) or
-turned into `valid=False` rows (evaluation), counted by reason, and the counts are
-logged once per epoch. If more than `max_bad_fraction` of the samples seen in an
-epoch are bad, the pipeline stops with a `DataError` naming the dataset.
+A sample is bad when its image is unusable (`images`: undecodable, truncated, empty,
+too small, too large), its expression is empty (also when it holds only control or
+zero-width characters), or its box is malformed (NaN, infinite), has zero or
+negative area, or lies outside the image. Over-long expressions are not bad: they
+are truncated to the token budget and counted (`truncated`). Non-ASCII text is kept:
+the tokenizer lowercases and strips accents as BERT does, and characters outside the
+vocab become [UNK], as in ViLT.
+
+Bad samples are skipped (training) or turned into `valid=False` rows (evaluation),
+counted by reason, and the counts are logged once per epoch. If more than
+`max_bad_fraction` of the samples seen in an epoch are bad, the pipeline stops with
+a `DataError` naming the dataset.
 """
 
 from __future__ import annotations
 
 import logging
+import unicodedata
 
 import numpy as np
 
@@ -34,9 +42,14 @@ class BadSample(Exception):
 
 
 def check_expression(text: str) -> str:
-  text = " ".join(str(text).split())
+  """Whitespace-collapsed text without control / format (zero-width) characters,
+  which BERT's normalizer drops anyway; BadSample if nothing is left."""
+  kept = "".join(c for c in str(text)
+                 if c.isspace() or unicodedata.category(c) not in ("Cc", "Cf"))
+  text = " ".join(kept.split())
   if not text:
-    raise BadSample("expression", "empty expression")
+    raise BadSample("expression", "empty expression (nothing but whitespace, control or "
+                    "zero-width characters)")
   return text
 
 
@@ -46,7 +59,9 @@ def check_box(box_xyxy: np.ndarray, width: int, height: int) -> np.ndarray:
   if box.shape != (4,) or not np.all(np.isfinite(box)):
     raise BadSample("box", f"malformed box {box!r}")
   x0, y0, x1, y1 = box
-  if x1 - x0 <= 0 or y1 - y0 <= 0:
+  if x1 - x0 < 0 or y1 - y0 < 0:
+    raise BadSample("box", f"box {box.tolist()} has a negative width or height")
+  if x1 - x0 == 0 or y1 - y0 == 0:
     raise BadSample("box", f"zero-area box {box.tolist()}")
   t = BOX_TOLERANCE_PX
   if x0 < -t or y0 < -t or x1 > width + t or y1 > height + t:

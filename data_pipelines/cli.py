@@ -3,6 +3,7 @@
   synthetic --data-dir D [--config default|small|tiny|train=N,validation=N,test=N,size=S]
   refcoco   --manual-dir M --data-dir D [--configs refcoco_unc,refcocog_umd,...]
   refer     --refer-root R --dataset refclef --split-by berkeley --image-dir I --data-dir D
+            [--overwrite]
   inspect   --dataset NAME --split S --data-dir D [--num N] [--json] [--out DIR]
 
 User errors print one line (no traceback) and exit with code 2.
@@ -46,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
   f.add_argument("--data-dir", required=True)
   f.add_argument("--max-bad-fraction", type=float, default=0.01,
                  help="fail if more than this fraction of images is missing/unreadable")
+  f.add_argument("--overwrite", action="store_true",
+                 help="rebuild an existing build whose inputs changed (else refused)")
 
   i = sub.add_parser("inspect", help="print decoded samples (and draw them)")
   i.add_argument("--dataset", required=True,
@@ -63,11 +66,11 @@ def _parser() -> argparse.ArgumentParser:
 def _inspect(args: argparse.Namespace) -> list[dict]:
   """The first N good samples of the split in pipeline order (fixed)."""
   import numpy as np
-  from data_pipelines import pipeline, sources, transforms
+  from data_pipelines import processing, sources, transforms
   if args.num < 1:
     raise DataError("--num must be >= 1")
   src = sources.SampleSource(args.dataset, args.split, args.data_dir)
-  proc = pipeline.SampleProcessor(args.image_size, 2, None, None)
+  proc = processing.SampleProcessor(args.image_size, 2, None, None)
   out, bad = [], 0
   for idx in range(len(src)):
     if len(out) == args.num:
@@ -95,8 +98,8 @@ def _inspect(args: argparse.Namespace) -> list[dict]:
 
 def _draw(image_bytes: bytes, box, item: dict, path: Path) -> None:
   from PIL import ImageDraw
-  from data_pipelines import transforms
-  img = transforms.open_image(image_bytes).convert("RGB")
+  from data_pipelines import images
+  img = images.to_rgb(images.open_image(image_bytes))
   d = ImageDraw.Draw(img)
   d.rectangle([float(v) for v in box], outline=(255, 0, 0), width=max(1, img.width // 200))
   d.text((3, 3), item["expression"][:80], fill=(255, 0, 0))
@@ -118,7 +121,8 @@ def _run(args: argparse.Namespace) -> int:
   elif args.cmd == "refer":
     from data_pipelines import refer_builder
     path = refer_builder.build(args.refer_root, args.dataset, args.split_by,
-                               args.image_dir, args.data_dir, args.max_bad_fraction)
+                               args.image_dir, args.data_dir, args.max_bad_fraction,
+                               overwrite=args.overwrite)
     print(f"built {path}")
   elif args.cmd == "inspect":
     items = _inspect(args)

@@ -39,7 +39,7 @@ back to original pixels with `scale`, `offset` and `flip`.
 
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from typing import Any
 
 import numpy as np
 
@@ -55,20 +55,6 @@ PAD_ID = 0
 BAD_REASONS = ("image", "expression", "box")
 
 DEVICE_KEYS = ("image", "text_ids", "text_mask", "box", "valid")
-
-
-class Batch(TypedDict):
-  image: np.ndarray  # [B, R, R, 3] float32
-  text_ids: np.ndarray  # [B, L] int32
-  text_mask: np.ndarray  # [B, L] bool
-  box: np.ndarray  # [B, 4] float32
-  valid: np.ndarray  # [B] bool
-  meta: dict[str, np.ndarray]
-
-
-def device_arrays(batch: dict[str, Any]) -> dict[str, np.ndarray]:
-  """The part of a batch that goes to the accelerator (drops `meta`)."""
-  return {k: batch[k] for k in DEVICE_KEYS}
 
 
 def check_batch(batch: dict[str, Any], batch_size: int, image_size: int,

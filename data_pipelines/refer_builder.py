@@ -12,16 +12,24 @@ testA, testB, test), one record per image in the flat layout (`flat_format`); th
 image bytes are copied unchanged.
 
 Images that are missing or whose header does not parse are skipped and counted.
+A `file_name` that is absolute or climbs out of the image dir with `..` is refused.
+
+Each build stores a hash of its inputs (the refs pickle, instances.json and the image
+list: names, sizes, modification times) in `inputs.sha256`. Building again with the
+same inputs reuses the build; with changed inputs (or a build without that file) it
+is refused unless `overwrite=True` (`--overwrite`), which rebuilds from scratch.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import io
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +37,12 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from data_pipelines import flat_format, safe_pickle
+from data_pipelines import flat_format, safe_paths, safe_pickle
 from data_pipelines.errors import DataError
 
 log = logging.getLogger("data_pipelines")
 VERSION = "1.0.0"
+INPUTS_FILE = "inputs.sha256"
 KNOWN = (("refcoco", "unc"), ("refcoco", "google"), ("refcoco+", "unc"),
          ("refcocog", "umd"), ("refcocog", "google"), ("refclef", "unc"),
          ("refclef", "berkeley"))
@@ -72,15 +81,57 @@ _STEPS = (
 def check_inputs(refer_root: str | os.PathLike, dataset: str, split_by: str,
                  image_dir: str | os.PathLike) -> tuple[Path, Path]:
   """(refs pickle, instances.json) paths; DataError naming what is missing."""
+  safe_paths.check_name(dataset, "--dataset")
+  safe_paths.check_name(split_by, "--split-by")
   folder = Path(refer_root) / dataset
   refs_path = folder / f"refs({split_by}).p"
   inst_path = folder / "instances.json"
   for p in (refs_path, inst_path):
     if not p.is_file():
-      raise DataError(f"missing {p}\n{_STEPS}")
+      raise DataError(f"missing {p}. {_STEPS}")
   if not Path(image_dir).is_dir():
-    raise DataError(f"image directory not found: {image_dir}\n{_STEPS}")
+    raise DataError(f"image directory not found: {image_dir}. {_STEPS}")
   return refs_path, inst_path
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+  refs: list[dict]
+  images: dict[int, dict]  # image id -> instances.json image entry
+  anns: dict[int, dict]  # annotation id -> instances.json annotation
+
+
+def read_inputs(refs_path: Path, inst_path: Path, image_dir: str | os.PathLike) -> Inputs:
+  """Loads and checks the annotations; DataError naming the file if they are bad."""
+  refs = safe_pickle.load(refs_path)
+  if not isinstance(refs, list):
+    raise DataError(f"{refs_path}: expected a list of refs, got {type(refs).__name__}")
+  try:
+    inst = json.loads(inst_path.read_text())
+    images = {int(i["id"]): i for i in inst["images"]}
+    anns = {int(a["id"]): a for a in inst["annotations"]}
+  except (ValueError, KeyError, TypeError) as e:
+    raise DataError(f"{inst_path}: not a COCO-style instances.json ({type(e).__name__}: "
+                    f"{e}); get it again as described in the README") from None
+  for info in images.values():  # refuse before any image is read or anything written
+    safe_paths.inside(image_dir, str(info.get("file_name", "")),
+                      f"{inst_path}: image {info['id']} file_name")
+  return Inputs(refs, images, anns)
+
+
+def inputs_digest(refs_path: Path, inst_path: Path, image_dir: str | os.PathLike) -> str:
+  """sha256 of the annotation files and the image list (names, sizes, mtimes)."""
+  h = hashlib.sha256()
+  for p in (refs_path, inst_path):
+    h.update(p.read_bytes())
+  listing = []
+  for dirpath, _, files in os.walk(image_dir):
+    for f in files:
+      st = os.stat(os.path.join(dirpath, f))
+      listing.append(f"{os.path.relpath(os.path.join(dirpath, f), image_dir)}\t"
+                     f"{st.st_size}\t{st.st_mtime_ns}")
+  h.update("\n".join(sorted(listing)).encode("utf-8", "surrogateescape"))
+  return h.hexdigest()
 
 
 class Refer(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -89,10 +140,10 @@ class Refer(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   VERSION = tfds.core.Version(VERSION)
   BUILDER_CONFIGS = list(_KNOWN_CONFIGS.values())
 
-  def __init__(self, *, refer_root: str | os.PathLike | None = None,
+  def __init__(self, *, inputs: Inputs | None = None,
                image_dir: str | os.PathLike | None = None,
                max_bad_fraction: float = 0.01, **kwargs: Any):
-    self._refer_root = Path(refer_root) if refer_root else None
+    self._inputs = inputs
     self._image_dir = Path(image_dir) if image_dir else None
     self._max_bad_fraction = max_bad_fraction
     self._name_index: dict[str, Path] | None = None
@@ -106,24 +157,11 @@ class Refer(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                "ref_ids": tfds.features.Tensor(shape=(None,), dtype=np.int64),
                "category_ids": tfds.features.Tensor(shape=(None,), dtype=np.int64)}))
 
-  # ------------------------------------------------------------------ inputs
-  def _inputs(self) -> tuple[list[dict], dict[int, dict], dict[int, dict]]:
-    c = self.builder_config
-    if self._refer_root is None or self._image_dir is None:
-      raise DataError("building refer datasets needs refer_root and image_dir")
-    refs_path, inst_path = check_inputs(self._refer_root, c.dataset, c.split_by,
-                                        self._image_dir)
-    refs = safe_pickle.load(refs_path)
-    if not isinstance(refs, list):
-      raise DataError(f"{refs_path}: expected a list of refs, got {type(refs).__name__}")
-    inst = json.loads(inst_path.read_text())
-    images = {int(i["id"]): i for i in inst["images"]}
-    anns = {int(a["id"]): a for a in inst["annotations"]}
-    return refs, images, anns
-
   def _split_generators(self, dl_manager):
     del dl_manager
-    refs, images, anns = self._inputs()
+    if self._inputs is None or self._image_dir is None:
+      raise DataError("building refer datasets needs its inputs (use refer_builder.build)")
+    refs, images, anns = self._inputs.refs, self._inputs.images, self._inputs.anns
     by_split: dict[str, list[dict]] = collections.defaultdict(list)
     for r in refs:
       by_split[str(r["split"])].append(r)
@@ -131,7 +169,7 @@ class Refer(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             for split, rs in sorted(by_split.items())}
 
   def _find_image(self, file_name: str) -> Path | None:
-    direct = self._image_dir / file_name
+    direct = self._image_dir / file_name  # checked by `read_inputs`
     if direct.is_file():
       return direct
     if self._name_index is None:
@@ -200,13 +238,37 @@ class Refer(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 def build(refer_root: str | os.PathLike, dataset: str, split_by: str,
           image_dir: str | os.PathLike, data_dir: str | os.PathLike,
-          max_bad_fraction: float = 0.01) -> Path:
-  """Builds `refer/<dataset>_<split_by>` under data_dir; returns its dir."""
-  check_inputs(refer_root, dataset, split_by, image_dir)  # before TFDS makes dirs
+          max_bad_fraction: float = 0.01, overwrite: bool = False) -> Path:
+  """Builds `refer/<dataset>_<split_by>` under data_dir; returns its dir.
+
+  An existing build of the same inputs is reused; of other inputs, it is refused
+  unless `overwrite` (then rebuilt).
+  """
+  refs_path, inst_path = check_inputs(refer_root, dataset, split_by, image_dir)
+  inputs = read_inputs(refs_path, inst_path, image_dir)  # before TFDS makes dirs
+  digest = inputs_digest(refs_path, inst_path, image_dir)
+  path = Path(os.fspath(data_dir)) / "refer" / config_name(dataset, split_by) / VERSION
+  stamp = path / INPUTS_FILE
+  if (path / "dataset_info.json").is_file():
+    old = stamp.read_text().strip() if stamp.is_file() else None
+    if old == digest:
+      log.info("%s is up to date with its inputs", path)
+      return path
+    if not overwrite:
+      why = ("its annotations or image list changed since" if old else
+             f"it has no {INPUTS_FILE} recording what it was built from")
+      raise DataError(f"{path} already exists and {why}: pass --overwrite to rebuild it "
+                      "from the current inputs")
+    log.warning("rebuilding %s (--overwrite)", path)
+    shutil.rmtree(path)
   from data_pipelines.tfds_compat import patch_importlib_resources
   patch_importlib_resources()
-  builder = Refer(refer_root=refer_root, image_dir=image_dir,
-                  max_bad_fraction=max_bad_fraction, config=make_config(dataset, split_by),
-                  data_dir=os.fspath(data_dir), file_format="array_record")
+  builder = Refer(inputs=inputs, image_dir=image_dir, max_bad_fraction=max_bad_fraction,
+                  config=make_config(dataset, split_by), data_dir=os.fspath(data_dir),
+                  file_format="array_record")
   builder.download_and_prepare()
-  return Path(os.fspath(builder.data_path))
+  assert Path(os.fspath(builder.data_path)) == path, (builder.data_path, path)
+  tmp = stamp.with_name(INPUTS_FILE + ".tmp")
+  tmp.write_text(digest + "\n")
+  os.replace(tmp, stamp)
+  return path

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 from etils import epath
 
-from data_pipelines import flat_format, refcoco_catalog
+from data_pipelines import flat_format, refcoco_catalog, safe_paths
 from data_pipelines.errors import DataError
 
 SPLIT_ALIASES = {"val": "validation", "validation": "val"}
@@ -37,16 +37,13 @@ class DatasetRef:
   config_dir: epath.Path  # <data_dir>/<builder>/<config> (local or e.g. gs://)
   build_hint: str  # the command that builds it
 
-  @property
-  def is_synthetic(self) -> bool:
-    return self.name == "synthetic" or self.name.startswith("synthetic/")
-
 
 def resolve(name: str, data_dir: str | os.PathLike) -> DatasetRef:
   """Maps a dataset name to where its built files live (does not check they exist)."""
   d = epath.Path(os.fspath(data_dir))
   if name == "synthetic" or name.startswith("synthetic/"):
-    config = name.partition("/")[2] or "default"
+    config = safe_paths.check_name(name.partition("/")[2] or "default",
+                                   f"dataset {name!r}: config")
     hint = f"scanformer data synthetic --data-dir {d} --config {config}"
     return DatasetRef(name, "flat", d / "synthetic" / config, hint)
   if name in refcoco_catalog.CONFIGS:
@@ -54,7 +51,8 @@ def resolve(name: str, data_dir: str | os.PathLike) -> DatasetRef:
             " (see the README: RefCOCO manual download)")
     return DatasetRef(name, "catalog", d / "ref_coco" / name, hint)
   if name.startswith("refer/"):
-    config = name.partition("/")[2].replace("+", "plus")
+    config = safe_paths.check_name(name.partition("/")[2].replace("+", "plus"),
+                                   f"dataset {name!r}: config")
     ds, _, split_by = config.rpartition("_")
     hint = (f"scanformer data refer --refer-root <R> --dataset {ds or '<dataset>'} "
             f"--split-by {split_by or '<split_by>'} --image-dir <I> --data-dir {d}")
@@ -77,14 +75,28 @@ def builder_dir(ref: DatasetRef) -> epath.Path:
                 if p.is_dir() and (p / "dataset_info.json").is_file()]
   if not versions:
     raise DataError(f"dataset {ref.name!r} is not built: no {ref.config_dir}/<version>/"
-                    f"dataset_info.json. Build it with:\n  {ref.build_hint}")
+                    f"dataset_info.json. Build it with: {ref.build_hint}")
   return max(versions, key=lambda p: _version_key(p.name))
 
 
+def _build_id(path: str) -> int:
+  """Tells rebuilds of one directory apart (for the caches): dataset_info.json's
+  mtime for local builds; remote builds (gs://) are taken as never rebuilt."""
+  try:
+    return os.stat(os.path.join(path, "dataset_info.json")).st_mtime_ns
+  except OSError:
+    return 0
+
+
 @functools.lru_cache(maxsize=8)
-def _builder(path: str):
+def _cached_builder(path: str, build_id: int):
+  del build_id  # cache key only
   import tensorflow_datasets as tfds
   return tfds.builder_from_directory(path)
+
+
+def _builder(path: str):
+  return _cached_builder(path, _build_id(path))
 
 
 def split_names(ref: DatasetRef) -> list[str]:
@@ -101,8 +113,9 @@ def resolve_split(ref: DatasetRef, split: str) -> str:
 
 
 @functools.lru_cache(maxsize=32)
-def _flat_index(path: str, split: str, kind: str) -> np.ndarray:
+def _flat_index(path: str, split: str, kind: str, build_id: int) -> np.ndarray:
   """[N, 3] int32 rows (record, object, expression) for every expression."""
+  del build_id  # cache key only
   records = _open_records(path, split, kind)
   counts = flat_format.num_expressions if kind == "flat" else refcoco_catalog.num_expressions
   rows = []
@@ -129,7 +142,8 @@ class SampleSource:
     self.ref = resolve(dataset, data_dir)
     self.path = str(builder_dir(self.ref))
     self.split = resolve_split(self.ref, split)
-    self.index = _flat_index(self.path, self.split, self.ref.kind)  # [N, 3]
+    self.index = _flat_index(self.path, self.split, self.ref.kind,
+                             _build_id(self.path))  # [N, 3]
     self._records = None
 
   @property

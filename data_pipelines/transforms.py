@@ -10,13 +10,13 @@ maps back (`box_to_original_pixels`).
 from __future__ import annotations
 
 import dataclasses
-import io
 import re
 from typing import Any, Mapping
 
 import numpy as np
 from PIL import Image
 
+from data_pipelines import images
 from data_pipelines.bad_input import BadSample
 from data_pipelines.contract import PAD_VALUE, PIXEL_MEAN, PIXEL_STD
 
@@ -100,28 +100,17 @@ def box_to_original_pixels(box_cxcywh: np.ndarray, meta: Mapping[str, Any]) -> n
 
 
 # ---------------------------------------------------------------------------- images
-def open_image(data: bytes | Image.Image) -> Image.Image:
-  """Opens encoded image bytes lazily (header only); BadSample if unreadable."""
-  if isinstance(data, Image.Image):
-    return data
-  try:
-    img = Image.open(io.BytesIO(data))
-    img.size  # noqa: B018 -- header parsed
-  except Exception as e:  # PIL raises many types for garbage input
-    raise BadSample("image", f"cannot open image: {e}") from None
-  return img
-
-
 def render(img: Image.Image, geom: Geometry) -> Image.Image:
-  """Crops, resizes and flips `img` as `geom` says -> RGB image out_w x out_h."""
+  """Crops, resizes and flips `img` (from `images.open_image`) as `geom` says -> RGB
+  image out_w x out_h (any PIL mode, decoded by `images.to_rgb`)."""
   width, height = img.size
   try:
     # JPEG can decode at 1/2, 1/4, 1/8 size directly: much faster when shrinking.
     if img.format == "JPEG":
       img.draft("RGB", (max(1, int(width * geom.sx)), max(1, int(height * geom.sy))))
-    img = img.convert("RGB")
-  except Exception as e:
+  except Exception as e:  # pylint: disable=broad-except
     raise BadSample("image", f"cannot decode image: {e}") from None
+  img = images.to_rgb(img)
   fx, fy = img.size[0] / width, img.size[1] / height  # draft reduction
   x0, y0, x1, y1 = geom.crop
   out = img.resize((geom.out_w, geom.out_h), Image.BILINEAR,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_pipelines import pipeline, synthetic_builder  # noqa: E402
+from data_pipelines import grain_ops, pipeline, synthetic_builder  # noqa: E402
 
 BENCH_CONFIG = "train=1000,validation=8,test=8,size=640"
 
@@ -41,10 +41,10 @@ def bench(args: argparse.Namespace, workers: int | None) -> dict:
   finally:
     it.close()
   n = args.num_batches * args.batch_size
-  used = pipeline.default_num_workers() if workers is None else workers
+  used = grain_ops.default_num_workers() if workers is None else workers
   return {"image_size": args.image_size, "batch_size": args.batch_size,
           "num_workers": used, "default_workers": workers is None,
-          "read_threads": args.read_threads or pipeline.default_read_threads(),
+          "read_threads": args.read_threads or grain_ops.default_read_threads(),
           "examples_per_s": round(n / dt, 1), "s_per_batch": round(dt / args.num_batches, 4),
           "cpus": os.cpu_count(), "dataset": args.dataset}
 

@@ -224,3 +224,74 @@ def test_refer_builder_skips_missing_images_and_fails_when_too_many(fixture, tmp
   rows = _eval_rows("refer/refcoco_unc", "train", tmp_path / "b", root / "vocab.txt")
   assert sorted(r["expr_id"] for r in rows) == [1004, 1005, 1006]  # image 12 only
   assert path.name == "1.0.0"
+
+
+def _copy_inputs(root, tmp_path):
+  """A private copy of the refer fixture's annotations and images (to edit)."""
+  shutil.copytree(root / "refer", tmp_path / "refer")
+  shutil.copytree(root / "images", tmp_path / "images")
+  return tmp_path / "refer", tmp_path / "images"
+
+
+def test_rebuild_after_fixing_inputs_is_refused_without_overwrite(fixture, tmp_path, capsys):
+  root, _ = fixture
+  refer, images = _copy_inputs(root, tmp_path)
+  held_back = tmp_path / "held_back.jpg"
+  shutil.move(images / "COCO_train2014_000000000011.jpg", held_back)  # 1 of 2 train images
+  data = tmp_path / "tfds"
+  args = ["refer", "--refer-root", str(refer), "--dataset", "refcoco", "--split-by", "unc",
+          "--image-dir", str(images), "--data-dir", str(data), "--max-bad-fraction", "0.5"]
+  assert cli.main(args) == 0
+  capsys.readouterr()
+  assert cli.main(args) == 0  # same inputs: the build is reused
+  capsys.readouterr()
+  train = lambda: sorted(r["expr_id"] for r in _eval_rows("refer/refcoco_unc", "train", data,
+                                                          root / "vocab.txt"))
+  assert train() == [1004, 1005, 1006]
+  shutil.move(held_back, images / "COCO_train2014_000000000011.jpg")  # the fix
+  assert cli.main(args) == 2
+  err = capsys.readouterr().err
+  assert "--overwrite" in err and "refer/refcoco_unc/1.0.0" in err and "Traceback" not in err
+  assert train() == [1004, 1005, 1006]  # the old build is untouched
+  assert cli.main(args + ["--overwrite"]) == 0
+  assert train() == [1001, 1002, 1003, 1004, 1005, 1006]  # now from the fixed inputs
+  capsys.readouterr()
+  # A build without a record of its inputs (older version) is not trusted either.
+  (data / "refer" / "refcoco_unc" / "1.0.0" / refer_builder.INPUTS_FILE).unlink()
+  assert cli.main(args) == 2 and "--overwrite" in capsys.readouterr().err
+
+
+def test_paths_cannot_escape_their_directories(fixture, tmp_path, capsys):
+  root, _ = fixture
+  refer, images = _copy_inputs(root, tmp_path / "in")
+  data = tmp_path / "deep" / "data"
+  base = ["--refer-root", str(refer), "--split-by", "unc", "--image-dir", str(images),
+          "--data-dir", str(data)]
+  for dataset in ("../../evil", "/tmp/evil", "refcoco/../x"):
+    assert cli.main(["refer", "--dataset", dataset] + base) == 2
+    assert f"--dataset {dataset!r} is not a plain name" in capsys.readouterr().err
+  assert cli.main(["refer", "--dataset", "refcoco"] + base + ["--split-by", "../unc"]) == 2
+  assert "--split-by '../unc' is not a plain name" in capsys.readouterr().err
+  assert not (tmp_path / "evil").exists() and not data.exists()
+  # file_name values that leave --image-dir are refused before anything is read.
+  (tmp_path / "secret.jpg").write_bytes((images / "COCO_train2014_000000000011.jpg").read_bytes())
+  inst_path = refer / "refcoco" / "instances.json"
+  original = inst_path.read_text()
+  for bad in ("../../secret.jpg", str(tmp_path / "secret.jpg")):
+    inst = json.loads(original)
+    inst["images"][0]["file_name"] = bad
+    inst_path.write_text(json.dumps(inst))
+    assert cli.main(["refer", "--dataset", "refcoco"] + base) == 2
+    err = capsys.readouterr().err
+    assert f"image 11 file_name {bad!r} points outside {images}" in err
+    assert str(inst_path) in err and not data.exists()
+  # Truncated JSON: one line naming the file.
+  inst_path.write_text(original[: len(original) // 2])
+  assert cli.main(["refer", "--dataset", "refcoco"] + base) == 2
+  err = capsys.readouterr().err
+  assert f"{inst_path}: not a COCO-style instances.json" in err and "Traceback" not in err
+  # Dataset names (data.dataset, --dataset of inspect) stay inside --data-dir.
+  for name in ("refer/../../evil", "synthetic/../../evil", "synthetic//etc"):
+    with pytest.raises(DataError, match="is not a plain name"):
+      pipeline.make_eval_iter(name, "val", data, image_size=32, max_text_len=8,
+                              global_batch_size=2)

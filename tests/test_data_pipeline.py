@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from data_fixtures import block_sample, synthetic_data_dir
-from data_pipelines import contract, pipeline, synthetic, transforms
+from data_pipelines import contract, pipeline, processing, synthetic, transforms
 from data_pipelines.errors import DataError
 from data_pipelines.tokenizer import Tokenizer
 
@@ -259,7 +259,7 @@ def test_preprocess_single_maps_back_to_pixels():
   img = np.full((60, 100, 3), 80, np.uint8)
   img[10:30, 50:90] = (250, 20, 20)
   tok = Tokenizer(synthetic.vocab(), 12)
-  batch, meta = pipeline.preprocess_single(img, "the red square", tok, 64, 12)
+  batch, meta = processing.preprocess_single(img, "the red square", tok, 64, 12)
   contract.check_batch(batch, 1, 64, 12)
   assert meta["orig_size"][0].tolist() == [60, 100]
   # A "prediction" exactly on the red block, in the frame, maps back to its pixels.
@@ -272,7 +272,7 @@ def test_preprocess_single_maps_back_to_pixels():
   assert frame[int(20 * sy), int(70 * sx)].tolist() == [250, 20, 20]
   assert np.all(batch["image"][0, 38:] == 0)
   with pytest.raises(DataError):
-    pipeline.preprocess_single(img, "  ", tok, 64, 12)
+    processing.preprocess_single(img, "  ", tok, 64, 12)
 
 
 def test_worker_processes_give_same_batches_and_resume(data_dir):

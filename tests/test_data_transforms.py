@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines import transforms as T
+from data_pipelines import images, transforms as T
 from data_pipelines.bad_input import BadSample
 
 
@@ -110,7 +110,7 @@ def test_augmented_pixels_follow_the_box():
   Image.fromarray(img).save(data, format="PNG")
   for _ in range(20):
     g = T.random_geometry(rng, 160, 90, box, 64, T.AugmentConfig(crop_prob=1.0))
-    pix = np.asarray(T.render(T.open_image(data.getvalue()), g))
+    pix = np.asarray(T.render(images.open_image(data.getvalue()), g))
     x0, y0, x1, y1 = g.apply(box)
     inner = pix[int(np.ceil(y0)) + 1:int(y1) - 1, int(np.ceil(x0)) + 1:int(x1) - 1]
     assert inner.size and inner.min() > 200
@@ -134,11 +134,11 @@ def test_color_jitter_matches_its_definition_and_is_seeded():
 
 def test_undecodable_image_is_a_bad_sample():
   with pytest.raises(BadSample) as e:
-    T.open_image(b"not an image")
+    images.open_image(b"not an image")
   assert e.value.reason == "image"
   good = io.BytesIO()
   Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(good, format="JPEG")
   truncated = good.getvalue()[: len(good.getvalue()) // 2]
   with pytest.raises(BadSample) as e:
-    T.render(T.open_image(truncated), T.letterbox_geometry(40, 40, 16))
+    T.render(images.open_image(truncated), T.letterbox_geometry(40, 40, 16))
   assert e.value.reason == "image"

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from data_pipelines import pipeline, synthetic, transforms
+from data_pipelines import processing, synthetic, transforms
 from data_pipelines.tokenizer import Tokenizer
 from scanformer_jax.visualize import gallery
 from scanformer_jax.visualize import scan_picture as sp
@@ -98,7 +98,7 @@ def test_frame_is_what_the_model_was_given():
   # The rebuild starts from `to_frame(original, meta)`: it must match the predict
   # pipeline's own letterboxed input (up to rounding), padding included.
   image = noise(90, 150, seed=4)
-  batch, meta = pipeline.preprocess_single(image, "a cat", Tokenizer(synthetic.vocab(), 8),
+  batch, meta = processing.preprocess_single(image, "a cat", Tokenizer(synthetic.vocab(), 8),
                                            64, 8)
   row = {k: v[0] for k, v in meta.items()}
   frame = sp.to_frame(image, row).astype(int)  # [64, 64, 3]

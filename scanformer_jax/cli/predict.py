@@ -52,16 +52,16 @@ def main(argv: list[str]) -> int:
     config = common.resolve_config(args.config, args.workdir, args.overrides)
     import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
-    from data_pipelines import pipeline, transforms  # pylint: disable=g-import-not-at-top
+    from data_pipelines import processing, transforms  # pylint: disable=g-import-not-at-top
     from scanformer_jax import data_source, workdir  # pylint: disable=g-import-not-at-top
     from scanformer_jax.model import ScanFormer  # pylint: disable=g-import-not-at-top
 
     cfg = config.model
     run = workdir.load_for_inference(args.workdir, config, args.step)
-    image = pipeline.load_image_file(args.image)
+    image = processing.load_image_file(args.image)
     tokenizer = data_source.load_tokenizer(config)
-    batch, meta = pipeline.preprocess_single(image, args.text, tokenizer, cfg.image_size,
-                                             cfg.max_text_len)
+    batch, meta = processing.preprocess_single(image, args.text, tokenizer, cfg.image_size,
+                                               cfg.max_text_len, source=args.image)
 
     @jax.jit
     def forward(params, image, text_ids, text_mask):
