@@ -23,6 +23,7 @@ import pytest
 from flax import traverse_util
 
 from scanformer_jax import convert_vilt, vilt
+from scanformer_jax.cli import convert_vilt as convert_cmd
 from scanformer_jax.config import ModelConfig
 from scanformer_jax.layers import interpolation_matrix
 
@@ -105,7 +106,7 @@ def hf(tmp_path_factory):
   model.save_pretrained(src)  # config.json + model.safetensors
   (src / "vocab.txt").write_text("\n".join(f"tok{i}" for i in range(99)) + "\n")
   out = root / "converted"
-  assert convert_vilt.main(["--src", str(src), "--out", str(out)]) == 0
+  assert convert_cmd.main(["--src", str(src), "--out", str(out)]) == 0
   return model, src, out
 
 
@@ -204,7 +205,7 @@ def test_pytorch_model_bin(hf, tmp_path):
   src_bin.mkdir()
   shutil.copy(src / "config.json", src_bin / "config.json")
   torch.save(model.vilt.state_dict(), src_bin / "pytorch_model.bin")
-  assert convert_vilt.main(["--src", str(src_bin), "--out", str(tmp_path / "c")]) == 0
+  assert convert_cmd.main(["--src", str(src_bin), "--out", str(tmp_path / "c")]) == 0
   _assert_same_tree(vilt.load(tmp_path / "c")[0], vilt.load(out)[0])
 
 
@@ -261,7 +262,7 @@ def test_parity_original_ckpt(hf, tmp_path, monkeypatch, capsys):
              ckpt)
   monkeypatch.delitem(sys.modules, parsing.__name__)  # the reader must not need it
   capsys.readouterr()
-  assert convert_vilt.main(["--src", str(ckpt), "--out", str(tmp_path / "c")]) == 0
+  assert convert_cmd.main(["--src", str(ckpt), "--out", str(tmp_path / "c")]) == 0
   printed = capsys.readouterr().out
   assert "original ViLT checkpoint" in printed and "num_heads 3 from" in printed
   assert "itm_score.fc.weight" in printed and "mlm_score" in printed
@@ -283,7 +284,7 @@ def test_untrusted_pickle_is_refused(tmp_path, capsys):
   ckpt = tmp_path / "odd.ckpt"
   torch.save({"state_dict": {}, "hyper_parameters": Opaque()}, ckpt)
   capsys.readouterr()
-  assert convert_vilt.main(["--src", str(ckpt), "--out", str(tmp_path / "o")]) == 2
+  assert convert_cmd.main(["--src", str(ckpt), "--out", str(tmp_path / "o")]) == 2
   err = capsys.readouterr().err
   assert "weights_only=True" in err and "Opaque" in err and "Traceback" not in err
 
@@ -297,7 +298,7 @@ def test_hf_default_config_is_vilt_b32():
 def test_cli_report_lists_mapped_and_skipped(hf, tmp_path, capsys):
   _, src, _ = hf
   capsys.readouterr()
-  assert convert_vilt.main(["--src", str(src), "--out", str(tmp_path / "c")]) == 0
+  assert convert_cmd.main(["--src", str(src), "--out", str(tmp_path / "c")]) == 0
   printed = capsys.readouterr().out
   assert "encoder.layer.{i}.attention.attention.query.weight -> layers_{i}/attn/query/kernel" \
       in printed
