@@ -90,6 +90,13 @@ def collect(cfg: ModelConfig, params: Any, step: EvalStep, batches: Iterable[dic
   if seen_indices:
     indices = np.concatenate(seen_indices)
     facts["duplicates"] = int(len(indices) - len(np.unique(indices)))
+  stats = getattr(batches, "stats", None)  # data_pipelines' DataIterator counts bad rows.
+  if stats is not None:
+    skipped = {reason: n for reason, n in stats.totals.items()
+               if reason not in ("good", "truncated")}
+    facts["skipped_bad"] = int(sum(skipped.values()))
+    facts["skipped_by_reason"] = {reason: n for reason, n in skipped.items() if n}
+    facts["truncated_expressions"] = int(stats.totals["truncated"])
   return metrics, facts
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+from typing import Any
 
 from scanformer_jax.cli import common
 
@@ -38,6 +40,37 @@ def format_report(split: str, r: dict) -> str:
           f"{r['samples_per_s']:.1f} samples/s n={r['count']}")
 
 
+def strict_json(value: Any) -> tuple[Any, int]:
+  """`value` with every non-finite float replaced by None, and how many were replaced.
+
+  `json.dump` would write NaN / Infinity, which strict JSON readers reject.
+  """
+  if isinstance(value, float) and not math.isfinite(value):
+    return None, 1
+  if isinstance(value, dict):
+    pairs = [(k, strict_json(v)) for k, v in value.items()]
+    return {k: v for k, (v, _) in pairs}, sum(n for _, (_, n) in pairs)
+  if isinstance(value, (list, tuple)):
+    items = [strict_json(v) for v in value]
+    return [v for v, _ in items], sum(n for _, n in items)
+  return value, 0
+
+
+def write_json_report(reports: dict[str, dict], path: str) -> None:
+  """Writes `{split: report}` as strict JSON (atomically); non-finite numbers become
+  null and are counted in each report's `non_finite_values`."""
+  out = {}
+  for split, report in reports.items():
+    clean, count = strict_json(report)
+    out[split] = {**clean, "non_finite_values": count}
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  partial = f"{path}.partial"
+  with open(partial, "w") as f:
+    json.dump(out, f, indent=2, allow_nan=False)
+    f.write("\n")
+  os.replace(partial, path)
+
+
 def main(argv: list[str]) -> int:
   args = _parser().parse_args(argv)
   common.setup_logging(args.verbose)
@@ -58,10 +91,7 @@ def main(argv: list[str]) -> int:
       for split, report in reports.items():
         print(format_report(split, report))
       if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-          json.dump(reports, f, indent=2)
-          f.write("\n")
+        write_json_report(reports, args.json)
     return 0
 
   return common.run("scanformer eval", body, args.verbose)
