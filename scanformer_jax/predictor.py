@@ -108,6 +108,7 @@ class Predictor:
   """
 
   def __init__(self, run, tokenizer, batch_size: int = DEFAULT_BATCH_SIZE):
+    import chex  # pylint: disable=g-import-not-at-top
     import jax  # pylint: disable=g-import-not-at-top
     from scanformer_jax.model import ScanFormer  # pylint: disable=g-import-not-at-top
     self.run = run
@@ -122,6 +123,7 @@ class Predictor:
     def forward(params, image, text_ids, text_mask):
       self.trace_count += 1  # Python side effect: runs once per compilation.
       out = model.apply({"params": params}, image, text_ids, text_mask, mode="sparse")
+      chex.assert_shape(out.boxes, (image.shape[0], self.cfg.num_scales, 4))  # [B, S, 4]
       return {"boxes": out.boxes, "taken": out.taken, "pred_iou": out.pred_iou}
 
     self._forward = jax.jit(forward)
