@@ -6,9 +6,10 @@ that also defines `SYNTHETIC_SPEC`, the dataset it trains on (synthetic_shapes.p
 Every stage runs the real command (`scanformer data|train|eval|predict`) in a fresh
 process, exactly as a user would; a rerun skips what is done (the dataset exists, the
 workdir's training is finished and resumes to the same end). Writes
-`<workdir>/eval.json` (sparse path, validation split) and `<workdir>/eval_blank.json`
-(every expression blanked: how much the model needs the sentence), then prints a
-table with the demo targets.
+`<workdir>/eval.json` (sparse path, validation split) with the validation gallery in
+`<workdir>/gallery/index.html`, the predict step's scan picture `<workdir>/scan.png`,
+and `<workdir>/eval_blank.json` (every expression blanked: how much the model needs
+the sentence), then prints a table with the demo targets.
 """
 
 from __future__ import annotations
@@ -85,9 +86,11 @@ def main() -> int:
     train_args += ["--set", item]
   _run("train", train_args, env, timings)
   eval_json = os.path.join(workdir, "eval.json")
-  _run("eval", ["eval", "--workdir", workdir, "--json", eval_json, *common], env, timings)
+  gallery_dir = os.path.join(workdir, "gallery")
+  _run("eval", ["eval", "--workdir", workdir, "--json", eval_json, "--split", "validation",
+                "--gallery", gallery_dir, *common], env, timings)
   image, text = _predict_input(workdir, module)
-  out_png = os.path.join(workdir, "predict.png")
+  out_png = os.path.join(workdir, "scan.png")
   predicted = _run("predict", ["predict", "--workdir", workdir, "--image", image, "--text",
                                text, "--out", out_png, *common], env, timings, capture=True)
   blank_json = os.path.join(workdir, "eval_blank.json")
@@ -124,7 +127,8 @@ def main() -> int:
   for name, value, target, ok in rows:
     mark = "" if ok is None else ("  [ok]" if ok else "  [MISSED]")
     print(f"{name:<{width}}  {value}" + (f"   (target {target}){mark}" if target else ""))
-  print(f"\nreports: {eval_json}, {blank_json}; boxes drawn: {out_png}")
+  print(f"\nreports: {eval_json}, {blank_json}; scan picture: {out_png}; gallery: "
+        f"{os.path.join(gallery_dir, 'index.html')}")
   return 0
 
 

@@ -39,6 +39,33 @@ from scanformer_jax.train_state import TrainState
 log = logging.getLogger(__name__)
 
 ITEMS = ("params", "opt_state", "progress", "data")
+
+
+class _ExpectedOrbaxNotices(logging.Filter):
+  """Drops orbax's (absl) warnings about what we ask for on purpose: a read-only
+  manager is read only, and a params-only restore leaves the other items alone."""
+
+  _PREFIXES = ("CheckpointManagerOptions.read_only=True, setting",
+               "Given directory is read only=")
+  _SKIPPED_ITEM = 'Item "%s" was found in the checkpoint, but could not'
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    msg = str(record.msg)
+    if msg.startswith(self._PREFIXES):
+      return False
+    args = record.args if isinstance(record.args, tuple) else ()
+    return not (msg.startswith(self._SKIPPED_ITEM) and args and args[0] in ITEMS[1:])
+
+
+@contextlib.contextmanager
+def _expected_notices_quiet() -> Iterator[None]:
+  """Silences only `_ExpectedOrbaxNotices` on the absl logger, for the block."""
+  logger, quiet = logging.getLogger("absl"), _ExpectedOrbaxNotices()
+  logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    logger.removeFilter(quiet)
 # Checked items: their checksums go into each step's custom metadata.
 _CHECKED = ("params", "opt_state", "progress")
 # The trainer's test hook; this module handles its "<signal>@save:<step>" form: the
@@ -152,11 +179,12 @@ class Checkpointer:
     async_options = None
     if self._fault and cfg.async_save:
       async_options = ocp.AsyncOptions(post_finalization_callback=self._inject_save_fault)
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.max_to_keep, enable_async_checkpointing=cfg.async_save,
-        async_options=async_options, create=not read_only, read_only=read_only,
-        cleanup_tmp_directories=not read_only)
-    with self._storage_errors("creating the checkpoint directory"):
+    quiet = _expected_notices_quiet() if read_only else contextlib.nullcontext()
+    with self._storage_errors("creating the checkpoint directory"), quiet:
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=cfg.max_to_keep, enable_async_checkpointing=cfg.async_save,
+          async_options=async_options, create=not read_only, read_only=read_only,
+          cleanup_tmp_directories=not read_only)
       self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
   def all_steps(self) -> list[int]:
@@ -294,16 +322,21 @@ class Checkpointer:
   def restore_params(self, abstract_params: Any, shardings: Any,
                      step: Optional[int] = None) -> tuple[Any, int]:
     """Parameters only (evaluation, prediction): from `step` or the newest readable."""
-    steps = [step] if step is not None else list(reversed(self.all_steps()))
-    if not steps:
+    saved = self.all_steps()
+    if not saved:
       raise UserError(f"no checkpoint found in {self.directory}: train first "
                       "(scanformer train --config ... --workdir ...)")
+    if step is not None and step not in saved:
+      raise UserError(f"no checkpoint of step {step} in {self.directory}; saved steps: "
+                      f"{', '.join(map(str, saved))} (pass one of them to --step)")
+    steps = [step] if step is not None else list(reversed(saved))
     errors = []
     for s in steps:
       try:
-        out = self.manager.restore(s, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_with_shardings(abstract_params, shardings))))
-        self._verify(s, {"params": out["params"]})
+        with _expected_notices_quiet():  # Also while `_verify` reads the metadata.
+          out = self.manager.restore(s, args=ocp.args.Composite(
+              params=ocp.args.StandardRestore(_with_shardings(abstract_params, shardings))))
+          self._verify(s, {"params": out["params"]})
         if errors:
           log.warning("using checkpoint step %d; newer ones were unreadable: %s", s,
                       [e for e, _ in errors])

@@ -69,7 +69,8 @@ def collect(cfg: ModelConfig, params: Any, step: EvalStep, batches: Iterable[dic
   seen_indices: list[np.ndarray] = []
   start = warm_start = time.perf_counter()
   warm_count = 0
-  bar = tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False)
+  bar = tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False,
+             total=getattr(batches, "num_batches", None))  # The pipeline knows the split size.
   for i, batch in enumerate(bar):
     if blank:
       batch = blank_expressions(batch)
@@ -174,3 +175,80 @@ def evaluate_params(config: ExperimentConfig, params: Any, mesh: Mesh, param_sha
           blank=config.eval.blank_expressions)
       for split in splits
   }
+
+
+# ---------------------------------------------------------------------------- gallery
+def gallery_records(config: ExperimentConfig, params: Any, split: str, mesh: Mesh,
+                    progress: bool = True) -> list:
+  """Every sample's `visualize.gallery.GalleryRecord` (no pixels) of `split`.
+
+  A second pass over the split with the sparse forward, keeping what the gallery
+  shows: boxes and IoU per scale, the taken masks, the meta row (index, original
+  size, letterbox) and the ground truth. Light (about a kilobyte a sample); the
+  images are read again only for the samples shown (`gallery_image_loader`).
+  Needs a `data_pipelines` dataset (one with meta rows) and a single process.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from scanformer_jax import box_ops  # pylint: disable=g-import-not-at-top
+  from scanformer_jax.model import ScanFormer  # pylint: disable=g-import-not-at-top
+  from scanformer_jax.visualize.gallery import GalleryRecord  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    raise UserError("--gallery runs on one process: run eval --gallery on a single host")
+  cfg = config.model
+  model = ScanFormer(cfg)
+
+  @jax.jit
+  def forward(params, batch):
+    out = model.apply({"params": params}, batch["image"], batch["text_ids"],
+                      batch["text_mask"], mode="sparse")
+    iou = box_ops.iou_cxcywh(out.boxes, batch["box"][:, None, :])  # [B, S]
+    taken = tuple(t.astype(jnp.bool_) for t in out.taken)  # per scale [B, N_s]
+    return {"boxes": out.boxes, "iou": iou, "taken": taken, "pred_iou": out.pred_iou}
+
+  batches = data_source.eval_batches(config, split, mesh)
+  records = []
+  bar = tqdm(batches, desc=f"gallery {split}", unit="batch", disable=not progress,
+             leave=False, total=getattr(batches, "num_batches", None))
+  for batch in bar:
+    meta = batch.get("meta", {})
+    if "orig_size" not in meta:
+      raise UserError(f"--gallery needs the original images: dataset "
+                      f"{config.data.dataset!r} has no meta rows; use a dataset built by "
+                      "`scanformer data`")
+    device_batch = sharding_lib.to_global({k: batch[k] for k in DEVICE_KEYS}, mesh)
+    out = sharding_lib.fetch(forward(params, device_batch))
+    for i in np.nonzero(np.asarray(batch["valid"], bool))[0]:
+      row = {k: v[i] for k, v in meta.items()}
+      records.append(GalleryRecord(
+          sample_id=f"{split}/{int(row['index'])}", expression=str(row["expression"]),
+          meta=row, boxes=out["boxes"][i], taken=tuple(t[i] for t in out["taken"]),
+          gt_box=np.asarray(row["box_orig"], np.float32), iou=out["iou"][i],
+          pred_iou=None if out["pred_iou"] is None else out["pred_iou"][i]))
+  return records
+
+
+def gallery_image_loader(config: ExperimentConfig, split: str):
+  """record -> its original upright uint8 [H, W, 3] image, read from the dataset."""
+  from data_pipelines import images, sources  # pylint: disable=g-import-not-at-top
+  source = sources.SampleSource(config.data.dataset, split, data_source.data_dir(config))
+
+  def load(record) -> np.ndarray:
+    raw = source[int(record.meta["index"])]
+    return np.asarray(images.to_rgb(images.open_image(raw["image"])), np.uint8)
+
+  return load
+
+
+def write_split_gallery(config: ExperimentConfig, params: Any, split: str, mesh: Mesh,
+                        report: dict, out_dir: str, size: int,
+                        progress: bool = True) -> str:
+  """The gallery page of `split` (`visualize/gallery.py`); returns index.html's path."""
+  from scanformer_jax.visualize import gallery  # pylint: disable=g-import-not-at-top
+  records = gallery_records(config, params, split, mesh, progress)
+  if not records:
+    raise UserError(f"--gallery: split {split!r} has no samples to show")
+  return gallery.write_gallery(out_dir, records, report, gallery_image_loader(config, split),
+                               size=size, seed=config.data.seed,
+                               iou_threshold=config.eval.iou_threshold,
+                               title=f"ScanFormer evaluation: {config.data.dataset} {split}")

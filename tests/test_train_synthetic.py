@@ -1,6 +1,6 @@
 """End to end on the real synthetic dataset and grain pipeline: a short training run
 lowers the loss clearly; `eval --json` writes the documented report; `predict`
-prints a box in original pixels and draws every scale's box."""
+prints a box in original pixels and writes the scan picture."""
 
 import json
 import os
@@ -66,7 +66,7 @@ def test_eval_json_report(trained, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_predict_prints_box_and_draws(trained, tmp_path, capsys):
+def test_predict_prints_box_and_writes_scan_picture(trained, tmp_path, capsys):
   from data_pipelines import synthetic
   scene = synthetic.make_scene(0, "test", 0, synthetic.SceneConfig(image_size=96))
   image_path, out_path = tmp_path / "scene.png", tmp_path / "boxes.png"
@@ -80,7 +80,12 @@ def test_predict_prints_box_and_draws(trained, tmp_path, capsys):
   assert 0 <= x0 <= x1 <= 96 and 0 <= y0 <= y1 <= 80
   assert len(result["boxes_per_scale"]) == 2 and result["boxes_per_scale"][-1] == result["box"]
   assert result["image_size"] == [80, 96]
-  assert Image.open(out_path).size == (96, 80)
+  # The scan picture: the input (scaled to the panel size) beside its rebuild.
+  from scanformer_jax.visualize.scan_picture import display_factor
+  pw, ph = round(96 * display_factor(80, 96)), round(80 * display_factor(80, 96))
+  width, height = Image.open(out_path).size
+  assert width > 2 * pw and height > ph
+  assert result["truncated"] is False and result["out"] == str(out_path)
 
 
 def test_predict_user_errors(trained, tmp_path, capsys):

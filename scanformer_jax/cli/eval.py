@@ -2,7 +2,8 @@
 
 Evaluates the newest readable checkpoint of W (or `--step N`) with the sparse path on
 each split (default: the config's `data.eval_splits`) and prints one line per split;
-`--json` writes `{split: report}` (see scanformer_jax/evaluate.py for the keys).
+`--json` writes `{split: report}` (see scanformer_jax/evaluate.py for the keys);
+`--gallery DIR` writes the split's HTML gallery (scanformer_jax/visualize/gallery.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 from typing import Any
 
 from scanformer_jax.cli import common
+from scanformer_jax.errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,7 +28,18 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--json", metavar="PATH", help="write the reports here")
   parser.add_argument("--step", type=int, help="checkpoint step (default: newest)")
   parser.add_argument("--no-progress", action="store_true")
+  parser.add_argument("--gallery", metavar="DIR", help="write an HTML gallery of the split "
+                      "(DIR/index.html + scan pictures; needs a single --split)")
+  parser.add_argument("--gallery-size", type=int, default=24, metavar="N",
+                      help="samples in the gallery: worst misses, best hits, random")
   return parser
+
+
+def _check_gallery_args(args, splits: list[str]) -> None:
+  if args.gallery and len(splits) != 1:
+    raise UserError(f"--gallery shows one split, got {', '.join(splits)}: add --split NAME")
+  if args.gallery and args.gallery_size < 1:
+    raise UserError(f"--gallery-size {args.gallery_size} must be >= 1")
 
 
 def format_report(split: str, r: dict) -> str:
@@ -83,13 +96,21 @@ def main(argv: list[str]) -> int:
     from scanformer_jax import evaluate, workdir  # pylint: disable=g-import-not-at-top
     splits = [s for item in args.split for s in item.split(",") if s] or list(
         config.data.eval_splits)
+    _check_gallery_args(args, splits)
     run = workdir.load_for_inference(args.workdir, config, args.step, config.mesh)
     reports = evaluate.evaluate_params(config, run.params, run.mesh, run.param_shardings,
                                        splits, progress=not args.no_progress)
+    page = None
+    if args.gallery and reports[splits[0]].get("count"):
+      page = evaluate.write_split_gallery(config, run.params, splits[0], run.mesh,
+                                          reports[splits[0]], args.gallery, args.gallery_size,
+                                          progress=not args.no_progress)
     if jax.process_index() == 0:
       print(f"checkpoint step {run.step}")
       for split, report in reports.items():
         print(format_report(split, report))
+      if page:
+        print(f"gallery: {page}")
       if args.json:
         write_json_report(reports, args.json)
     return 0

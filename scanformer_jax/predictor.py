@@ -1,0 +1,191 @@
+"""Python inference on a trained run: `scanformer_jax.load(workdir)(image, text)`.
+
+    predictor = scanformer_jax.load("runs/demo")
+    result = predictor("photo.jpg", "the dog on the left")
+    result.box  # (x0, y0, x1, y1) in the photo's pixels, upright frame
+    results = predictor.predict_batch(images, texts)  # same results, batched
+
+Images are read upright: EXIF orientation is applied (`data_pipelines/images.py`), so
+boxes refer to the image as viewers show it (a phone photo's sensor frame is never
+used). Expressions longer than `model.max_text_len` tokens are truncated with a
+warning and `truncated=True` in the result. The forward is the sparse scan, jitted
+once per batch size; `predict_batch` pads the last batch to the fixed batch size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+from PIL import Image
+
+from data_pipelines import images as images_lib, processing, transforms
+from data_pipelines.bad_input import BadSample
+from data_pipelines.errors import DataError
+
+log = logging.getLogger(__name__)
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+DEFAULT_BATCH_SIZE = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+  """One query's answer. Pixel boxes are (x0, y0, x1, y1) in the upright original."""
+
+  text: str
+  image_size: tuple[int, int]  # (height, width) of the upright image
+  boxes: np.ndarray  # [S, 4] each scale's box in original px, coarse to fine
+  keep_ratio: tuple[float, ...]  # [S] fraction of each scale's patches read
+  taken: tuple[np.ndarray, ...]  # per scale [G_s * G_s] bool, the patches read
+  frame_boxes: np.ndarray  # [S, 4] normalized (cx, cy, w, h) in the model's frame
+  meta: dict[str, Any]  # the letterbox meta row (for `visualize.scan_picture`)
+  truncated: bool  # the expression was longer than max_text_len tokens
+  pred_iou: Optional[np.ndarray] = None  # [S] when the model has the IoU head
+
+  @property
+  def box(self) -> np.ndarray:
+    """The answer: the finest scale's box, [4] original px."""
+    return self.boxes[-1]
+
+  def to_json(self) -> dict[str, Any]:
+    """The JSON `scanformer predict` prints (plain lists and numbers)."""
+    out = {
+        "text": self.text,
+        "image_size": [int(v) for v in self.image_size],
+        "box": [round(float(v), 2) for v in self.box],
+        "boxes_per_scale": [[round(float(v), 2) for v in b] for b in self.boxes],
+        "keep_ratio": [float(k) for k in self.keep_ratio],
+        "truncated": bool(self.truncated),
+    }
+    if self.pred_iou is not None:
+      out["pred_iou"] = [float(v) for v in self.pred_iou]
+    return out
+
+  def scan_picture(self, image: np.ndarray) -> np.ndarray:
+    """The scan picture (`visualize.scan_picture`) of this prediction on `image`."""
+    from scanformer_jax.visualize.scan_picture import scan_picture  # pylint: disable=g-import-not-at-top
+    return scan_picture(image, self.meta, self.frame_boxes, self.taken, self.text,
+                        pred_iou=self.pred_iou)
+
+
+def read_image(image: ImageInput, source: Optional[str] = None) -> np.ndarray:
+  """A path, PIL image or uint8 [H, W, 3] array -> upright uint8 [H, W, 3].
+
+  Paths and PIL images get their EXIF orientation applied; an array is taken as
+  already upright. A bad image raises a one-line `DataError`.
+  """
+  if isinstance(image, (str, os.PathLike)):
+    return processing.load_image_file(image)
+  if isinstance(image, Image.Image):
+    try:
+      return np.asarray(images_lib.to_rgb(images_lib.open_image(image)), np.uint8)
+    except BadSample as e:
+      raise DataError(f"bad image {source or 'given'}: {e.detail}") from None
+  arr = np.asarray(image)
+  if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+    raise DataError(f"{source or 'image'}: expected a uint8 [H, W, 3] array, got "
+                    f"{arr.dtype} {arr.shape}")
+  return arr
+
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+  """One preprocessed query: a B=1 contract batch and its meta row."""
+  text: str
+  image_size: tuple[int, int]
+  batch: dict[str, Any]
+
+
+class Predictor:
+  """A trained run ready to answer queries (see the module docstring).
+
+  Holds the parameters (one device), the tokenizer and one jitted sparse forward;
+  jax compiles it once per batch size. `trace_count` counts its compilations.
+  """
+
+  def __init__(self, run, tokenizer, batch_size: int = DEFAULT_BATCH_SIZE):
+    import chex  # pylint: disable=g-import-not-at-top
+    import jax  # pylint: disable=g-import-not-at-top
+    from scanformer_jax.model import ScanFormer  # pylint: disable=g-import-not-at-top
+    self.run = run
+    self.config = run.config
+    self.cfg = run.config.model
+    self.step = run.step
+    self.tokenizer = tokenizer
+    self.batch_size = batch_size
+    self.trace_count = 0
+    model = ScanFormer(self.cfg)
+
+    def forward(params, image, text_ids, text_mask):
+      self.trace_count += 1  # Python side effect: runs once per compilation.
+      out = model.apply({"params": params}, image, text_ids, text_mask, mode="sparse")
+      chex.assert_shape(out.boxes, (image.shape[0], self.cfg.num_scales, 4))  # [B, S, 4]
+      return {"boxes": out.boxes, "taken": out.taken, "pred_iou": out.pred_iou}
+
+    self._forward = jax.jit(forward)
+
+  def prepare(self, image: ImageInput, text: str, source: Optional[str] = None) -> Query:
+    """Reads and preprocesses one query; a bad image or empty text raises DataError."""
+    if source is None and isinstance(image, (str, os.PathLike)):
+      source = str(image)
+    arr = read_image(image, source)
+    cfg = self.cfg
+    batch, _ = processing.preprocess_single(arr, text, self.tokenizer, cfg.image_size,
+                                            cfg.max_text_len, source=source or "the image")
+    return Query(text=text, image_size=(int(arr.shape[0]), int(arr.shape[1])), batch=batch)
+
+  def predict_queries(self, queries: Sequence[Query], batch_size: Optional[int] = None
+                      ) -> list[Prediction]:
+    """Runs prepared queries in batches of `batch_size` (the last one padded)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    b = batch_size or self.batch_size
+    results: list[Prediction] = []
+    for start in range(0, len(queries), b):
+      chunk = list(queries[start:start + b])
+      padded = chunk + [chunk[-1]] * (b - len(chunk))
+      stacked = {k: np.concatenate([q.batch[k] for q in padded])
+                 for k in ("image", "text_ids", "text_mask")}
+      out = jax.device_get(self._forward(self.run.params, stacked["image"],
+                                         stacked["text_ids"], stacked["text_mask"]))
+      for i, query in enumerate(chunk):
+        results.append(self._prediction(query, out, i))
+    return results
+
+  def _prediction(self, query: Query, out: dict, i: int) -> Prediction:
+    meta = {k: v[0] for k, v in query.batch["meta"].items()}
+    frame_boxes = np.asarray(out["boxes"][i], np.float32)  # [S, 4]
+    taken = tuple(np.asarray(t[i]) > 0.5 for t in out["taken"])  # per scale [N_s]
+    pred_iou = out["pred_iou"]
+    return Prediction(
+        text=query.text, image_size=query.image_size,
+        boxes=transforms.box_to_original_pixels(frame_boxes, meta),
+        keep_ratio=tuple(float(t.mean()) for t in taken), taken=taken,
+        frame_boxes=frame_boxes, meta=meta, truncated=bool(meta["truncated"]),
+        pred_iou=None if pred_iou is None else np.asarray(pred_iou[i], np.float32))
+
+  def predict_batch(self, images: Sequence[ImageInput], texts: Sequence[str],
+                    batch_size: Optional[int] = None) -> list[Prediction]:
+    """One `Prediction` per (image, text), in order; batched, jitted once per size."""
+    if len(images) != len(texts):
+      raise ValueError(f"{len(images)} images but {len(texts)} texts")
+    return self.predict_queries([self.prepare(im, t) for im, t in zip(images, texts)],
+                                batch_size)
+
+  def __call__(self, image: ImageInput, text: str) -> Prediction:
+    """One query (batch of one)."""
+    return self.predict_queries([self.prepare(image, text)], batch_size=1)[0]
+
+
+def load(workdir: str | os.PathLike, step: Optional[int] = None,
+         batch_size: int = DEFAULT_BATCH_SIZE, config=None) -> Predictor:
+  """The `Predictor` of checkpoint `step` (default: newest) of a run directory.
+
+  config: default `<workdir>/config.json` (the CLI passes its --config / --set one).
+  """
+  from scanformer_jax import data_source, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  run = workdir_lib.load_for_inference(os.fspath(workdir), config, step)
+  return Predictor(run, data_source.load_tokenizer(run.config), batch_size)
