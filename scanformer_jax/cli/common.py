@@ -17,13 +17,14 @@ _QUIET_LOGGERS = ("absl", "orbax", "jax._src", "grain", "tensorflow_datasets")
 def setup_logging(verbose: bool = False) -> None:
   """INFO (DEBUG with `verbose`) to stderr; chatty libraries at WARNING.
 
-  `force=True`: a library imported earlier may already have configured the root logger
-  (importing checkpointing, i.e. orbax, leaves it at WARNING), which would hide our INFO
-  lines.
+  The root level is set explicitly: a library imported earlier may already have
+  configured the root logger (importing checkpointing, i.e. orbax, leaves it at
+  WARNING), which would hide our INFO lines. Existing handlers are kept.
   """
-  logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                      format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                      datefmt="%H:%M:%S", force=True)
+  level = logging.DEBUG if verbose else logging.INFO
+  logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                      datefmt="%H:%M:%S")
+  logging.getLogger().setLevel(level)
   for name in _QUIET_LOGGERS:
     logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
   try:
