@@ -209,6 +209,10 @@ class OptimConfig:
   grad_clip_norm: float = 1.0
 
 
+# `train.init_from` placeholder of configs whose backbone is meant to be pretrained.
+INIT_FROM_REQUIRED = "required: set train.init_from"
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   num_steps: int = 100_000
@@ -216,8 +220,12 @@ class TrainConfig:
   log_every: int = 100
   seed: int = 0  # Parameter init and Gumbel noise; the data seed is data.seed.
   # Initial backbone weights: a directory written by `scanformer convert-vilt`; None
-  # trains from scratch.
+  # (`--set train.init_from=none`) trains from scratch. INIT_FROM_REQUIRED (the ViLT
+  # configs) refuses to train until one of the two is chosen explicitly.
   init_from: Optional[str] = None
+  # With init_from: every REG_s starts from ViLT's pretrained image [CLS] token
+  # (vilt.init_scanformer_from_vilt) instead of random values.
+  init_reg_from_vilt_cls: bool = False
   # Steps at the start that take every patch (no Gumbel masks): the box heads learn
   # from clean inputs while the selection head learns from loss.select_weight alone.
   # 0 (the paper) samples hard Gumbel selections from the first step.

@@ -43,8 +43,11 @@ def vilt_rec_config(dataset: str, eval_splits: tuple, num_train_expressions: int
       optim=C.OptimConfig(learning_rate=1e-4, backbone_learning_rate=1e-5,
                           warmup_steps=max(1, num_train_expressions // BATCH),
                           weight_decay=1e-4, grad_clip_norm=1.0),
-      # init_from: directory written by `scanformer convert-vilt`; None trains from scratch.
-      train=C.TrainConfig(num_steps=steps, batch_size=BATCH, log_every=100, init_from=None),
+      # init_from: directory written by `scanformer convert-vilt`, or "none" to train from
+      # scratch; training refuses until one is passed (`--set train.init_from=...`). REG_s
+      # start from ViLT's pretrained image [CLS] (README, "Model details").
+      train=C.TrainConfig(num_steps=steps, batch_size=BATCH, log_every=100,
+                          init_from=C.INIT_FROM_REQUIRED, init_reg_from_vilt_cls=True),
       eval=C.EvalConfig(batch_size=128, every_steps=5000),
       checkpoint=C.CheckpointConfig(every_steps=2000, max_to_keep=3),
       mesh=C.MeshConfig(data=-1, fsdp=1),

@@ -57,11 +57,12 @@ def main(argv: list[str]) -> int:
     from scanformer_jax.model import ScanFormer  # pylint: disable=g-import-not-at-top
 
     cfg = config.model
-    run = workdir.load_for_inference(args.workdir, config, args.step)
+    # The inputs first: a bad image or sentence fails before the checkpoint is read.
     image = processing.load_image_file(args.image)
     tokenizer = data_source.load_tokenizer(config)
     batch, meta = processing.preprocess_single(image, args.text, tokenizer, cfg.image_size,
                                                cfg.max_text_len, source=args.image)
+    run = workdir.load_for_inference(args.workdir, config, args.step)
 
     @jax.jit
     def forward(params, image, text_ids, text_mask):
