@@ -75,6 +75,27 @@ def fails(args, *needles, verbose_ok=False) -> str:
   return line
 
 
+@pytest.fixture
+def fails_here(capsys, monkeypatch):
+  """`fails` in this process, for errors raised before any library runs (config, --set)."""
+  from scanformer_jax import cli  # pylint: disable=g-import-not-at-top
+  from scanformer_jax.cli import common  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(common, "setup_logging", lambda verbose: None)
+
+  def run(args, *needles) -> str:
+    capsys.readouterr()
+    rc = cli.main(list(args))
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert len(err.strip().splitlines()) == 1, err[-3000:]
+    assert line.startswith(f"scanformer {args[0]}: error: "), err[-3000:]
+    for needle in needles:
+      assert needle in line, f"{needle!r} not in {line!r}"
+    return line
+  return run
+
+
 def succeeds(args) -> dict:
   proc = train_helpers.run_cli(args)
   return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -92,7 +113,7 @@ def succeeds(args) -> dict:
     ("eval", b'{"train": {"num_step": 3}}',
      "unknown key train.num_step (did you mean 'num_steps'?)"),
 ], ids=["truncated", "binary", "list", "section-not-object", "section-typo", "key-typo"])
-def test_bad_config_json(trained, tmp_path, command, content, message):
+def test_bad_config_json(trained, tmp_path, fails_here, command, content, message):
   workdir = _copy(trained, tmp_path)
   (workdir / "config.json").write_bytes(content)
   before = _snapshot(workdir)
@@ -100,15 +121,15 @@ def test_bad_config_json(trained, tmp_path, command, content, message):
           "train": ["train", "--workdir", str(workdir)],
           "predict": ["predict", "--workdir", str(workdir), "--image",
                       str(trained[0] / "ok.png"), "--text", "the red circle"]}[command]
-  fails(args, str(workdir / "config.json"), message)
+  fails_here(args, str(workdir / "config.json"), message)
   assert _snapshot(workdir) == before  # The checkpoints and metrics are untouched.
 
 
-def test_truncated_config_json_refuses_a_resume_with_config(trained, tmp_path):
+def test_truncated_config_json_refuses_a_resume_with_config(trained, tmp_path, fails_here):
   workdir = _copy(trained, tmp_path)
   (workdir / "config.json").write_text("{")
   before = _snapshot(workdir)
-  fails(["train", "--config", train_helpers.FAKE_CONFIG, "--workdir", str(workdir)],
+  fails_here(["train", "--config", train_helpers.FAKE_CONFIG, "--workdir", str(workdir)],
         "config.json is unreadable", "restore it, or delete it and pass --config")
   assert _snapshot(workdir) == before
 
@@ -124,15 +145,15 @@ def test_truncated_config_json_refuses_a_resume_with_config(trained, tmp_path):
     ("loss.target_ratio=a,b", "loss.target_ratio[0] expects a number, got 'a'"),
     ("data.augment=maybe", "data.augment expects true/false, got 'maybe'"),
 ])
-def test_bad_overrides(trained, override, message):
-  fails(["eval", "--workdir", str(trained[1]), "--set", override], message)
+def test_bad_overrides(trained, fails_here, override, message):
+  fails_here(["eval", "--workdir", str(trained[1]), "--set", override], message)
 
 
 # ------------------------------------------------------------ missing directories
 
 
-def test_missing_workdir(tmp_path):
-  fails(["eval", "--workdir", str(tmp_path / "nope")], "no config.json at",
+def test_missing_workdir(tmp_path, fails_here):
+  fails_here(["eval", "--workdir", str(tmp_path / "nope")], "no config.json at",
         str(tmp_path / "nope"), "pass --config")
 
 
