@@ -181,6 +181,21 @@ def test_init_reg_from_vilt_cls(converted):
   np.testing.assert_array_equal(loaded["params"]["reg_tokens"], fresh["params"]["reg_tokens"])
 
 
+def test_trainer_passes_the_reg_choice(converted):
+  """`train.init_reg_from_vilt_cls` reaches the copy (trainer's init_from loader)."""
+  from scanformer_jax import config as C, trainer  # pylint: disable=g-import-not-at-top
+  state, out = converted
+  _, cfg = vilt.load(out)
+  cls = state["vilt.embeddings.cls_token"].reshape(-1)
+  for on in (True, False):
+    config = C.ExperimentConfig(model=cfg, train=C.TrainConfig(
+        init_from=str(out), init_reg_from_vilt_cls=on))
+    fresh = _fake_scanformer_params(cfg)
+    load = trainer._vilt_loader(config)  # pylint: disable=protected-access
+    reg = load(fresh)["params"]["reg_tokens"]  # [S, D]
+    assert np.array_equal(reg[-1], cls) == on
+
+
 def test_init_from_rejects_other_backbones(converted):
   _, out = converted
   _, cfg = vilt.load(out)
