@@ -103,7 +103,14 @@ class Inputs:
 
 def read_inputs(refs_path: Path, inst_path: Path, image_dir: str | os.PathLike) -> Inputs:
   """Loads and checks the annotations; DataError naming the file if they are bad."""
-  refs = safe_pickle.load(refs_path)
+  try:
+    refs = safe_pickle.load(refs_path)
+  except safe_pickle.UnsafePickleError as e:
+    raise DataError(f"{refs_path} is refused and was not run: {e}. Get the refer "
+                    "annotations again from the official source (README, \"Data\")") from None
+  except Exception as e:  # pylint: disable=broad-except  # Garbage bytes raise many types.
+    raise DataError(f"{refs_path} is not a readable refer pickle ({type(e).__name__}: {e}); "
+                    "get it again as described in the README (\"Data\")") from None
   if not isinstance(refs, list):
     raise DataError(f"{refs_path}: expected a list of refs, got {type(refs).__name__}")
   try:

@@ -327,7 +327,7 @@ class Checkpointer:
       raise UserError(f"no checkpoint found in {self.directory}: train first "
                       "(scanformer train --config ... --workdir ...)")
     if step is not None and step not in saved:
-      raise UserError(f"no checkpoint of step {step} in {self.directory}; saved steps: "
+      raise UserError(f"no checkpoint at step {step} in {self.directory}; saved steps: "
                       f"{', '.join(map(str, saved))} (pass one of them to --step)")
     steps = [step] if step is not None else list(reversed(saved))
     errors = []
@@ -346,8 +346,11 @@ class Checkpointer:
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         errors.append((s, e))
     s, e = errors[0]
+    detail = str(e).splitlines()[0] if str(e) else ""
     raise UserError(f"checkpoint step {s} in {self.directory} does not match this model "
-                    f"config or is corrupt ({type(e).__name__}: {e})")
+                    f"config or is corrupt ({type(e).__name__}: {detail}); evaluate the run "
+                    "with the config it was trained with (its workdir's config.json), or "
+                    "retrain")
 
   def wait(self) -> None:
     with self._storage_errors(f"saving step {self._saving_step}"):

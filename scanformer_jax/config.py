@@ -17,7 +17,8 @@ class ModelConfig:
   """ScanFormer architecture (DESIGN.md section 2).
 
   The defaults are ViLT-B/32 (`vilt_b32()`); `tiny()` is a CPU-sized model for tests
-  and the synthetic demo. Every choice the paper leaves open is a field here.
+  and the synthetic demo. Every choice DESIGN.md fixes without the
+  write-up's word (the paper's exact value is not verified here) is a field here.
   """
 
   # Text (BERT-uncased embeddings, as ViLT).
@@ -183,11 +184,16 @@ class LossConfig:
   # Weight w_s of each scale's box loss; None: 1 for every scale.
   scale_weights: Optional[tuple[float, ...]] = None
   # Target fraction of patches taken at each scale (scale 0 is ignored: all taken).
+  # Per-scale keep-ratio targets (scale 0 reads every patch). These keep about a third
+  # of all patches per sample (16 + 0.5 * 64 + 0.25 * 256 = 112 of 16 + 64 + 256 = 336
+  # at 128/256/512 px and patch 32: 33%); the article's one figure is about 65% selected
+  # per sample, so the shipped targets scan more sparsely than it reports. The paper's
+  # exact targets are not verified here.
   target_ratio: tuple[float, ...] = (1.0, 0.5, 0.25)
   ratio_weight: float = 2.0
   # L1 between the IoU head's prediction and the stop-gradient true IoU.
   iou_weight: float = 1.0
-  # Auxiliary, not in the paper (0 = the paper's objective): binary cross-entropy
+  # Auxiliary, not in DESIGN.md's objective (0 = that objective): binary cross-entropy
   # teaching each scale's selection logits which patches overlap the ground-truth
   # box. A dense grounding signal that speeds up training from scratch and makes
   # the scan zoom into the referred object.
@@ -209,6 +215,10 @@ class OptimConfig:
   grad_clip_norm: float = 1.0
 
 
+# `train.init_from` placeholder of configs whose backbone is meant to be pretrained.
+INIT_FROM_REQUIRED = "required: set train.init_from"
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   num_steps: int = 100_000
@@ -216,11 +226,15 @@ class TrainConfig:
   log_every: int = 100
   seed: int = 0  # Parameter init and Gumbel noise; the data seed is data.seed.
   # Initial backbone weights: a directory written by `scanformer convert-vilt`; None
-  # trains from scratch.
+  # (`--set train.init_from=none`) trains from scratch. INIT_FROM_REQUIRED (the ViLT
+  # configs) refuses to train until one of the two is chosen explicitly.
   init_from: Optional[str] = None
+  # With init_from: every REG_s starts from ViLT's pretrained image [CLS] token
+  # (vilt.init_scanformer_from_vilt) instead of random values.
+  init_reg_from_vilt_cls: bool = False
   # Steps at the start that take every patch (no Gumbel masks): the box heads learn
   # from clean inputs while the selection head learns from loss.select_weight alone.
-  # 0 (the paper) samples hard Gumbel selections from the first step.
+  # 0 (DESIGN.md's schedule) samples hard Gumbel selections from the first step.
   select_warmup_steps: int = 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import importlib.util
 import json
 import os
@@ -125,6 +126,12 @@ def _section_names(config: ExperimentConfig) -> list[str]:
   return [f.name for f in dataclasses.fields(config)]
 
 
+def _did_you_mean(word: str, choices: Sequence[str]) -> str:
+  """" (did you mean 'x'?)" for the closest of `choices`, or "" when none is close."""
+  close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+  return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def apply_overrides(config: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
   """Applies `section.key=value` strings; unknown keys and bad values are UserErrors.
 
@@ -139,11 +146,14 @@ def apply_overrides(config: ExperimentConfig, overrides: Sequence[str]) -> Exper
       raise UserError(f"--set expects key=value, got {item!r}")
     section_name, dot, field_name = key.partition(".")
     if not dot or section_name not in _section_names(config):
-      raise UserError(f"unknown config key {key!r}: expected <section>.<field> with section "
-                      f"one of {', '.join(_section_names(config))}")
+      sections = _section_names(config)
+      guess = _did_you_mean(key, [f"{n}.{field_name}" for n in sections]) if dot else ""
+      raise UserError(f"unknown config key {key!r}{guess}: expected <section>.<field> with "
+                      f"section one of {', '.join(sections)}")
     types_ = _field_types(type(getattr(config, section_name)))
     if field_name not in types_:
-      raise UserError(f"unknown config key {key!r}; {section_name} fields are: "
+      guess = _did_you_mean(key, [f"{section_name}.{n}" for n in types_])
+      raise UserError(f"unknown config key {key!r}{guess}; {section_name} fields are: "
                       f"{', '.join(sorted(types_))}")
     value = coerce(_parse_literal(text.strip()), types_[field_name], key)
     changes.setdefault(section_name, {})[field_name] = value
@@ -167,10 +177,14 @@ def to_dict(config: ExperimentConfig) -> dict[str, Any]:
 
 def _section_from_dict(cls, values: dict[str, Any], where: str, name: str):
   field_types = _field_types(cls)
+  if not isinstance(values, dict):
+    raise UserError(f"{where}: section {name!r} must be an object of fields, got "
+                    f"{type(values).__name__}")
   kwargs = {}
   for key, value in values.items():
     if key not in field_types:
-      raise UserError(f"{where}: unknown key {name}.{key}")
+      guess = _did_you_mean(key, list(field_types))
+      raise UserError(f"{where}: unknown key {name}.{key}{guess}")
     kwargs[key] = coerce(value, field_types[key], f"{name}.{key}")
   try:
     return cls(**kwargs)
@@ -178,14 +192,17 @@ def _section_from_dict(cls, values: dict[str, Any], where: str, name: str):
     raise UserError(f"{where}: invalid {name}: {e}") from None
 
 
-def from_dict(data: dict[str, Any]) -> ExperimentConfig:
+def from_dict(data: dict[str, Any], where: str = "config.json") -> ExperimentConfig:
   """Inverse of `to_dict`; unknown keys are errors, missing keys take defaults."""
   sections = {}
   hints = _field_types(ExperimentConfig)
+  if not isinstance(data, dict):
+    raise UserError(f"{where}: expected an object of config sections, got a "
+                    f"{type(data).__name__}")
   for name, values in data.items():
     if name not in hints:
-      raise UserError(f"config.json: unknown section {name!r}")
-    sections[name] = _section_from_dict(hints[name], values, "config.json", name)
+      raise UserError(f"{where}: unknown section {name!r}{_did_you_mean(name, list(hints))}")
+    sections[name] = _section_from_dict(hints[name], values, where, name)
   return ExperimentConfig(**sections)
 
 
@@ -212,8 +229,14 @@ def load_json(path: str) -> ExperimentConfig:
   if not os.path.isfile(path):
     raise UserError(f"no config.json at {path}: is this a training workdir? "
                     "(pass --config to name the experiment explicitly)")
-  with open(path) as f:
-    return from_dict(json.load(f))
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise UserError(f"{path} is unreadable or not JSON ({type(e).__name__}: {e}); it is the "
+                    "run's resolved config: restore it, or delete it and pass --config with the "
+                    "experiment file (the checkpoints are untouched)") from None
+  return from_dict(data, path)
 
 
 def flat_items(config: ExperimentConfig) -> list[tuple[str, Any]]:

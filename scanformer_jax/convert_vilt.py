@@ -331,7 +331,8 @@ def hf_to_params(state: dict[str, np.ndarray], cfg: ModelConfig):
     errors.append("backbone tensors the config has no place for (config does not match the "
                   f"weights?): {', '.join(strays[:8])}{' ...' if len(strays) > 8 else ''}")
   if errors:
-    raise ConversionError("cannot convert:\n  " + "\n  ".join(errors))
+    raise ConversionError("cannot convert: " + "; ".join(errors)
+                          + "; convert a ViLT checkpoint whose config.json matches its weights")
   return traverse_util.unflatten_dict(flat), mapped, skipped
 
 

@@ -27,7 +27,7 @@ from data_pipelines.contract import DEVICE_KEYS
 from scanformer_jax import (checkpointing, config_io, data_source, evaluate, optim,
                             sharding as sharding_lib, train_state, train_step)
 from scanformer_jax import workdir as workdir_lib, workdir_lock
-from scanformer_jax.config import ExperimentConfig, ModelConfig
+from scanformer_jax.config import INIT_FROM_REQUIRED, ExperimentConfig, ModelConfig
 from scanformer_jax.errors import UserError
 from scanformer_jax.eval_step import EvalStep
 from scanformer_jax.metric_writer import MetricWriter
@@ -104,6 +104,14 @@ def _check_resumed_config(path: str, config: ExperimentConfig) -> None:
               "resuming anyway (the run will not match an uninterrupted one)", changed)
 
 
+def _check_init_choice(config: ExperimentConfig) -> None:
+  """A config that expects pretrained weights never trains from scratch by accident."""
+  if config.train.init_from == INIT_FROM_REQUIRED:
+    raise UserError("this config starts from pretrained ViLT weights: pass --set "
+                    "train.init_from=weights/vilt-b32 (a `scanformer convert-vilt` output) or "
+                    "--set train.init_from=none to train from scratch")
+
+
 def _vilt_loader(config: ExperimentConfig):
   if not config.train.init_from:
     return None
@@ -115,7 +123,8 @@ def _vilt_loader(config: ExperimentConfig):
   def load(params):
     from scanformer_jax import vilt  # pylint: disable=g-import-not-at-top
     try:
-      params, summary = vilt.init_scanformer_from_vilt(params, path, config.model)
+      params, summary = vilt.init_scanformer_from_vilt(
+          params, path, config.model, reg_from_cls=config.train.init_reg_from_vilt_cls)
     except ValueError as e:
       raise UserError(f"cannot initialise from {path}: {e}") from None
     log.info("initialised from ViLT weights: %s", summary)
@@ -152,6 +161,7 @@ def _train_locked(config: ExperimentConfig, workdir: str, devices, progress: boo
   if tc.num_steps < 1 or tc.log_every < 1 or config.checkpoint.every_steps < 1:
     raise UserError("train.num_steps, train.log_every and checkpoint.every_steps must be >= 1")
   evaluate.exit_criterion(config)  # A bad eval.exit_criterion fails now, not at eval time.
+  _check_init_choice(config)
   mesh = sharding_lib.make_mesh(config.mesh, devices)
   config_path = workdir_lib.config_path(workdir)
   checkpoint_dir = workdir_lib.checkpoint_dir(config, workdir)

@@ -292,6 +292,7 @@ def init_scanformer_from_vilt(
     scanformer_params: Mapping[str, Any],
     converted: Union[str, os.PathLike, Mapping[str, Any], tuple],
     cfg: ModelConfig,
+    reg_from_cls: bool = False,
 ) -> tuple[dict, str]:
   """Copy converted ViLT weights into freshly initialised ScanFormer params, by name.
 
@@ -299,7 +300,10 @@ def init_scanformer_from_vilt(
   converted: a `convert-vilt` output directory, a `(params, cfg)` pair, or a bare
   ViLT params tree (then only shapes are checked); cfg: the training ModelConfig.
   Every tensor of the "backbone" group (`model.PARAM_GROUPS`) is copied; the "new"
-  ones keep their init.
+  ones keep their init, except that `reg_from_cls` (`train.init_reg_from_vilt_cls`)
+  starts every REG_s from ViLT's pretrained image [CLS] token: REG_s enters the encoder
+  where ViLT's [CLS] does (its position and modality embeddings), so each scale's REG
+  begins as the token ViLT pretrained to summarise an image with its text.
   Raises ValueError when the backbones differ, a tensor is missing or has another shape.
   Returns (params in the input's structure and array kind, human summary).
   """
@@ -348,9 +352,25 @@ def init_scanformer_from_vilt(
     as_array = np.asarray if isinstance(value, np.ndarray) else jnp.asarray
     out[path] = as_array(src, dtype=value.dtype)
     copied.append(path)
+  if reg_from_cls:
+    if ("cls_token",) not in vilt_flat or ("reg_tokens",) not in out:
+      errors.append("init_reg_from_vilt_cls needs cls_token in the converted ViLT and "
+                    "reg_tokens in ScanFormer")
+    else:
+      reg = out[("reg_tokens",)]  # [S, D]
+      cls = np.asarray(vilt_flat[("cls_token",)]).reshape(1, -1)  # [1, D]
+      if cls.shape[1] != np.shape(reg)[1]:
+        errors.append(f"shape mismatch for cls_token -> reg_tokens: {cls.shape} vs "
+                      f"{tuple(np.shape(reg))}")
+      else:
+        as_array = np.asarray if isinstance(reg, np.ndarray) else jnp.asarray
+        out[("reg_tokens",)] = as_array(np.broadcast_to(cls, np.shape(reg)), dtype=reg.dtype)
+        copied.append(("reg_tokens",))
+        fresh.discard("reg_tokens")
   if errors:
-    raise ValueError(f"init_from {source}: cannot load ViLT weights:\n  " + "\n  ".join(errors))
-  unused = sorted({p[0] for p in vilt_flat} - {p[0] for p in target})
+    raise ValueError(f"init_from {source}: cannot load ViLT weights: " + "; ".join(errors))
+  used = {p[0] for p in target} | ({"cls_token"} if reg_from_cls else set())
+  unused = sorted({p[0] for p in vilt_flat} - used)
   groups = sorted({p[0] for p in copied}, key=lambda n: (n.startswith("layers_"), n))
   layers = [g for g in groups if g.startswith("layers_")]
   shown = [g for g in groups if not g.startswith("layers_")]

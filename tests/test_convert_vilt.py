@@ -162,6 +162,40 @@ def test_init_from_copies_backbone_keeps_the_rest(converted):
   assert "unused from ViLT: cls_token, pooler" in summary
 
 
+def test_init_reg_from_vilt_cls(converted):
+  """train.init_reg_from_vilt_cls: every REG_s starts as ViLT's image [CLS]."""
+  state, out = converted
+  params, cfg = vilt.load(out)
+  fresh = _fake_scanformer_params(cfg)
+  loaded, summary = vilt.init_scanformer_from_vilt(fresh, str(out), cfg, reg_from_cls=True)
+  reg = loaded["params"]["reg_tokens"]  # [S, D]
+  cls = state["vilt.embeddings.cls_token"].reshape(-1)  # [D]
+  assert reg.shape == (cfg.num_scales, cfg.hidden_size)
+  for s in range(cfg.num_scales):
+    np.testing.assert_array_equal(reg[s], cls)
+  assert not np.array_equal(cls, np.ones_like(cls))  # Not the fresh init by chance.
+  assert "initialised fresh: box_head (" in summary
+  assert "unused from ViLT: pooler" in summary
+  # Off (the default): REG keeps its own init.
+  loaded, _ = vilt.init_scanformer_from_vilt(fresh, str(out), cfg)
+  np.testing.assert_array_equal(loaded["params"]["reg_tokens"], fresh["params"]["reg_tokens"])
+
+
+def test_trainer_passes_the_reg_choice(converted):
+  """`train.init_reg_from_vilt_cls` reaches the copy (trainer's init_from loader)."""
+  from scanformer_jax import config as C, trainer  # pylint: disable=g-import-not-at-top
+  state, out = converted
+  _, cfg = vilt.load(out)
+  cls = state["vilt.embeddings.cls_token"].reshape(-1)
+  for on in (True, False):
+    config = C.ExperimentConfig(model=cfg, train=C.TrainConfig(
+        init_from=str(out), init_reg_from_vilt_cls=on))
+    fresh = _fake_scanformer_params(cfg)
+    load = trainer._vilt_loader(config)  # pylint: disable=protected-access
+    reg = load(fresh)["params"]["reg_tokens"]  # [S, D]
+    assert np.array_equal(reg[-1], cls) == on
+
+
 def test_init_from_rejects_other_backbones(converted):
   _, out = converted
   _, cfg = vilt.load(out)

@@ -48,7 +48,7 @@ def get_config() -> C.ExperimentConfig:
                         eval_splits=("validation",), augment=False),
       loss=C.LossConfig(target_ratio=(1.0, 0.5, 0.25), ratio_weight=2.0,
                         # Per-patch grounding supervision for the selection head (see
-                        # LossConfig.select_weight; 0 is the paper's objective). From
+                        # LossConfig.select_weight; 0 is DESIGN.md's objective). From
                         # scratch it is what breaks the constant-box plateau: at 1000
                         # steps it lifts val Acc@0.5 from 0.09 to 0.39 (probe runs,
                         # four shapes).

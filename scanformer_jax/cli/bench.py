@@ -40,6 +40,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
   args = parse_args(argv)
+  common.setup_logging(args.verbose)
 
   def body() -> int:
     report = bench.run(model=args.model, batch_size=args.batch_size,

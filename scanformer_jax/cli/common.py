@@ -11,7 +11,17 @@ from typing import Callable, Optional
 from scanformer_jax.errors import UserError
 
 # Libraries that log every checkpoint operation at INFO.
-_QUIET_LOGGERS = ("absl", "orbax", "jax._src", "grain", "tensorflow_datasets")
+_QUIET_LOGGERS = ("jax._src", "grain", "tensorflow_datasets")
+# Libraries whose warnings are internal detail around our own messages (orbax, through
+# absl, warns on every read-only restore; asyncio prints the tracebacks of tasks that an
+# error abandoned): errors only, unless --verbose.
+_SILENT_LOGGERS = ("absl", "orbax", "asyncio")
+
+
+def _quiet_unraisable(unraisable) -> None:
+  """Exceptions Python cannot raise (in __del__, at shutdown): one debug log line."""
+  logging.getLogger(__name__).debug("ignored %s in %r", unraisable.exc_type.__name__,
+                                    unraisable.object)
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -27,9 +37,13 @@ def setup_logging(verbose: bool = False) -> None:
   logging.getLogger().setLevel(level)
   for name in _QUIET_LOGGERS:
     logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+  for name in _SILENT_LOGGERS:
+    logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+  if not verbose:
+    sys.unraisablehook = _quiet_unraisable
   try:
     from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
-    absl_logging.set_verbosity("debug" if verbose else "warning")
+    absl_logging.set_verbosity("debug" if verbose else "fatal")
   except ImportError:
     pass
 

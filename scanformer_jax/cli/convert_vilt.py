@@ -29,6 +29,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
   args = parse_args(argv)
+  common.setup_logging(args.verbose)
 
   def body() -> int:
     from scanformer_jax import convert_vilt  # pylint: disable=g-import-not-at-top

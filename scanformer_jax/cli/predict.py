@@ -84,9 +84,8 @@ def _save_picture(prediction, image, path: str) -> None:
   Image.fromarray(prediction.scan_picture(image)).save(path)
 
 
-def predict_one(predictor, args) -> dict[str, Any]:
-  from scanformer_jax import predictor as predictor_lib  # pylint: disable=g-import-not-at-top
-  image = predictor_lib.read_image(args.image, args.image)
+def predict_one(predictor, args, image) -> dict[str, Any]:
+  """One query: `image` is the already-read uint8 [H, W, 3] of `args.image`."""
   prediction = predictor.predict_queries(
       [predictor.prepare(image, args.text, source=args.image)], batch_size=1)[0]
   result = {"image": args.image, **prediction.to_json(), "checkpoint_step": predictor.step}
@@ -190,9 +189,11 @@ def main(argv: list[str]) -> int:
     config = common.resolve_config(args.config, args.workdir, args.overrides)
     from scanformer_jax import predictor as predictor_lib  # pylint: disable=g-import-not-at-top
     batch_size = args.batch_size or config.eval.batch_size
+    # The inputs first: a bad image fails before the checkpoint is read.
+    image = None if args.input else predictor_lib.read_image(args.image, args.image)
     predictor = predictor_lib.load(args.workdir, args.step, batch_size, config=config)
     if not args.input:
-      print(json.dumps(predict_one(predictor, args)))
+      print(json.dumps(predict_one(predictor, args, image)))
       return 0
     predicted, errors = predict_jsonl(predictor, args.input, args.output, args.out_dir,
                                       batch_size, progress=not args.no_progress)

@@ -3,7 +3,7 @@
 One builder (`scan_picture`) serves predict and eval. Side by side:
 
   left   the input with every scale's box (red, green, blue from coarse to fine, as
-         in the paper; the answer, the last scale, drawn thicker) and the ground
+         in the article's figures; the answer, the last scale, drawn thicker) and the ground
          truth when known; the expression as a caption below.
   right  the image rebuilt from only the patches the model read: every region shows
          at the finest scale that read it (scale 0 reads everything, so what no finer
@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from data_pipelines.transforms import box_to_original_pixels
 
-# Box colours per scale, coarse to fine: red, green, blue as in the paper; more
+# Box colours per scale, coarse to fine: red, green, blue as in the article's figures; more
 # scales than three continue with orange and magenta.
 SCALE_COLOURS = ((230, 40, 40), (30, 170, 60), (40, 90, 240), (245, 150, 30), (200, 40, 200))
 GT_COLOUR = (255, 255, 255)
