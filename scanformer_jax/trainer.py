@@ -169,11 +169,11 @@ def _check_schedule(previous: Optional[ExperimentConfig], config: ExperimentConf
   the learning rate of every remaining step (700 -> 720 at step 700: lr ~1e-6).
   """
   total = config.train.num_steps
-  if start >= total:
-    raise UserError(f"the run is at step {start} already (train.num_steps={total}): nothing "
-                    f"to train; to train longer, rerun with --set train.num_steps=N --extend")
   if not start or previous is None or previous.train.num_steps == total:
     return
+  if start >= total:
+    raise UserError(f"the run is at step {start} already (train.num_steps={total}): nothing "
+                    "to train; to train longer, rerun with --set train.num_steps=N --extend")
   before = previous.train.num_steps
   lr = float(schedules["lr"](start))
   if not extend:
@@ -306,6 +306,8 @@ def _train_locked(config: ExperimentConfig, workdir: str, devices, progress: boo
                                            load_params=_vilt_loader(config))
   if start:
     log.info("resumed from step %d in %s", start, checkpoint_dir)
+  if start >= tc.num_steps:
+    log.info("the run finished at step %d already: nothing to train", start)
 
   step_fn = train_step.jit_train_step(
       train_step.make_train_step(cfg, config.loss, tx, schedules,
