@@ -93,7 +93,8 @@ COMMANDS: dict[str, object] = {
     "scanformer convert-vilt --src vilt-b32-mlm --out weights/vilt-b32": Run(),
     ("scanformer convert-vilt --src vilt_200k_mlm_itm.ckpt --out weights/vilt-b32 --vocab "
      "vocab.txt"): Parse("needs the original ViLT checkpoint (a torch file)"),
-    REFCOCO_TRAIN: Run(FAKE_VILT_MODEL + FEW_STEPS),
+    REFCOCO_TRAIN: Run(tuple(a for kv in FAKE_VILT_MODEL + FEW_STEPS for a in ("--set", kv))
+                       + ("--no-progress",)),
     ("scanformer eval --workdir runs/refcoco --split validation,testA,testB --json "
      "runs/refcoco/eval.json"): Run(("--no-progress",)),
     ('scanformer predict --workdir runs/refcoco --image photo.jpg --text "the man on the '
@@ -212,9 +213,9 @@ def _argv(tokens: list[str], cwd: Path) -> list[str]:
 
 
 class _Parsed(Exception):
-  def __init__(self, args):
+  def __init__(self, namespace):
     super().__init__("parsed")
-    self.args = args
+    self.namespace = namespace
 
 
 def _parse_only(monkeypatch, main, argv) -> argparse.Namespace:
@@ -228,7 +229,7 @@ def _parse_only(monkeypatch, main, argv) -> argparse.Namespace:
     m.setattr(argparse.ArgumentParser, "parse_args", parse_args)
     with pytest.raises(_Parsed) as parsed:
       main(argv)
-  return parsed.value.args
+  return parsed.value.namespace
 
 
 def _check_parsed(args: argparse.Namespace) -> None:
