@@ -61,9 +61,8 @@ def load_tokenizer(dataset: str, data_dir: str | os.PathLike | None,
   if dataset == "synthetic" or dataset.startswith("synthetic/"):
     return Tokenizer(synthetic.vocab(), max_len)
   raise DataError(
-      f"dataset {dataset!r} needs a BERT-uncased vocab.txt (tokenizer_path / "
-      "--tokenizer-path): the one shipped with a converted ViLT checkpoint, or "
-      "bert-base-uncased's vocab.txt.")
+      f"dataset {dataset!r} needs a BERT-uncased vocab.txt: set data.vocab_path, or "
+      "train.init_from to a `scanformer convert-vilt` output (its vocab.txt is used)")
 
 
 def make_train_iter(dataset: str, split: str, data_dir: str | os.PathLike, *,

@@ -44,7 +44,12 @@ def resolve(name: str, data_dir: str | os.PathLike) -> DatasetRef:
   if name == "synthetic" or name.startswith("synthetic/"):
     config = safe_paths.check_name(name.partition("/")[2] or "default",
                                    f"dataset {name!r}: config")
-    hint = f"scanformer data synthetic --data-dir {d} --config {config}"
+    from data_pipelines import synthetic_builder  # pylint: disable=g-import-not-at-top
+    try:
+      spec = synthetic_builder.spec_from_name(config)
+    except DataError:
+      spec = "<spec>"
+    hint = f"scanformer data synthetic --data-dir {d} --config {spec}"
     return DatasetRef(name, "flat", d / "synthetic" / config, hint)
   if name in refcoco_catalog.CONFIGS:
     hint = (f"scanformer data refcoco --manual-dir <M> --data-dir {d} --configs {name}"

@@ -15,8 +15,11 @@ Splits: train, validation, test. Records use the flat layout (`flat_format`) plu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +111,32 @@ def config_from_spec(spec: str) -> SyntheticConfig:
                          object_scale=scale, shapes=shapes, **v)
 
 
+_CUSTOM_NAME = re.compile(
+    r"custom_(?P<train>\d+)_(?P<validation>\d+)_(?P<test>\d+)_(?P<size>\d+)px_seed(?P<seed>\d+)"
+    r"(?:_obj(?P<max_objects>\d+))?(?:_kinds(?P<kinds>\d+-\d+-\d+))?"
+    r"(?:_scale(?P<object_scale>[\d.]+))?(?:_shapes-(?P<shapes>[a-z-]+))?")
+
+
+def spec_from_name(name: str) -> str:
+  """The `--config` spec that builds the config called `name` (inverse of the names
+  `config_from_spec` gives): `custom_10_6_4_48px_seed0` -> `train=10,...,seed=0`."""
+  if name in CONFIGS:
+    return name
+  match = _CUSTOM_NAME.fullmatch(name)
+  if not match:
+    raise DataError(f"unknown synthetic config {name!r}: use one of {sorted(CONFIGS)} or "
+                    "a name that `scanformer data synthetic --config <spec>` printed")
+  g = match.groupdict()
+  spec = [f"{k}={g[k]}" for k in ("train", "validation", "test", "size", "seed")]
+  if g["kinds"]:
+    spec += [f"{kind}={w}" for kind, w in zip(("attribute", "superlative", "relation"),
+                                              g["kinds"].split("-"))]
+  spec += [f"{k}={g[k]}" for k in ("max_objects", "object_scale") if g[k]]
+  if g["shapes"]:
+    spec.append("shapes=" + g["shapes"].replace("-", "+"))
+  return ",".join(spec)
+
+
 def _object_scale(val: str, spec: str) -> float:
   try:
     scale = float(val)
@@ -133,6 +162,14 @@ class Synthetic(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   VERSION = tfds.core.Version(VERSION)
   BUILDER_CONFIGS = list(CONFIGS.values())
+
+  # Nothing is downloaded: TFDS' "Downloading and preparing dataset ..." and
+  # "... downloaded and prepared" lines would only mislead (`build` says "built").
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -186,7 +223,20 @@ def build(data_dir: str | os.PathLike, config: str = "default") -> Path:
   patch_importlib_resources()
   cfg = config_from_spec(config)
   builder = Synthetic(config=cfg, data_dir=os.fspath(data_dir), file_format="array_record")
-  builder.download_and_prepare()
+  with _quiet_absl_info():
+    builder.download_and_prepare()
   path = Path(os.fspath(builder.data_path))
   (path / "vocab.txt").write_text("\n".join(synthetic.vocab()) + "\n", encoding="utf-8")
   return path
+
+
+@contextlib.contextmanager
+def _quiet_absl_info():
+  """TFDS logs every written shard at INFO ("Done writing ..."); keep the build quiet."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(max(level, logging.WARNING))
+  try:
+    yield
+  finally:
+    logger.setLevel(level)

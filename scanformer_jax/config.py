@@ -7,9 +7,41 @@ config files, `--set` overrides and config.json live in `config_io.py`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Optional
 
 import jax.numpy as jnp
+
+from scanformer_jax.errors import UserError
+
+
+def _check_number(key: str, value: Any, low: float = 0.0, high: float = math.inf,
+                  low_open: bool = False) -> None:
+  """A UserError naming `key` unless `value` is finite and in range."""
+  ok = isinstance(value, (int, float)) and math.isfinite(value) and (
+      value > low if low_open else value >= low) and value <= high
+  if not ok:
+    bound = f"> {low:g}" if low_open else f">= {low:g}"
+    if high != math.inf:
+      bound += f" and <= {high:g}"
+    finite = "" if isinstance(value, int) else "finite and "
+    raise UserError(f"{key}={value!r} must be {finite}{bound}")
+
+
+def _check_numbers(section: str, config: Any, low: float = 0.0, **ranges) -> None:
+  """Every int/float field of `config` (and of its tuples) finite and >= `low`;
+  `ranges` gives other (low[, high[, low_open]]) bounds per field name. Config
+  mistakes are the user's, so this raises UserError (one line, naming the key)."""
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    if field.name in ranges:
+      _check_number(f"{section}.{field.name}", value, *ranges[field.name])
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+      _check_number(f"{section}.{field.name}", value, low)
+    elif isinstance(value, tuple):
+      for i, v in enumerate(value):
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+          _check_number(f"{section}.{field.name}[{i}]", v, low)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +206,9 @@ class DataConfig:
   # Shuffling and augmentation seed.
   seed: int = 0
 
+  def __post_init__(self):
+    _check_numbers("data", self, max_bad_fraction=(0.0, 1.0))
+
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
@@ -199,6 +234,9 @@ class LossConfig:
   # the scan zoom into the referred object.
   select_weight: float = 0.0
 
+  def __post_init__(self):
+    _check_numbers("loss", self)
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
@@ -213,6 +251,10 @@ class OptimConfig:
   b1: float = 0.9
   b2: float = 0.999
   grad_clip_norm: float = 1.0
+
+  def __post_init__(self):
+    _check_numbers("optim", self, end_lr_fraction=(0.0, 1.0), b1=(0.0, 1.0),
+                   b2=(0.0, 1.0))
 
 
 # `train.init_from` placeholder of configs whose backbone is meant to be pretrained.
@@ -236,6 +278,12 @@ class TrainConfig:
   # from clean inputs while the selection head learns from loss.select_weight alone.
   # 0 (DESIGN.md's schedule) samples hard Gumbel selections from the first step.
   select_warmup_steps: int = 0
+  # Stop (without saving) after this many consecutive steps with a non-finite loss
+  # or gradient: the run has diverged. 0: never stop.
+  max_consecutive_skipped: int = 10
+
+  def __post_init__(self):
+    _check_numbers("train", self, num_steps=(1,), batch_size=(1,), log_every=(1,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,6 +300,9 @@ class EvalConfig:
   # need the sentence?).
   blank_expressions: bool = False
 
+  def __post_init__(self):
+    _check_numbers("eval", self, batch_size=(1,), iou_threshold=(0.0, 1.0, True))
+
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
@@ -261,6 +312,9 @@ class CheckpointConfig:
   every_steps: int = 1000
   max_to_keep: int = 3
   async_save: bool = True
+
+  def __post_init__(self):
+    _check_numbers("checkpoint", self, every_steps=(1,), max_to_keep=(1,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,6 +334,12 @@ class MeshConfig:
   coordinator_address: Optional[str] = None
   num_processes: Optional[int] = None
   process_id: Optional[int] = None
+
+  def __post_init__(self):
+    if self.data != -1:
+      _check_number("mesh.data", self.data, 1)
+    _check_number("mesh.fsdp", self.fsdp, 1)
+    _check_number("mesh.fsdp_min_size", self.fsdp_min_size, 0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -52,7 +52,10 @@ def load_config_file(path: str) -> ExperimentConfig:
   module = load_config_module(path)
   if not hasattr(module, "get_config"):
     raise UserError(f"config file {path} has no get_config() function")
-  config = module.get_config()
+  try:
+    config = module.get_config()
+  except (ValueError, UserError) as e:  # A section's validation (config.py).
+    raise UserError(f"{path}: invalid config: {e}") from None
   if not isinstance(config, ExperimentConfig):
     raise UserError(f"{path}: get_config() must return an ExperimentConfig, "
                     f"got {type(config).__name__}")

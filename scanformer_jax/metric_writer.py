@@ -4,6 +4,10 @@ Only process 0 writes. TensorBoard files come from tensorboardX (no TensorFlow).
 The JSONL file is appended to, so a resumed run continues the same file; records
 from a killed run's unsaved steps may repeat (each record carries its `step`).
 
+Training records use names like `train/loss`, evaluation ones
+`eval/<split>/acc_0.5`; per-scale lists become `<name>_s0, <name>_s1, ...`. A metric
+has the same name in metrics.jsonl and TensorBoard.
+
 Each record is one `write` call of the whole line. A line torn by a crash or a full
 disk (no trailing newline) is cut off when the file is next opened, with a warning,
 so the file stays valid JSON lines.
@@ -15,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 from typing import Any, Mapping, Optional
 
 import jax
@@ -32,6 +37,35 @@ def _plain(value: Any) -> Any:
   if value.is_integer() and abs(value) < 2**53:
     return int(value)
   return value if math.isfinite(value) else str(value)
+
+
+_TAG_INVALID = re.compile(r"[^-/\w.]")
+
+
+def metric_name(name: str) -> str:
+  """The name of a metric in both metrics.jsonl and TensorBoard.
+
+  TensorBoard tags allow letters, digits and `_ - . /` only (tensorboardX would
+  rewrite the rest), so `acc@0.5` is written `acc_0.5` in both files.
+  """
+  return _TAG_INVALID.sub("_", name)
+
+
+def flatten(scalars: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """`{prefix + name: value}` with one entry per scalar: a list or 1-D array becomes
+  `<name>_s0, <name>_s1, ...` (one per scale), a nested dict `<name>/<key>`."""
+  out = {}
+  for key, value in scalars.items():
+    name = prefix + key
+    if isinstance(value, Mapping):
+      out.update(flatten(value, name + "/"))
+    elif isinstance(value, (list, tuple)) or getattr(value, "ndim", 0) == 1:
+      out.update({f"{name}_s{i}": v for i, v in enumerate(value)})
+    elif getattr(value, "ndim", 0) > 1:
+      continue  # Not a scalar series (no such metric today).
+    else:
+      out[name] = value
+  return {metric_name(k): v for k, v in out.items()}
 
 
 def repair_torn_line(path: str) -> int:
@@ -88,10 +122,12 @@ class MetricWriter:
                       "command to resume") from None
 
   def write(self, step: int, scalars: Mapping[str, Any], prefix: str = "") -> None:
+    """One record: `step` and every metric, under the same name in both files
+    (`prefix` + name, see `flatten` and `metric_name`)."""
     if not self.enabled:
       return
     record = {"step": int(step)}
-    record.update({prefix + k: _plain(v) for k, v in scalars.items()})
+    record.update({k: _plain(v) for k, v in flatten(scalars, prefix).items()})
     self._append((json.dumps(record) + "\n").encode("utf-8"))
     for key, value in record.items():
       if key != "step" and isinstance(value, (int, float)):

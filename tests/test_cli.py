@@ -214,3 +214,90 @@ def test_workdir_paths(tmp_path):
   assert workdir.checkpoint_dir(elsewhere, w) == os.path.expanduser("~/ckpts")
   with pytest.raises(UserError, match="no config.json"):
     workdir.load_config(w)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loss.l1_weight=1e400", "loss.l1_weight=inf must be finite and >= 0"),
+    ("optim.learning_rate=-1", "optim.learning_rate=-1.0 must be finite and >= 0"),
+    ("train.batch_size=0", "train.batch_size=0 must be >= 1"),
+    ("eval.batch_size=-8", "eval.batch_size=-8 must be >= 1"),
+    ("checkpoint.max_to_keep=0", "checkpoint.max_to_keep=0 must be >= 1"),
+    ("train.max_consecutive_skipped=-1", "train.max_consecutive_skipped=-1 must be >= 0"),
+    ("loss.target_ratio=1,1e999", r"loss.target_ratio\[1\]=inf must be finite"),
+    ("optim.b2=1.5", "optim.b2=1.5 must be finite and >= 0 and <= 1"),
+])
+def test_bad_config_values_are_refused_at_load(override, message, tmp_path, capsys):
+  """Non-finite or negative numbers and empty batches never reach training: one line
+  naming the key, from --set, from config.json and from a config file."""
+  config = config_io.load_config_file(train_helpers.FAKE_CONFIG)
+  with pytest.raises(UserError, match=message):
+    config_io.apply_overrides(config, [override])
+  err = _errors(train_cmd.main, ["--config", train_helpers.FAKE_CONFIG, "--workdir",
+                                 str(tmp_path / "w"), "--set", override], capsys)
+  assert len(err.strip().splitlines()) == 1
+  key, _, value = override.partition("=")
+  section, _, field = key.partition(".")
+  data = config_io.to_dict(config)
+  data[section][field] = float(value) if "," not in value else [1.0, float("inf")]
+  path = tmp_path / "config.json"
+  path.write_text(__import__("json").dumps(data))
+  with pytest.raises(UserError, match=message):
+    config_io.load_json(str(path))
+  bad = tmp_path / "bad_values.py"
+  bad.write_text("import dataclasses\nfrom scanformer_jax import config as C\n"
+                 "def get_config():\n"
+                 "  return C.ExperimentConfig(train=C.TrainConfig(batch_size=0))\n")
+  with pytest.raises(UserError, match=f"{bad}: invalid config: train.batch_size=0"):
+    config_io.load_config_file(str(bad))
+
+
+def test_missing_synthetic_data_names_a_build_command_that_works(tmp_path, capsys):
+  """The demo config without its data: the printed "Build it with" command is one the
+  data CLI accepts, and it builds exactly the dataset the config reads."""
+  import shlex  # pylint: disable=g-import-not-at-top
+  from data_pipelines import cli as data_cli, synthetic_builder  # pylint: disable=g-import-not-at-top
+  config = os.path.join(train_helpers.ROOT, "experiments", "configs", "synthetic_tiny.py")
+  err = _errors(train_cmd.main, ["--config", config, "--workdir", str(tmp_path / "w"),
+                                 "--set", f"data.data_dir={tmp_path / 'data'}"], capsys)
+  assert "Build it with: scanformer data synthetic" in err
+  argv = shlex.split(err.split("Build it with: ")[1].strip())
+  assert argv[:3] == ["scanformer", "data", "synthetic"]
+  args = data_cli._parser().parse_args(argv[2:])  # pylint: disable=protected-access
+  wanted = config_io.load_config_file(config).data.dataset
+  assert synthetic_builder.dataset_name(args.config) == wanted
+  assert args.data_dir == str(tmp_path / "data")
+
+
+def test_refer_dataset_without_a_vocab_names_the_config_key(tmp_path):
+  from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
+  with pytest.raises(UserError, match="set data.vocab_path, or train.init_from") as info:
+    pipeline.load_tokenizer("refer/refcoco_unc", str(tmp_path), None, 12)
+  assert "tokenizer_path" not in str(info.value) and "--tokenizer-path" not in str(info.value)
+
+
+def test_refcoco_configs_read_the_recommended_refer_builds():
+  """README: `scanformer data refer --dataset D --split-by S --data-dir runs/data`
+  builds `refer/<D>_<S>` under runs/data, which is what the benchmark configs read."""
+  from data_pipelines import refer_builder  # pylint: disable=g-import-not-at-top
+  for name, dataset, split_by in (("refcoco.py", "refcoco", "unc"),
+                                  ("refcocoplus.py", "refcoco+", "unc"),
+                                  ("refcocog.py", "refcocog", "umd"),
+                                  ("referit.py", "refclef", "berkeley")):
+    config = config_io.load_config_file(os.path.join(train_helpers.ROOT, "experiments",
+                                                     "configs", name))
+    assert config.data.dataset == "refer/" + refer_builder.config_name(dataset, split_by)
+    assert config.data.data_dir == "runs/data"
+
+
+def test_synthetic_build_prints_no_download_noise(tmp_path, capfd):
+  from data_pipelines import synthetic_builder  # pylint: disable=g-import-not-at-top
+  synthetic_builder.build(str(tmp_path), "train=4,validation=2,test=2,size=32")
+  out, err = capfd.readouterr()
+  assert "Downloading and preparing" not in out + err
+  assert "downloaded and prepared" not in out + err
+
+
+def test_train_has_an_explicit_extend_flag(capsys):
+  with pytest.raises(SystemExit):
+    train_cmd.main(["--help"])
+  assert "--extend" in capsys.readouterr().out

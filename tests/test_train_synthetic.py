@@ -39,14 +39,14 @@ def test_short_training_lowers_the_loss(trained):
   _, workdir = trained
   records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   assert [r["step"] for r in records] == list(range(1, STEPS + 1))
-  losses = np.array([r["loss"] for r in records])
+  losses = np.array([r["train/loss"] for r in records])
   # Per-step losses are noisy (8 samples, Gumbel selection): compare the untrained
   # start (warmup, ~zero learning rate) with the mean of the last 10 steps.
   first, last = losses[:3].mean(), losses[-10:].mean()
   assert last < 0.75 * first, (first, last)
   for key in ("l1", "giou", "ratio", "lr", "keep_s1", "skipped"):
-    assert key in records[-1]
-  assert records[-1]["skipped"] == 0
+    assert f"train/{key}" in records[-1]
+  assert records[-1]["train/skipped"] == 0
   assert os.listdir(workdir / "tensorboard")  # Event files written too.
 
 

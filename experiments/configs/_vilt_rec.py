@@ -5,7 +5,8 @@ read its PDF); these follow the usual
 ViLT/TransVG-style REC fine-tuning recipe and are all config fields:
   - model: ViLT-B/32 (768 x 12 layers, patch 32), scales 128/256/512, Encoder1 = 6
     layers, text length 40, initialised from converted ViLT weights
-    (`scanformer convert-vilt ... --out <dir>`, then `--set train.init_from=<dir>`);
+    (`scanformer convert-vilt --src <vilt> --out <dir>`, then
+    `--set train.init_from=<dir>`, whose vocab.txt is then the tokenizer's);
   - AdamW (b2 0.999, weight decay 1e-4), global batch 128, peak learning rate 1e-4
     for the new parts (REG/scale/constant tokens, heads) and 1e-5 for the pretrained
     backbone, linear warmup over the first ~1 epoch then cosine decay to 0,
@@ -15,7 +16,9 @@ ViLT/TransVG-style REC fine-tuning recipe and are all config fields:
     (the scan keeps about half of the 8x8 grid at 256 px and a quarter of the
     16x16 grid at 512 px: about a third of all patches, where the article's one
     figure is about 65% selected per sample), weight 2.
-The data files must be built first (README, "Data").
+The data must be built first (README, "Data"): by default the configs read the
+`scanformer data refer ... --data-dir runs/data` builds (`refer/<dataset>_<split_by>`);
+for the TFDS-catalog builds use e.g. `--set data.dataset=refcoco_unc`.
 """
 
 from scanformer_jax import config as C
@@ -37,8 +40,11 @@ def vilt_rec_config(dataset: str, eval_splits: tuple, num_train_expressions: int
           hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072, patch_size=32,
           image_sizes=(128, 256, 512), encoder1_layers=6, max_text_len=40,
           vocab_size=30522, pos_grid_size=12, box_head_layers=3),
-      data=C.DataConfig(dataset=dataset, data_dir="~/tensorflow_datasets",
-                        vocab_path=None,  # Set to the vocab.txt shipped with ViLT.
+      # Where the README's `scanformer data refer ... --data-dir runs/data` builds.
+      data=C.DataConfig(dataset=dataset, data_dir="runs/data",
+                        # None: the vocab.txt that convert-vilt wrote into
+                        # train.init_from.
+                        vocab_path=None,
                         train_split=train_split, eval_splits=eval_splits, augment=True),
       loss=C.LossConfig(l1_weight=5.0, giou_weight=2.0, target_ratio=(1.0, 0.5, 0.25),
                         ratio_weight=2.0),

@@ -1,9 +1,12 @@
 """RefCOCOg (UMD splits; longer expressions): val / test.
 
+    scanformer data refer --refer-root refer/data --dataset refcocog --split-by umd \
+        --image-dir coco/train2014 --data-dir runs/data
     scanformer train --config experiments/configs/refcocog.py --workdir runs/refcocog \
-        --set train.init_from=~/vilt_b32 --set data.vocab_path=~/vilt_b32/vocab.txt
+        --set train.init_from=weights/vilt-b32
 
-Data: `refcocog_umd` (catalog) or `refer/refcocog_umd`. Recipe: _vilt_rec.py.
+Data: `refer/refcocog_umd` (catalog build: `--set data.dataset=refcocog_umd`).
+Recipe: _vilt_rec.py.
 """
 
 from _vilt_rec import vilt_rec_config  # Sibling module (configs import each other).
@@ -12,4 +15,4 @@ NUM_TRAIN_EXPRESSIONS = 80_512  # RefCOCOg umd train
 
 
 def get_config():
-  return vilt_rec_config("refcocog_umd", ("validation", "test"), NUM_TRAIN_EXPRESSIONS)
+  return vilt_rec_config("refer/refcocog_umd", ("validation", "test"), NUM_TRAIN_EXPRESSIONS)

@@ -1,9 +1,12 @@
 """RefCOCO+ (UNC splits; no absolute-location words): val / testA / testB.
 
+    scanformer data refer --refer-root refer/data --dataset refcoco+ --split-by unc \
+        --image-dir coco/train2014 --data-dir runs/data
     scanformer train --config experiments/configs/refcocoplus.py --workdir runs/refcocoplus \
-        --set train.init_from=~/vilt_b32 --set data.vocab_path=~/vilt_b32/vocab.txt
+        --set train.init_from=weights/vilt-b32
 
-Data: `refcocoplus_unc` (catalog) or `refer/refcoco+_unc`. Recipe: _vilt_rec.py.
+Data: `refer/refcocoplus_unc` (catalog build: `--set data.dataset=refcocoplus_unc`).
+Recipe: _vilt_rec.py.
 """
 
 from _vilt_rec import vilt_rec_config  # Sibling module (configs import each other).
@@ -12,5 +15,5 @@ NUM_TRAIN_EXPRESSIONS = 120_191  # RefCOCO+ unc train
 
 
 def get_config():
-  return vilt_rec_config("refcocoplus_unc", ("validation", "testA", "testB"),
+  return vilt_rec_config("refer/refcocoplus_unc", ("validation", "testA", "testB"),
                          NUM_TRAIN_EXPRESSIONS)

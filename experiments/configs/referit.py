@@ -1,9 +1,9 @@
 """ReferItGame (refclef, Berkeley splits): test.
 
-    scanformer data refer --refer-root R --dataset refclef --split-by berkeley \
-        --image-dir I --data-dir ~/tensorflow_datasets
+    scanformer data refer --refer-root refer/data --dataset refclef --split-by berkeley \
+        --image-dir saiapr_tc-12 --data-dir runs/data
     scanformer train --config experiments/configs/referit.py --workdir runs/referit \
-        --set train.init_from=~/vilt_b32 --set data.vocab_path=~/vilt_b32/vocab.txt
+        --set train.init_from=weights/vilt-b32
 
 Recipe: _vilt_rec.py.
 """

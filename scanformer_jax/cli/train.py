@@ -27,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
   common.add_workdir_args(parser)
   parser.add_argument("--no-progress", action="store_true",
                       help="log lines instead of a progress bar")
+  parser.add_argument("--extend", action="store_true",
+                      help="resume with a changed train.num_steps (the learning-rate "
+                      "schedule is recomputed over the new total)")
   return parser
 
 
@@ -59,9 +62,9 @@ def main(argv: list[str]) -> int:
     from scanformer_jax import trainer  # pylint: disable=g-import-not-at-top
     fault = fault_injection(os.environ.get(FAULT_ENV, ""))
     result = trainer.train(config, args.workdir, progress=not args.no_progress,
-                           step_callbacks=[fault] if fault else [])
+                           step_callbacks=[fault] if fault else [], extend=args.extend)
     if result.stopped_early:
-      return 143  # Like a process ended by SIGTERM; the checkpoint is saved.
+      return 128 + result.stop_signal  # As if ended by the signal; the checkpoint is saved.
     return 0
 
   return common.run("scanformer train", body, args.verbose)
