@@ -1,5 +1,7 @@
 """The jitted train step: a non-finite batch is skipped and counted, training goes on."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -17,7 +19,9 @@ def _step_and_state(config, mesh, select_warmup_steps=0):
   tx, schedules = optim.make_optimizer(config.optim, config.train.num_steps)
   shardings = train_state.state_shardings(cfg, tx, mesh, config.mesh)
   step = train_step.jit_train_step(
-      train_step.make_train_step(cfg, config.loss, tx, schedules, select_warmup_steps),
+      train_step.make_train_step(
+          cfg, config.loss, tx, schedules,
+          dataclasses.replace(config.train, select_warmup_steps=select_warmup_steps)),
       shardings, mesh)
   return step, train_state.create_train_state(cfg, tx, 0, mesh, config.mesh)
 
