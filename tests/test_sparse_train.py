@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scanformer_jax import losses, optim, selection, sharding, train_state, train_step
+from scanformer_jax import (bench, flops, losses, optim, selection, sharding, train_state,
+                            train_step)
 from scanformer_jax.config import (ExperimentConfig, LossConfig, MeshConfig, ModelConfig,
                                    OptimConfig, TrainConfig)
 from scanformer_jax.errors import UserError
@@ -217,3 +218,13 @@ def test_bad_capacity_is_a_user_error():
   bad = dataclasses.replace(TrainConfig(), path="sparse", capacity=(4, 99, 12))
   with pytest.raises(UserError, match=r"train.capacity\[1\]=99 outside \[1, 16\]"):
     train_step.make_train_step(CFG, LOSS, tx, schedules, bad)
+
+
+def test_train_flops_count_backward_and_every_patch_projection():
+  cfg = bench.bench_config("vilt_b32", 0.25, "float32")  # capacities 16, 16, 64
+  assert bench.train_flops(cfg, 40, "dense") == pytest.approx(3 * flops.dense_flops(cfg, 40))
+  # Sparse: the slots as run, plus the projection of the patches outside the slots.
+  outside = sum(n - c for n, c in zip(cfg.num_patches, cfg.capacities))
+  projection = 2.0 * cfg.patch_size ** 2 * 3 * cfg.hidden_size
+  assert bench.train_flops(cfg, 40, "sparse") == pytest.approx(
+      3 * (flops.sparse_flops_as_run(cfg, 40) + outside * projection))
