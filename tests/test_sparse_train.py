@@ -115,13 +115,9 @@ def _assert_grads_close(actual, expected):
 def _assert_nonzero(grads):
   """The test can fail: the gradients it compares reach the parts under test."""
   for name in ("const_tokens", "select_head", "patch_embed", "iou_head", "layers_0"):
-    assert float(optax_norm(grads[name])) > 0, name
+    assert max(float(np.abs(x).max()) for x in jax.tree.leaves(grads[name])) > 0, name
   const = np.asarray(grads["const_tokens"])  # [S, D]: C_s is the input of replaced patches
   assert np.all(np.abs(const[1:]).max(axis=1) > 0)
-
-
-def optax_norm(tree):
-  return jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(tree)))
 
 
 def test_full_capacity_equals_dense(params):
