@@ -276,14 +276,50 @@ class TrainConfig:
   init_reg_from_vilt_cls: bool = False
   # Steps at the start that take every patch (no Gumbel masks): the box heads learn
   # from clean inputs while the selection head learns from loss.select_weight alone.
-  # 0 (DESIGN.md's schedule) samples hard Gumbel selections from the first step.
+  # 0 (the paper) samples hard Gumbel selections from the first step. In the sparse
+  # path these steps run the dense program (every patch cannot fit the capacities;
+  # one compiled step holds both), so they cost what a dense step costs.
   select_warmup_steps: int = 0
   # Stop (without saving) after this many consecutive steps with a non-finite loss
   # or gradient: the run has diverged. 0: never stop.
   max_consecutive_skipped: int = 10
+  # The training forward: "dense" (every patch a token) or "sparse" (the Gumbel-taken
+  # patches in `capacity` slots plus one merged token: the same loss and gradients
+  # for a cost that falls with the patches kept; model.py says why they are equal).
+  path: str = "dense"
+  # Sparse path: static slots per scale (scale 0: every patch). Patches taken beyond
+  # them are replaced, lowest parent logits first, and counted (metric dropped_s<k>).
+  # None: ceil(1.5 * loss.target_ratio[s] * N_s) rounded up to a multiple of 8,
+  # at most N_s (`sparse_capacity`).
+  capacity: Optional[tuple[int, ...]] = None
 
   def __post_init__(self):
     _check_numbers("train", self, num_steps=(1,), batch_size=(1,), log_every=(1,))
+    if self.path not in ("dense", "sparse"):
+      raise ValueError(f"path must be dense or sparse, got {self.path!r}")
+
+  def sparse_capacity(self, model: ModelConfig, loss: LossConfig) -> tuple[int, ...]:
+    """The sparse path's slots per scale: `capacity`, or the default from the targets."""
+    if self.capacity is not None:
+      capacity = tuple(self.capacity)
+    else:
+      if len(loss.target_ratio) != model.num_scales:
+        raise ValueError(f"loss.target_ratio needs {model.num_scales} entries, "
+                         f"got {loss.target_ratio}")
+      capacity = tuple(min(n, 8 * math.ceil(math.ceil(1.5 * ratio * n) / 8))
+                       for ratio, n in zip(loss.target_ratio, model.num_patches))
+      capacity = (model.num_patches[0],) + capacity[1:]
+    if len(capacity) != model.num_scales:
+      raise ValueError(f"train.capacity needs one entry per scale ({model.num_scales}), "
+                       f"got {capacity}")
+    for s, (count, total) in enumerate(zip(capacity, model.num_patches)):
+      if not 1 <= count <= total:
+        raise ValueError(f"train.capacity[{s}]={count} outside [1, {total}] (the patches "
+                         f"of scale {s})")
+    if capacity[0] != model.num_patches[0]:
+      raise ValueError(f"train.capacity[0] must be {model.num_patches[0]}: scale 0 takes "
+                       "every patch")
+    return capacity
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,11 +10,33 @@ constant token C_s.
 
 Two execution paths share the parameters:
   dense  (training, reference): every patch is a token; replacement is a 0/1 mask.
-  sparse (inference): taken patches are gathered into `capacity[s]` static slots and
+  sparse (inference, training): taken patches are gathered into `capacity[s]` static slots and
          all replaced patches collapse into ONE merged C_s token whose key carries
          the bias log(n): n identical keys weigh exp(q.k) * n = exp(q.k + log n),
          so this is exact, not an approximation.
 The scale loop is unrolled in Python: every shape and cache offset is static.
+
+Sparse training (`mode="sparse", train=True`) runs the sparse block with the dense
+path's hard Gumbel decisions and gets the dense path's gradients, exactly:
+  In the dense path a replaced patch's input is x_i = m_i * t_i + (1 - m_i) * C_s,
+  m_i the straight-through mask (value 0, gradient path d x_i / d m_i = t_i - C_s).
+  Write F for the dense loss as a function of the block inputs. The sparse forward
+  with merged-token input z is F(x_T, z, ..., z) (n copies of z) for EVERY z, not only
+  at z = C_s: n identical tokens stay identical through every layer, and their keys
+  weigh exp(q.k + log n), in this scale and in every later scale's cache. So
+  dL/dz = sum_i dF/dx_i (the merged token's one query row is all n copies' rows: its
+  output is each copy's output, and each key it writes counts n times through the
+  bias). The dense replaced copies are interchangeable (a replaced patch's own logit
+  gets no gradient: its children's mask is m_i * decision_i with m_i = 0, and the
+  selection loss weighs it 0), so each gets dF/dx_i = (1/n) dL/dz. With
+  z = mean_i x_i the chain rule gives each m_i the gradient (t_i - C_s) . dL/dz / n
+  and C_s the gradient mean_i (1 - m_i) . dL/dz = dL/dz: both the dense path's. A sum
+  instead of the mean would give each m_i n times its dense gradient (and the wrong
+  value n * C_s). Slots keep x_i, so taken patches match too. This needs t_i of the
+  replaced patches, i.e. the patch projection of every patch (not the transformer).
+  Patches that the Gumbel decisions take but the training capacity cannot hold are
+  replaced with mask 0 and no gradient (lowest parent logits first, as at inference),
+  and counted in `num_dropped`. tests/test_sparse_train.py checks all of this.
 
 The steps are public, so that other code can run a prefix of the scan (as
 PaliGemma's prefill_cache / extend_cache): `encode_text` returns the cache;
@@ -89,7 +111,7 @@ class ScaleOutput:
 class ScanFormerOutput:
   boxes: jax.Array                         # [B, S, 4] normalized (cx, cy, w, h)
   selection_logits: tuple[jax.Array, ...]  # per scale [B, N_s] float32
-  taken: tuple[jax.Array, ...]             # per scale [B, N_s]: bool; float 0/1 in dense+train
+  taken: tuple[jax.Array, ...]             # per scale [B, N_s]: bool; float 0/1 if train
   num_dropped: jax.Array                   # [B, S] int32, wanted but over capacity
   reg_features: jax.Array                  # [B, S, D] float32, REG after the final LayerNorm
   pred_iou: Optional[jax.Array] = None     # [B, S] when cfg.iou_head
@@ -159,6 +181,30 @@ class ScanFormer(nn.Module):
 
   def _const_token(self, s: int) -> jax.Array:
     return self.const_tokens[s].astype(self.cfg.compute_dtype)  # [D]
+
+  def _straight_through_inputs(self, s: int, image: jax.Array, mask: jax.Array,
+                               slots: selection.Slots) -> tuple[jax.Array, jax.Array]:
+    """Sparse-training inputs of scale s: (slots [B, C, D], merged token [B, 1, D]).
+
+    Every patch i gets x_i = m_i * t_i + (1 - m_i) * C_s (mask [B, N] float, hard 0/1
+    with straight-through gradient), as in the dense block; the slots hold the x_i
+    of their patches, the merged token the mean of x_i over the replaced patches
+    (module docstring: this gives the dense gradients). Its value is C_s exactly.
+    """
+    tokens = self._patch_tokens(image.astype(self.cfg.compute_dtype), s)  # [B, N, D]
+    const = self._const_token(s)  # [D]
+    m = mask.astype(tokens.dtype)[..., None]  # [B, N, 1]
+    x = m * tokens + (1 - m) * const  # [B, N, D]
+    if slots.index is not None:
+      slot_x = jnp.take_along_axis(x, slots.index[..., None], axis=1)  # [B, C, D]
+    else:
+      slot_x = x
+    replaced = (~slots.taken).astype(jnp.float32)  # [B, N]
+    weight = replaced / jnp.maximum(replaced.sum(axis=1, keepdims=True), 1.0)  # [B, N]
+    mean = jnp.einsum("bn,bnd->bd", weight, x.astype(jnp.float32))[:, None]  # [B, 1, D]
+    # Value C_s exactly (no rounding of the mean), gradient of the mean.
+    merged = mean + jax.lax.stop_gradient(const.astype(jnp.float32) - mean)
+    return slot_x, merged.astype(x.dtype)
 
   def _dense_block(self, s: int, image: jax.Array, mask: jax.Array) -> jax.Array:
     """[REG_s | every patch] [B, 1 + N_s, D]; replaced patches (mask 0) have input C_s."""
@@ -253,6 +299,41 @@ class ScanFormer(nn.Module):
     return ScaleOutput(reg=reg, selection_logits=logits, taken=slots.taken,
                        num_dropped=slots.num_dropped, kv=kv)
 
+  def scan_scale_sparse_train(self, s: int, image: jax.Array, mask: jax.Array,
+                              scores: Optional[jax.Array], cache: KVCache) -> ScaleOutput:
+    """Scale s of sparse training: the Gumbel-taken patches in `capacity[s]` slots.
+
+    image: [B, r_s, r_s, 3]; mask: [B, N_s] float, the hard straight-through Gumbel
+    mask (as the dense path's); scores: [B, N_s] priorities when more are taken than
+    fit (None at full capacity). Same block layout as `scan_scale_sparse`, inputs from
+    `_straight_through_inputs`. The output's `taken` is `mask` with the patches that
+    did not fit set to 0 (float, the gradient path), their count in `num_dropped`.
+    """
+    cfg = self.cfg
+    b, n = mask.shape
+    chex.assert_shape(image, (b, cfg.image_sizes[s], cfg.image_sizes[s], 3))
+    chex.assert_equal(n, cfg.num_patches[s])
+    wanted = mask > 0.5
+    slots = selection.fill_slots(wanted, scores, cfg.capacities[s])
+    kept = mask * (slots.taken | ~wanted).astype(mask.dtype)  # Over capacity: 0, no gradient.
+    slot_x, merged = self._straight_through_inputs(s, image, kept, slots)
+    parts = [self._reg_token(s, b), slot_x]
+    bias_parts = [jnp.zeros((b, 1)), jnp.where(slots.valid, 0.0, NEG_INF)]
+    if s > 0:
+      num_replaced = n - slots.taken.sum(axis=1)  # [B]
+      merged_bias = jnp.where(num_replaced > 0,
+                              jnp.log(jnp.maximum(num_replaced, 1).astype(jnp.float32)),
+                              NEG_INF)
+      parts.append(merged)
+      bias_parts.append(merged_bias[:, None])
+    block = jnp.concatenate(parts, axis=1)
+    bias = jnp.concatenate(bias_parts, axis=1).astype(jnp.float32)
+    reg, head_logits, kv = self._encode_block(block, bias, cache)
+    slot_logits = head_logits[:, :slot_x.shape[1]]
+    logits = slot_logits if s == 0 else slots.to_grid(slot_logits, head_logits[:, -1:])
+    return ScaleOutput(reg=reg, selection_logits=logits, taken=kept,
+                       num_dropped=slots.num_dropped, kv=kv)
+
   # ------------------------------------------------------------------- the paths
   def _scan_dense(self, images, cache: KVCache, train: bool,
                   force_taken: Optional[tuple[jax.Array, ...]]) -> list[ScaleOutput]:
@@ -293,20 +374,41 @@ class ScanFormer(nn.Module):
       wanted, scores = selection.wanted_children(cfg, s, out.taken, out.selection_logits)
     return outs
 
+  def _scan_sparse_train(self, images, cache: KVCache) -> list[ScaleOutput]:
+    """Sparse training: the decisions of `_scan_dense` (same rng folding, so the same
+    noise takes the same patches), in the training capacities `cfg.capacities`."""
+    cfg = self.cfg
+    gumbel_rng = self.make_rng("gumbel")
+    mask = jnp.ones((images[0].shape[0], cfg.num_patches[0]), jnp.float32)  # Scale 0: all.
+    scores = None
+    outs = []
+    for s, image in enumerate(images):
+      out = self.scan_scale_sparse_train(s, image, mask, scores, cache)
+      outs.append(out)
+      if s == len(images) - 1:  # The last scale's keys/values are never attended to.
+        break
+      cache = cache.append(out.kv)
+      decide = selection.hard_gumbel_sigmoid(
+          out.selection_logits, jax.random.fold_in(gumbel_rng, s), cfg.tau)
+      grid = cfg.grid_sizes[s]
+      mask = selection.upsample_to_children(out.taken * decide, grid)
+      # Over capacity, the children of the lowest parent logits go first (as at inference).
+      scores = selection.upsample_to_children(out.selection_logits.astype(jnp.float32), grid)
+    return outs
+
   def __call__(self, image: jax.Array, text_ids: jax.Array, text_mask: jax.Array,
                mode: str = "sparse", train: bool = False,
                force_taken: Optional[tuple[jax.Array, ...]] = None) -> ScanFormerOutput:
     """Scans `image` [B, R, R, 3] (R = finest size) for `text_ids` [B, L].
 
-    mode: "sparse" (inference) or "dense". train=True samples hard Gumbel decisions
-    (rng "gumbel"; dense only). force_taken (dense only): per-scale [B, N_s] masks
-    used instead of the model's own decisions, e.g. to replay a sparse scan.
+    mode: "sparse" or "dense". train=True samples hard Gumbel decisions (rng
+    "gumbel"); with mode="sparse" the taken patches fill `cfg.capacities` slots
+    (sparse training, module docstring). force_taken (dense only): per-scale
+    [B, N_s] masks used instead of the model's own decisions, e.g. to replay a scan.
     """
     cfg = self.cfg
     if mode not in MODES:
       raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if train and mode != "dense":
-      raise ValueError("train=True samples Gumbel decisions and needs mode='dense'")
     if force_taken is not None and mode != "dense":
       raise ValueError("force_taken is only supported with mode='dense'")
     b = image.shape[0]
@@ -317,6 +419,8 @@ class ScanFormer(nn.Module):
     images = build_pyramid(image.astype(jnp.float32), cfg.image_sizes)
     if mode == "dense":
       scales = self._scan_dense(images, cache, train, force_taken)
+    elif train:
+      scales = self._scan_sparse_train(images, cache)
     else:
       scales = self._scan_sparse(images, cache)
 

@@ -1,4 +1,9 @@
-"""One optimizer step: dense path with hard Gumbel selection, loss, guarded update.
+"""One optimizer step: hard Gumbel selection, loss, guarded update.
+
+`train.path` picks the forward: "dense" (every patch a token) or "sparse" (the
+taken patches in `train.sparse_capacity` slots; the same loss and gradients, model.py
+says why). The sparse step reports `dropped_s<k>`: patches of scale k in the batch
+that Gumbel took but the capacity could not hold (replaced instead).
 
 A step whose loss or gradients are not finite leaves parameters and optimizer state
 untouched (`jnp.where` inside the jitted step, no host sync) and bumps
@@ -16,7 +21,8 @@ import optax
 from jax.sharding import Mesh
 
 from scanformer_jax import losses, sharding as sharding_lib
-from scanformer_jax.config import LossConfig, ModelConfig
+from scanformer_jax.config import LossConfig, ModelConfig, TrainConfig
+from scanformer_jax.errors import UserError
 from scanformer_jax.model import ScanFormer
 from scanformer_jax.train_state import TrainState
 
@@ -25,34 +31,49 @@ StepFn = Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
 
 
 def make_train_step(cfg: ModelConfig, loss_cfg: LossConfig, tx: optax.GradientTransformation,
-                    schedules: dict[str, optax.Schedule], select_warmup_steps: int = 0
-                    ) -> StepFn:
+                    schedules: dict[str, optax.Schedule],
+                    train_cfg: TrainConfig = TrainConfig()) -> StepFn:
   """The un-jitted step `(state, batch) -> (state, metrics)`; metrics are scalars.
 
-  For the first `select_warmup_steps` steps every patch is taken (see
-  TrainConfig.select_warmup_steps); one compiled program holds both branches.
+  For the first `train_cfg.select_warmup_steps` steps every patch is taken (dense,
+  on either path); one compiled program holds both branches.
   """
-  model = ScanFormer(cfg)
+  dense_model = ScanFormer(cfg)
+  warmup_steps = train_cfg.select_warmup_steps
+  sparse = train_cfg.path == "sparse"
+  if sparse:
+    try:
+      capacity = train_cfg.sparse_capacity(cfg, loss_cfg)
+    except ValueError as e:
+      raise UserError(f"train.path=sparse: {e}") from None
+    sparse_model = ScanFormer(cfg.replace(capacity=capacity))
 
   def loss_fn(params, batch, rng, take_all):
-    def forward(force_taken=None):
-      return model.apply({"params": params}, batch["image"], batch["text_ids"],
-                         batch["text_mask"], mode="dense", train=True,
-                         rngs={"gumbel": rng}, force_taken=force_taken)
+    inputs = (batch["image"], batch["text_ids"], batch["text_mask"])
+    b = batch["image"].shape[0]
+
+    def gumbel_scan():
+      if sparse:
+        return sparse_model.apply({"params": params}, *inputs, mode="sparse", train=True,
+                                  rngs={"gumbel": rng})
+      return dense_model.apply({"params": params}, *inputs, mode="dense", train=True,
+                               rngs={"gumbel": rng})
 
     def every_patch():
-      b = batch["image"].shape[0]
-      return forward(tuple(jnp.ones((b, n), jnp.float32) for n in cfg.num_patches))
+      every = tuple(jnp.ones((b, n), jnp.float32) for n in cfg.num_patches)
+      return dense_model.apply({"params": params}, *inputs, mode="dense", train=True,
+                               rngs={"gumbel": rng}, force_taken=every)
 
-    if select_warmup_steps:
-      out = jax.lax.cond(take_all, every_patch, forward)
-    else:
-      out = forward()
-    return losses.scanformer_loss(out, batch["box"], batch["valid"], loss_cfg)
+    out = jax.lax.cond(take_all, every_patch, gumbel_scan) if warmup_steps else gumbel_scan()
+    total, terms = losses.scanformer_loss(out, batch["box"], batch["valid"], loss_cfg)
+    if sparse:
+      dropped = out.num_dropped.sum(axis=0)  # [S]
+      terms.update({f"dropped_s{s}": dropped[s] for s in range(1, cfg.num_scales)})
+    return total, terms
 
   def step(state: TrainState, batch: Batch):
     rng = jax.random.fold_in(state.rng, state.step)
-    take_all = state.step < select_warmup_steps
+    take_all = state.step < warmup_steps
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, batch, rng, take_all)
     grad_norm = optax.tree.norm(grads)  # Global L2 norm (optax.global_norm is deprecated).

@@ -320,8 +320,8 @@ def _train_locked(config: ExperimentConfig, workdir: str, devices, progress: boo
     log.info("the run finished at step %d already: nothing to train", start)
 
   step_fn = train_step.jit_train_step(
-      train_step.make_train_step(cfg, config.loss, tx, schedules,
-                                 config.train.select_warmup_steps), shardings, mesh)
+      train_step.make_train_step(cfg, config.loss, tx, schedules, config.train),
+      shardings, mesh)
   writer = MetricWriter(workdir)
   eval_step = None
   stop = _StopFlag()

@@ -1,5 +1,7 @@
 """The jitted train step: a non-finite batch is skipped and counted, training goes on."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -11,13 +13,16 @@ from scanformer_jax import config_io, optim, sharding, train_state, train_step
 from scanformer_jax.config import MeshConfig
 
 
-def _step_and_state(config, mesh, select_warmup_steps=0):
+def _step_and_state(config, mesh, select_warmup_steps=0, path="dense"):
   """A jitted train step and a fresh state for `config` on `mesh`."""
   cfg = config.model
   tx, schedules = optim.make_optimizer(config.optim, config.train.num_steps)
   shardings = train_state.state_shardings(cfg, tx, mesh, config.mesh)
   step = train_step.jit_train_step(
-      train_step.make_train_step(cfg, config.loss, tx, schedules, select_warmup_steps),
+      train_step.make_train_step(
+          cfg, config.loss, tx, schedules,
+          dataclasses.replace(config.train, select_warmup_steps=select_warmup_steps,
+                              path=path)),
       shardings, mesh)
   return step, train_state.create_train_state(cfg, tx, 0, mesh, config.mesh)
 
@@ -75,3 +80,22 @@ def test_select_warmup_takes_every_patch_then_gumbel(setup):
   # Random init: logits near 0, so hard Gumbel decisions drop about half the patches.
   assert all(k < 0.9 for k in keeps[2]), keeps
   assert np.isfinite(float(metrics["loss"])) and int(state.step) == 3
+
+
+def test_sparse_path_skips_a_nan_batch_and_reports_drops(setup):
+  """train.path=sparse keeps the guard: a non-finite batch changes nothing, then it trains."""
+  config, mesh, _, _ = setup
+  # Capacity 4 of 16 at scale 1: random-init Gumbel takes about 8, so some are dropped.
+  config = config.replace(train=dataclasses.replace(config.train, capacity=(4, 4)))
+  step, state = _step_and_state(config, mesh, path="sparse")
+  before = jax.tree.map(np.asarray, state.params)
+  bad = _batch(config)
+  bad["image"][0, 1, 1, 2] = np.inf
+  state, metrics = step(state, sharding.to_global(bad, mesh))
+  assert int(metrics["finite"]) == 0 and int(metrics["skipped"]) == 1
+  assert train_helpers.max_abs_diff(before, jax.tree.map(np.asarray, state.params)) == 0.0
+  for start in (8, 16):
+    state, metrics = step(state, sharding.to_global(_batch(config, start), mesh))
+  assert int(metrics["finite"]) == 1 and int(metrics["skipped"]) == 1
+  assert train_helpers.max_abs_diff(before, jax.tree.map(np.asarray, state.params)) > 0
+  assert float(metrics["keep_s1"]) <= 4 / 16 and float(metrics["dropped_s1"]) > 0

@@ -1,7 +1,8 @@
-"""`scanformer bench [--model tiny|vilt_b32] [--keep-ratio R] ... [--json PATH]`.
+"""`scanformer bench [--model tiny|vilt_b32] [--keep-ratio R] [--train] ... [--json PATH]`.
 
 Times compiled sparse vs dense inference with random weights (scanformer_jax/bench.py
-says how) and prints the table; `--json` writes the full report.
+says how), or with `--train` one training step of each train path, and prints the
+table; `--json` writes the full report.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                       help="text tokens per sample (default: the model's max_text_len)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--json", default=None, help="write the report here")
+  parser.add_argument("--train", action="store_true",
+                      help="time one training step (forward, backward, update) of the "
+                           "dense and the sparse train path instead of inference")
   common.add_verbose_arg(parser)
   args = parser.parse_args(argv)
   if not 0.0 < args.keep_ratio <= 1.0:
@@ -43,10 +47,12 @@ def main(argv: list[str]) -> int:
   common.setup_logging(args.verbose)
 
   def body() -> int:
-    report = bench.run(model=args.model, batch_size=args.batch_size,
-                       keep_ratio=args.keep_ratio, steps=args.steps, warmup=args.warmup,
-                       dtype=args.dtype, seed=args.seed, text_len=args.text_len)
-    print(bench.format_report(report))
+    run, format_report = ((bench.run_train, bench.format_train_report) if args.train
+                          else (bench.run, bench.format_report))
+    report = run(model=args.model, batch_size=args.batch_size, keep_ratio=args.keep_ratio,
+                 steps=args.steps, warmup=args.warmup, dtype=args.dtype, seed=args.seed,
+                 text_len=args.text_len)
+    print(format_report(report))
     if args.json:
       directory = os.path.dirname(os.path.abspath(args.json))
       os.makedirs(directory, exist_ok=True)
