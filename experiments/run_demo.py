@@ -5,11 +5,14 @@ that also defines `SYNTHETIC_SPEC`, the dataset it trains on (synthetic_shapes.p
 
 Every stage runs the real command (`scanformer data|train|eval|predict`) in a fresh
 process, exactly as a user would; a rerun skips what is done (the dataset exists, the
-workdir's training is finished and resumes to the same end). Writes
+workdir's training is finished and resumes to the same end). After training,
+`scanformer calibrate` writes capacity buckets into the run's config.json, so the
+evaluation runs only the slots the model's selection needs. Writes
 `<workdir>/eval.json` (sparse path, validation split) with the validation gallery in
-`<workdir>/gallery/index.html`, the predict step's scan picture `<workdir>/scan.png`,
-and `<workdir>/eval_blank.json` (every expression blanked: how much the model needs
-the sentence), then prints a table with the demo targets.
+`<workdir>/gallery/index.html`, `<workdir>/eval_dense.json` (the same split on the
+dense path: the measured sparse speedup), the predict step's scan picture
+`<workdir>/scan.png`, and `<workdir>/eval_blank.json` (every expression blanked: how
+much the model needs the sentence), then prints a table with the demo targets.
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ import os
 import subprocess
 import sys
 import time
+from typing import Optional
 
 from scanformer_jax import config_io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "experiments", "configs", "synthetic_tiny.py")
-TARGETS = {"acc": 0.90, "finest_keep": 0.5, "minutes": 15}
+TARGETS = {"acc": 0.90, "finest_keep": 0.5, "minutes": 15, "speedup_over_flops": 0.75}
 
 
 def _run(stage: str, args: list[str], env: dict, timings: dict, capture=False) -> str:
@@ -53,6 +57,33 @@ def _predict_input(workdir: str, module) -> tuple[str, str]:
   from PIL import Image  # pylint: disable=g-import-not-at-top
   Image.fromarray(scene.image).save(path)
   return path, scene.expressions[0].text
+
+
+def _calibrated_evals(workdir: str, gallery_dir: Optional[str], common: list[str],
+                      env: dict, timings: dict) -> tuple[str, str]:
+  """calibrate, then eval the validation split sparse (buckets; with its gallery in
+  `gallery_dir` unless None) and dense; the JSONs."""
+  _run("calibrate", ["calibrate", "--workdir", workdir, "--split", "validation",
+                     "--quantile", "0.995", *common], env, timings)
+  eval_json = os.path.join(workdir, "eval.json")
+  gallery = ["--gallery", gallery_dir] if gallery_dir else []
+  _run("eval", ["eval", "--workdir", workdir, "--split", "validation", "--json", eval_json,
+                *gallery, *common], env, timings)
+  dense_json = os.path.join(workdir, "eval_dense.json")
+  _run("eval_dense", ["eval", "--workdir", workdir, "--split", "validation", "--mode",
+                      "dense", "--json", dense_json, *common], env, timings)
+  return eval_json, dense_json
+
+
+def speedup_row(sparse: dict, dense: dict) -> tuple:
+  """Measured sparse/dense eval samples/s next to the kept-FLOPs ratio (issue 16)."""
+  speedup = sparse["samples_per_s"] / dense["samples_per_s"]
+  flops_ratio = sparse["gflops_dense"] / sparse["gflops_kept"]
+  return ("eval samples/s sparse vs dense",
+          f"{sparse['samples_per_s']:.1f} vs {dense['samples_per_s']:.1f} = {speedup:.2f}x "
+          f"(kept-FLOPs ratio {flops_ratio:.2f}x)",
+          f"speedup >= {TARGETS['speedup_over_flops']} x FLOPs ratio",
+          speedup >= TARGETS["speedup_over_flops"] * flops_ratio)
 
 
 def main() -> int:
@@ -85,10 +116,8 @@ def main() -> int:
   for item in args.overrides:
     train_args += ["--set", item]
   _run("train", train_args, env, timings)
-  eval_json = os.path.join(workdir, "eval.json")
   gallery_dir = os.path.join(workdir, "gallery")
-  _run("eval", ["eval", "--workdir", workdir, "--json", eval_json, "--split", "validation",
-                "--gallery", gallery_dir, *common], env, timings)
+  eval_json, dense_json = _calibrated_evals(workdir, gallery_dir, common, env, timings)
   image, text = _predict_input(workdir, module)
   out_png = os.path.join(workdir, "scan.png")
   predicted = _run("predict", ["predict", "--workdir", workdir, "--image", image, "--text",
@@ -99,6 +128,7 @@ def main() -> int:
   total = time.perf_counter() - t0
 
   report = json.load(open(eval_json))["validation"]
+  dense = json.load(open(dense_json))["validation"]
   blank = json.load(open(blank_json))["validation"]
   prediction = json.loads(predicted.strip().splitlines()[-1])
   finest_keep = report["keep_ratio"][-1]
@@ -110,9 +140,12 @@ def main() -> int:
       ("mean IoU", f"{report['mean_iou']:.4f}", "", None),
       ("keep ratio per scale", " / ".join(f"{k:.3f}" for k in report["keep_ratio"]),
        f"finest <= {TARGETS['finest_keep']}", finest_keep <= TARGETS["finest_keep"]),
-      ("GFLOPs / sample sparse vs dense",
-       f"{report['gflops_sparse']:.4f} vs {report['gflops_dense']:.4f}", "", None),
-      ("eval samples/s", f"{report['samples_per_s']:.1f}", "", None),
+      ("GFLOPs / sample kept / as run / dense",
+       f"{report['gflops_kept']:.4f} / {report['gflops_as_run']:.4f} / "
+       f"{report['gflops_dense']:.4f}", "", None),
+      ("capacity overflow (samples, patches)",
+       f"{report['overflow_fraction']:.4f}, {report['patches_dropped']}", "", None),
+      speedup_row(report, dense),
       ("Acc@0.5 with expressions blanked", f"{blank['acc@0.5']:.4f}",
        "far lower", blank["acc@0.5"] < 0.6 * report["acc@0.5"]),
       ("expressions evaluated", str(report["count"]), "", None),
@@ -127,8 +160,8 @@ def main() -> int:
   for name, value, target, ok in rows:
     mark = "" if ok is None else ("  [ok]" if ok else "  [MISSED]")
     print(f"{name:<{width}}  {value}" + (f"   (target {target}){mark}" if target else ""))
-  print(f"\nreports: {eval_json}, {blank_json}; scan picture: {out_png}; gallery: "
-        f"{os.path.join(gallery_dir, 'index.html')}")
+  print(f"\nreports: {eval_json}, {dense_json}, {blank_json}; scan picture: {out_png}; "
+        f"gallery: {os.path.join(gallery_dir, 'index.html')}")
   return 0
 
 

@@ -73,6 +73,11 @@ class ModelConfig:
   encoder1_layers: int = 6
   # Static token budget of the sparse path per scale (None: all patches).
   capacity: Optional[tuple[int, ...]] = None
+  # Capacity buckets per scale (ascending; scale 0: its patch count): the sparse scan
+  # runs each scale s >= 1 with the smallest bucket that holds the batch's largest
+  # wanted count (chosen inside jit, one compile; the last bucket if none does).
+  # Overrides `capacity` when set; `scanformer calibrate` writes both.
+  capacity_buckets: Optional[tuple[tuple[int, ...], ...]] = None
   # Inference selection rule, a name registered in selection.py (`selection.RULES`):
   # "threshold" or "topk"; setting select_topk selects "topk". Training samples
   # Gumbel decisions instead.
@@ -124,9 +129,25 @@ class ModelConfig:
           raise ValueError(f"{name}[{s}]={count} outside [0, {total}]")
     if self.capacity is not None and self.capacity[0] != self.num_patches[0]:
       raise ValueError("scale 0 takes every patch: capacity[0] must equal its patch count")
+    if self.capacity_buckets is not None:
+      self._check_buckets(self.capacity_buckets)
     if self.select_topk is not None and self.select_rule not in ("threshold", "topk"):
       raise ValueError(f"select_topk selects the 'topk' rule, but select_rule is "
                        f"{self.select_rule!r}: set one of them")
+
+  def _check_buckets(self, buckets) -> None:
+    if len(buckets) != self.num_scales:
+      raise ValueError(f"capacity_buckets needs one tuple per scale ({self.num_scales}): "
+                       f"{buckets}")
+    for s, (sizes, total) in enumerate(zip(buckets, self.num_patches)):
+      if not sizes or list(sizes) != sorted(set(sizes)):
+        raise ValueError(f"capacity_buckets[{s}]={sizes} must be strictly ascending and "
+                         "non-empty")
+      if not 1 <= sizes[0] <= sizes[-1] <= total:
+        raise ValueError(f"capacity_buckets[{s}]={sizes} outside [1, {total}]")
+    if tuple(buckets[0]) != (self.num_patches[0],):
+      raise ValueError(f"scale 0 takes every patch: capacity_buckets[0] must be "
+                       f"({self.num_patches[0]},), got {buckets[0]}")
 
   # Derived, static quantities.
   @property
@@ -144,6 +165,13 @@ class ModelConfig:
   @property
   def capacities(self) -> tuple[int, ...]:
     return self.capacity if self.capacity is not None else self.num_patches
+
+  @property
+  def max_capacities(self) -> tuple[int, ...]:
+    """Slots of each scale's largest run: the last bucket, else `capacities`."""
+    if self.capacity_buckets is not None:
+      return tuple(sizes[-1] for sizes in self.capacity_buckets)
+    return self.capacities
 
   @property
   def selection_rule(self) -> str:

@@ -1,8 +1,10 @@
-"""The jitted evaluation step: sparse scan, per-sample, per-scale results.
+"""The jitted evaluation step: sparse (or dense) scan, per-sample, per-scale results.
 
 Compiled once per (config, batch shape): the last, partial batch is padded by the
 pipeline (`valid=False`), so every batch has the same shape. Outputs stay per sample
-so the host can drop padding rows and apply early-exit criteria afterwards.
+so the host can drop padding rows and apply early-exit criteria afterwards. With
+`model.capacity_buckets` the bucket each scale ran with is an output (`capacity`), so
+the host can count what the compiled program executed.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ class EvalStep:
   """
 
   def __init__(self, cfg: ModelConfig, mesh: Mesh, param_shardings: Any,
-               max_traces: Optional[int] = None):
+               max_traces: Optional[int] = None, mode: str = "sparse"):
     self.cfg = cfg
+    self.mode = mode
     self._model = ScanFormer(cfg)
     batch_sh = sharding_lib.batch_sharding(mesh)
     step = self._step if max_traces is None else chex.assert_max_traces(self._step, max_traces)
@@ -38,15 +41,17 @@ class EvalStep:
   def _step(self, params, batch) -> dict[str, jax.Array]:
     cfg = self.cfg
     out = self._model.apply({"params": params}, batch["image"], batch["text_ids"],
-                            batch["text_mask"], mode="sparse")
-    b = batch["image"].shape[0]
+                            batch["text_mask"], mode=self.mode)
+    b, text_tokens = batch["text_ids"].shape
     chex.assert_shape(out.boxes, (b, cfg.num_scales, 4))
     result = {
         "boxes": out.boxes,  # [B, S, 4]
         "iou": box_ops.iou_cxcywh(out.boxes, batch["box"][:, None, :]),  # [B, S]
         "taken": jnp.stack([t.sum(-1) for t in out.taken], axis=1).astype(jnp.int32),  # [B,S]
         "num_dropped": out.num_dropped.astype(jnp.int32),  # [B, S]
+        "capacity": out.capacity.astype(jnp.int32),  # [B, S] slots each scale ran with (the batch's bucket)
         "text_len": batch["text_mask"].sum(-1).astype(jnp.int32),  # [B]
+        "text_len_run": jnp.full((b,), text_tokens, jnp.int32),  # [B] padded, as run
         "valid": batch["valid"],  # [B]
     }
     if out.pred_iou is not None:
@@ -55,4 +60,8 @@ class EvalStep:
 
   def __call__(self, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return self._jitted(params, batch)
+
+  def lower(self, params: Any, batch: Any) -> jax.stages.Lowered:
+    """The step lowered for these (possibly abstract) arguments: its HLO and cost."""
+    return self._jitted.lower(params, batch)
 

@@ -1,10 +1,16 @@
-"""Evaluate parameters on one split: sparse scan, batched, every expression once.
+"""Evaluate parameters on one split: sparse (or dense) scan, batched, every expression once.
 
-Returns the report of issue 4 (`acc@0.5`, `acc@0.5_per_scale`, `mean_iou`,
-`keep_ratio`, `num_dropped`, `gflops_sparse`, `gflops_dense`, `samples_per_s`,
-`count`) plus, when an early-exit criterion is given, an `early_exit` entry.
-GFLOPs are analytic (`flops.py`) per sample: sparse from each sample's actual taken
-counts and real text length, dense for the same text length.
+Returns the report of issues 4 and 16 (`acc@0.5`, `acc@0.5_per_scale`, `mean_iou`,
+`keep_ratio`, `num_dropped`, `patches_dropped`, `overflow_fraction`, `capacity_used`,
+`gflops_as_run`, `gflops_kept`, `gflops_dense`, `samples_per_s`, `mode`, `count`)
+plus, when an early-exit criterion is given, an `early_exit` entry. GFLOPs are
+analytic (`flops.py`) means per sample:
+  gflops_as_run  what the compiled program executed: every slot of the capacities (or
+                 buckets) each batch ran with, padded text length (dense: dense FLOPs);
+  gflops_kept    the patches the selection kept, real text length (a lower bound);
+  gflops_dense   the dense path at the real text length.
+`overflow_fraction`: samples with any patch dropped for lack of slots;
+`patches_dropped`: their total; `capacity_used`: per scale, samples per slot count.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from data_pipelines.contract import DEVICE_KEYS
-from scanformer_jax import data_source, early_exit, flops, sharding as sharding_lib
+from scanformer_jax import capacity, data_source, early_exit, flops, sharding as sharding_lib
 from scanformer_jax.config import ExperimentConfig, ModelConfig
 from scanformer_jax.errors import UserError
 from scanformer_jax.eval_step import EvalStep
@@ -37,12 +43,28 @@ def blank_expressions(batch: dict) -> dict:
   return {**batch, "text_ids": blank_ids, "text_mask": blank_mask}
 
 
-def gflops_per_sample(cfg: ModelConfig, taken: np.ndarray, text_len: np.ndarray
-                      ) -> tuple[float, float]:
-  """Mean analytic GFLOPs per sample: (sparse effective, dense)."""
-  sparse = flops.sparse_flops(cfg, text_len, taken)  # [N]
-  dense = flops.dense_flops(cfg, text_len)  # [N]
-  return float(np.mean(sparse) / 1e9), float(np.mean(dense) / 1e9)
+def gflops_report(cfg: ModelConfig, rows: dict[str, np.ndarray], mode: str
+                  ) -> dict[str, float]:
+  """Mean analytic GFLOPs per sample: as run, kept and dense (module docstring)."""
+  if mode == "dense":
+    as_run = flops.dense_flops(cfg, rows["text_len_run"])
+  else:
+    as_run = capacity.flops_as_run(cfg, rows["text_len_run"], rows["capacity"])
+  kept = flops.sparse_flops(cfg, rows["text_len"], rows["taken"])  # [N]
+  dense = flops.dense_flops(cfg, rows["text_len"])  # [N]
+  return {"gflops_as_run": float(np.mean(as_run) / 1e9),
+          "gflops_kept": float(np.mean(kept) / 1e9),
+          "gflops_dense": float(np.mean(dense) / 1e9)}
+
+
+def capacity_report(rows: dict[str, np.ndarray]) -> dict[str, Any]:
+  """Drops and the slot counts (buckets) the scan ran with (module docstring)."""
+  dropped = rows["num_dropped"].sum(1)  # [N]
+  used = [dict(zip(*(v.tolist() for v in np.unique(c, return_counts=True))))
+          for c in rows["capacity"].T]
+  return {"overflow_fraction": float(np.mean(dropped > 0)),
+          "patches_dropped": int(dropped.sum()),
+          "capacity_used": [{str(k): int(v) for k, v in u.items()} for u in used]}
 
 
 def gflops_at_exit(cfg: ModelConfig, taken: np.ndarray, text_len: np.ndarray,
@@ -52,7 +74,7 @@ def gflops_at_exit(cfg: ModelConfig, taken: np.ndarray, text_len: np.ndarray,
   for e in np.unique(exit_scale):
     rows = exit_scale == e
     prefix = cfg.replace(image_sizes=cfg.image_sizes[:e + 1], capacity=None,
-                         select_topk=None)
+                         capacity_buckets=None, select_topk=None)
     total[rows] = flops.sparse_flops(prefix, text_len[rows], taken[rows, :e + 1])
   return float(total.mean() / 1e9)
 
@@ -128,8 +150,9 @@ def evaluate_batches(cfg: ModelConfig, params: Any, step: EvalStep,
   if metrics.count == 0:
     return report
   rows = metrics.arrays()
-  report["gflops_sparse"], report["gflops_dense"] = gflops_per_sample(
-      cfg, rows["taken"], rows["text_len"])
+  report.update(gflops_report(cfg, rows, step.mode))
+  report.update(capacity_report(rows))
+  report["mode"] = step.mode
   report.update(facts)
   if criterion is not None:
     report["early_exit"] = exit_report(cfg, metrics, criterion)
@@ -163,10 +186,11 @@ def exit_criterion(config: ExperimentConfig) -> Optional[early_exit.ExitCriterio
 
 def evaluate_params(config: ExperimentConfig, params: Any, mesh: Mesh, param_shardings: Any,
                     splits: Sequence[str], progress: bool = True,
-                    step: Optional[EvalStep] = None) -> dict[str, dict]:
-  """Every split's report (module docstring) for `params`."""
+                    step: Optional[EvalStep] = None, mode: str = "sparse"
+                    ) -> dict[str, dict]:
+  """Every split's report (module docstring) for `params`, scanned in `mode`."""
   cfg = config.model
-  step = step or EvalStep(cfg, mesh, param_shardings)
+  step = step or EvalStep(cfg, mesh, param_shardings, mode=mode)
   criterion = exit_criterion(config)
   return {
       split: evaluate_batches(

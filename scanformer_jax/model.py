@@ -105,6 +105,7 @@ class ScaleOutput:
   taken: jax.Array             # [B, N_s]: bool; the float 0/1 mask in the dense path
   num_dropped: jax.Array       # [B] int32, wanted but over capacity
   kv: KVCache                  # the block's keys/values and key bias, for `cache.append`
+  capacity: Optional[jax.Array] = None  # [B] int32, the slots the sparse block ran with
 
 
 @flax.struct.dataclass
@@ -115,6 +116,19 @@ class ScanFormerOutput:
   num_dropped: jax.Array                   # [B, S] int32, wanted but over capacity
   reg_features: jax.Array                  # [B, S, D] float32, REG after the final LayerNorm
   pred_iou: Optional[jax.Array] = None     # [B, S] when cfg.iou_head
+  capacity: Optional[jax.Array] = None     # [B, S] int32, patch slots each scale ran with
+                                           # (dense: every patch)
+
+
+def _pad_block(kv: KVCache, length: int) -> KVCache:
+  """A block's keys/values padded to `length` tokens; padding keys get bias NEG_INF."""
+  pad = length - kv.bias.shape[1]
+  if pad == 0:
+    return kv
+  widths = lambda x: [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)  # noqa: E731
+  zeros = lambda x: jnp.pad(x, widths(x))  # noqa: E731
+  return KVCache(keys=tuple(map(zeros, kv.keys)), values=tuple(map(zeros, kv.values)),
+                 bias=jnp.pad(kv.bias, widths(kv.bias), constant_values=NEG_INF))
 
 
 class ScanFormer(nn.Module):
@@ -267,19 +281,22 @@ class ScanFormer(nn.Module):
                        num_dropped=jnp.zeros((b,), jnp.int32), kv=kv)
 
   def scan_scale_sparse(self, s: int, image: jax.Array, wanted: jax.Array,
-                        scores: Optional[jax.Array], cache: KVCache) -> ScaleOutput:
-    """Scale s of the sparse path: taken patches in `capacity[s]` slots, the rest merged.
+                        scores: Optional[jax.Array], cache: KVCache,
+                        capacity: Optional[int] = None) -> ScaleOutput:
+    """Scale s of the sparse path: taken patches in `capacity` slots, the rest merged.
 
     image: [B, r_s, r_s, 3], pyramid level s; wanted: [B, N_s] bool; scores: [B, N_s]
-    priorities when more are wanted than fit (None at full capacity). Block layout:
-    [REG_s | capacity[s] slots | merged C_s] (no merged token at scale 0, where every
-    patch is taken). Only the slotted patches are embedded.
+    priorities when more are wanted than fit (None at full capacity). capacity: static
+    slots (default `cfg.capacities[s]`; a bucket's size in a bucketed scan). Block
+    layout: [REG_s | capacity slots | merged C_s] (no merged token at scale 0, where
+    every patch is taken). Only the slotted patches are embedded.
     """
     cfg = self.cfg
     b, n = wanted.shape
     chex.assert_shape(image, (b, cfg.image_sizes[s], cfg.image_sizes[s], 3))
     chex.assert_equal(n, cfg.num_patches[s])
-    slots = selection.fill_slots(wanted, scores, cfg.capacities[s])
+    capacity = cfg.capacities[s] if capacity is None else capacity
+    slots = selection.fill_slots(wanted, scores, capacity)
     patches = self._patch_tokens(image.astype(cfg.compute_dtype), s, slots.index)  # [B, C, D]
     parts = [self._reg_token(s, b), patches]
     bias_parts = [jnp.zeros((b, 1)), jnp.where(slots.valid, 0.0, NEG_INF)]
@@ -297,7 +314,33 @@ class ScanFormer(nn.Module):
     slot_logits = head_logits[:, :patches.shape[1]]
     logits = slot_logits if s == 0 else slots.to_grid(slot_logits, head_logits[:, -1:])
     return ScaleOutput(reg=reg, selection_logits=logits, taken=slots.taken,
-                       num_dropped=slots.num_dropped, kv=kv)
+                       num_dropped=slots.num_dropped, kv=kv,
+                       capacity=jnp.full((b,), capacity, jnp.int32))
+
+  def _scan_scale_bucketed(self, s: int, image: jax.Array, wanted: jax.Array,
+                           scores: jax.Array, cache: KVCache) -> ScaleOutput:
+    """`scan_scale_sparse` with the smallest of `cfg.capacity_buckets[s]` that holds the
+    batch's largest wanted count (the last bucket if none does), chosen in the program.
+
+    One branch per bucket (`lax.switch`: one compile, only the chosen branch runs).
+    Every branch's block keys/values are padded to the largest bucket's block with
+    key bias NEG_INF, so the cache of later scales has one static shape; attending to
+    the padding costs 4*T*pad*D per layer, small next to the block's own projections.
+    """
+    buckets = self.cfg.capacity_buckets[s]
+    largest = 1 + buckets[-1] + (1 if s > 0 else 0)  # Tokens of the largest block.
+    need = wanted.sum(axis=1, dtype=jnp.int32).max()  # The batch's largest count.
+    index = jnp.minimum(jnp.sum(jnp.asarray(buckets) < need), len(buckets) - 1)
+
+    def branch(capacity: int):
+      def run(module, image, wanted, scores, cache):
+        out = module.scan_scale_sparse(s, image, wanted, scores, cache, capacity=capacity)
+        return out.replace(kv=_pad_block(out.kv, largest))
+      return run
+
+    if len(buckets) == 1:
+      return branch(buckets[0])(self, image, wanted, scores, cache)
+    return nn.switch(index, [branch(c) for c in buckets], self, image, wanted, scores, cache)
 
   def scan_scale_sparse_train(self, s: int, image: jax.Array, mask: jax.Array,
                               scores: Optional[jax.Array], cache: KVCache) -> ScaleOutput:
@@ -332,7 +375,8 @@ class ScanFormer(nn.Module):
     slot_logits = head_logits[:, :slot_x.shape[1]]
     logits = slot_logits if s == 0 else slots.to_grid(slot_logits, head_logits[:, -1:])
     return ScaleOutput(reg=reg, selection_logits=logits, taken=kept,
-                       num_dropped=slots.num_dropped, kv=kv)
+                       num_dropped=slots.num_dropped, kv=kv,
+                       capacity=jnp.full((b,), cfg.capacities[s], jnp.int32))
 
   # ------------------------------------------------------------------- the paths
   def _scan_dense(self, images, cache: KVCache, train: bool,
@@ -366,7 +410,10 @@ class ScanFormer(nn.Module):
     scores = None
     outs = []
     for s, image in enumerate(images):
-      out = self.scan_scale_sparse(s, image, wanted, scores, cache)
+      if cfg.capacity_buckets is None or s == 0:
+        out = self.scan_scale_sparse(s, image, wanted, scores, cache)
+      else:
+        out = self._scan_scale_bucketed(s, image, wanted, scores, cache)
       outs.append(out)
       if s == len(images) - 1:  # The last scale's keys/values are never attended to.
         break
@@ -428,11 +475,16 @@ class ScanFormer(nn.Module):
     boxes = self.box_head(reg_features)                             # [B, S, 4]
     pred_iou = self.iou_head(reg_features) if cfg.iou_head else None
     chex.assert_shape(boxes, (b, cfg.num_scales, 4))
+    if mode == "dense":  # Every patch of every scale is a token.
+      capacity = jnp.broadcast_to(jnp.array(cfg.num_patches, jnp.int32), (b, cfg.num_scales))
+    else:
+      capacity = jnp.stack([out.capacity for out in scales], axis=1)  # [B, S]
     return ScanFormerOutput(
         boxes=boxes, selection_logits=tuple(out.selection_logits for out in scales),
         taken=tuple(out.taken for out in scales),
         num_dropped=jnp.stack([out.num_dropped for out in scales], axis=1),
-        reg_features=reg_features, pred_iou=pred_iou)
+        reg_features=reg_features, pred_iou=pred_iou,
+        capacity=capacity)
 
   def block_causal_reference(self, image: jax.Array, text_ids: jax.Array,
                              text_mask: jax.Array, taken: tuple[jax.Array, ...]) -> jax.Array:

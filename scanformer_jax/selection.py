@@ -55,12 +55,29 @@ def threshold_decision(logits: jax.Array, threshold: float) -> jax.Array:
   return jax.nn.sigmoid(logits.astype(jnp.float32)) > threshold
 
 
+def _row_top_indices(values: jax.Array, k: int) -> jax.Array:
+  """Indices [k] of the k largest of one row [N], ties to the lower index (as lax.top_k).
+
+  A stable sort, not `lax.top_k`: the SPMD partitioner splits a sort along the batch
+  but gathers the whole batch onto every device for a TopK.
+  """
+  return jnp.argsort(-values, stable=True)[:k]
+
+
+def _row_topk_mask(candidates: jax.Array, scores: jax.Array, k: int) -> jax.Array:
+  """One row [N]: the k highest-scoring candidates (fewer if fewer are candidates)."""
+  idx = _row_top_indices(jnp.where(candidates, scores, NEG_INF), k)  # [k]
+  return jnp.zeros_like(candidates).at[idx].set(True) & candidates
+
+
 def topk_mask(candidates: jax.Array, scores: jax.Array, k: int) -> jax.Array:
-  """The k highest-scoring candidates per row (fewer if fewer are candidates)."""
-  masked = jnp.where(candidates, scores, NEG_INF)
-  _, idx = jax.lax.top_k(masked, k)  # [B, k]
-  chosen = jnp.zeros_like(candidates).at[jnp.arange(candidates.shape[0])[:, None], idx].set(True)
-  return chosen & candidates
+  """The k highest-scoring candidates per row [B, N] (fewer if fewer are candidates).
+
+  Per sample (vmapped): with the batch sharded, each device selects its own rows and
+  the partitioned program needs no collective (a batched scatter with explicit row
+  indices gathers the global batch on every device).
+  """
+  return jax.vmap(lambda c, x: _row_topk_mask(c, x, k))(candidates, scores)
 
 
 def rule(name: str) -> Callable[[SelectionRule], SelectionRule]:
@@ -109,22 +126,27 @@ def wanted_children(cfg: ModelConfig, parent_scale: int, parent_taken: jax.Array
   return wanted & candidates, scores
 
 
+def _row_capacity_slots(wanted: jax.Array, scores: jax.Array, capacity: int):
+  """One row [N] of `capacity_slots`."""
+  index = _row_top_indices(jnp.where(wanted, scores, NEG_INF), capacity)  # [C]
+  count = wanted.sum(dtype=jnp.int32)
+  valid = jnp.arange(capacity) < jnp.minimum(count, capacity)  # [C]
+  taken = jnp.zeros(wanted.shape, bool).at[index].set(valid)  # [N]
+  return index, valid, taken, count - valid.sum(dtype=jnp.int32)
+
+
 def capacity_slots(wanted: jax.Array, scores: jax.Array, capacity: int):
   """Fits the wanted patches into `capacity` static slots, best scores first.
 
+  Per sample (vmapped, see `topk_mask`): no collective with the batch sharded.
   Returns:
     index: [B, C] patch index held by each slot.
     valid: [B, C] bool, the slot holds a wanted patch (else it is padding).
     taken: [B, N] bool, wanted patches that got a slot.
     num_dropped: [B] int32, wanted patches left out for lack of slots.
   """
-  b, n = wanted.shape
   chex.assert_equal_shape([wanted, scores])
-  _, index = jax.lax.top_k(jnp.where(wanted, scores, NEG_INF), capacity)  # [B, C]
-  count = wanted.sum(axis=1, dtype=jnp.int32)  # [B]
-  valid = jnp.arange(capacity)[None, :] < jnp.minimum(count, capacity)[:, None]
-  taken = jnp.zeros((b, n), bool).at[jnp.arange(b)[:, None], index].set(valid)
-  return index, valid, taken, count - valid.sum(axis=1, dtype=jnp.int32)
+  return jax.vmap(lambda w, x: _row_capacity_slots(w, x, capacity))(wanted, scores)
 
 
 @flax.struct.dataclass
@@ -143,9 +165,9 @@ class Slots:
     if self.index is None:
       return jnp.where(self.taken, slot_values, fill)
     b, n = self.taken.shape
-    rows = jnp.arange(b)[:, None]
-    return jnp.broadcast_to(fill, (b, n)).at[rows, self.index].set(
-        jnp.where(self.valid, slot_values, fill))
+    values = jnp.where(self.valid, slot_values, fill)  # [B, C]
+    scatter = lambda f, idx, v: jnp.broadcast_to(f, (n,)).at[idx].set(v)  # noqa: E731
+    return jax.vmap(scatter)(fill, self.index, values)  # Per sample: no collective.
 
 
 def fill_slots(wanted: jax.Array, scores: Optional[jax.Array], capacity: int) -> Slots:

@@ -44,6 +44,7 @@ StepCallback = Callable[[int, checkpointing.Checkpointer], None]
 
 # Configs that may change when a workdir is resumed without affecting the result.
 _RESUMABLE_CHANGES = ("train.num_steps", "train.log_every", "checkpoint.", "eval.",
+                      "model.capacity",  # capacity and capacity_buckets: no parameter shape
                       "mesh.", "data.data_dir")
 
 

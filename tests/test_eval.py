@@ -76,7 +76,12 @@ def test_accuracy_by_hand_padding_excluded_and_one_compile(rigged):
   assert len(report["keep_ratio"]) == cfg.num_scales and report["keep_ratio"][0] == 1.0
   assert all(0.0 <= k <= 1.0 for k in report["keep_ratio"])
   assert report["num_dropped"] == 0.0  # Full capacity: nothing dropped.
-  assert 0 < report["gflops_sparse"] <= report["gflops_dense"]
+  assert 0 < report["gflops_kept"] <= report["gflops_dense"]
+  # Full capacity slots every patch (+ merged tokens) at the padded text length.
+  assert report["gflops_as_run"] > report["gflops_dense"] >= report["gflops_kept"]
+  assert report["overflow_fraction"] == 0.0 and report["patches_dropped"] == 0
+  assert report["capacity_used"] == [{str(n): 21} for n in cfg.num_patches]
+  assert report["mode"] == "sparse"
   assert report["samples_per_s"] > 0  # Three batches, one trace (max_traces=1 above).
 
 

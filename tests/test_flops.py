@@ -58,6 +58,30 @@ def test_sparse_flops_as_run_match_compiled_program():
   assert flops.sparse_flops(cfg, L, [4, 2, 3]) < 0.9 * as_run
 
 
+def test_eval_gflops_as_run_match_compiled_eval_step():
+  """eval.json's gflops_as_run is what XLA counts in the compiled eval step."""
+  from scanformer_jax import evaluate, sharding, train_state
+  from scanformer_jax.config import MeshConfig
+  from scanformer_jax.eval_step import EvalStep
+  capacities = (4, 6, 10)
+  cfg = WIDE.replace(capacity=capacities)
+  mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
+  abstract = train_state.abstract_params(cfg)
+  step = EvalStep(cfg, mesh, sharding.tree_shardings(abstract, mesh, MeshConfig(data=1)))
+  spec = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
+  batch = {"image": spec((B, cfg.image_size, cfg.image_size, 3)),
+           "text_ids": spec((B, L), jnp.int32), "text_mask": spec((B, L), bool),
+           "box": spec((B, 4)), "valid": spec((B,), bool)}
+  cost = step.lower(abstract, batch).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  rows = {"text_len_run": np.full(B, L), "text_len": np.full(B, 5),
+          "capacity": np.tile(capacities, (B, 1)), "taken": np.tile([4, 2, 3], (B, 1))}
+  report = evaluate.gflops_report(cfg, rows, "sparse")
+  ratio = cost["flops"] / B / (report["gflops_as_run"] * 1e9)
+  assert abs(ratio - 1) < XLA_RTOL, ratio
+  assert report["gflops_kept"] < 0.9 * report["gflops_as_run"]
+
+
 def test_sparse_flops_as_run_without_capacity_exceeds_dense():
   """capacity None slots every patch and adds the merged tokens: no saving as run
   (issue 16: 69.85 vs 69.47 GFLOPs for vilt_b32 at 40 text tokens)."""

@@ -101,6 +101,14 @@ COMMANDS: dict[str, object] = {
     ('scanformer predict --workdir runs/refcoco --image photo.jpg --text "the man on the '
      'left" --out scan.png'): Run(),
     "tensorboard --logdir runs/refcoco/tensorboard": Run(),
+    ("scanformer calibrate --workdir runs/refcoco --split validation --quantile "
+     "0.995"): Run(("--no-progress",)),
+    "scanformer eval --workdir runs/refcoco --split validation --json eval.json": Run(
+        ("--no-progress",)),
+    ("scanformer eval --workdir runs/refcoco --split validation --mode dense --json "
+     "eval_dense.json"): Run(("--no-progress",)),
+    "scanformer bench --latency --workdir runs/refcoco --steps 20": Run(
+        ("--steps", "2", "--warmup", "1")),
     ('scanformer predict --workdir runs/demo --image photo.jpg --text "the red square" '
      "--out scan.png"): Parse(DEMO_RUN),
     ("scanformer predict --workdir runs/demo --input queries.jsonl --output preds.jsonl "
@@ -110,6 +118,11 @@ COMMANDS: dict[str, object] = {
      "--gallery-size 24"): Parse(DEMO_RUN + "; tests/test_eval_gallery.py runs --gallery"),
     ("scanformer bench --model vilt_b32 --batch-size 8 --keep-ratio 0.25 [--steps 10] "
      "[--dtype bfloat16] [--json out.json]"): Parse("ViLT-B/32 timing: minutes"),
+    "scanformer bench --latency --model tiny --steps 30": Parse("a latency benchmark"),
+    ("scanformer bench --train --model tiny --batch-size 8 --keep-ratio 0.25 --steps 5 "
+     "--warmup 1"): Parse("a training-step benchmark"),
+    ("scanformer bench --train --model vilt_b32 --batch-size 8 --keep-ratio 0.25 --steps 3 "
+     "--warmup 1"): Parse("ViLT-B/32 training-step timing: minutes"),
     "python experiments/bench_model.py --keep-ratios 0.1,0.25,0.5,1.0": Parse(
         "ViLT-B/32 timing: minutes"),
     "python experiments/bench_pipeline.py": Parse("a throughput benchmark"),

@@ -16,7 +16,8 @@ from scanformer_jax.cli import predict as predict_cmd
 
 STEPS = 60
 REPORT_KEYS = {"acc@0.5", "acc@0.5_per_scale", "mean_iou", "keep_ratio", "num_dropped",
-               "gflops_sparse", "gflops_dense", "samples_per_s", "count"}
+               "gflops_kept", "gflops_as_run", "gflops_dense", "samples_per_s", "count",
+               "overflow_fraction", "patches_dropped", "capacity_used", "mode"}
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "train": ("train", "Train (resumes an existing workdir)."),
     "eval": ("eval", "Evaluate a workdir's checkpoint."),
     "predict": ("predict", "Box for one image and sentence."),
+    "calibrate": ("calibrate", "Calibrate sparse capacities and buckets on a split."),
     "bench": ("bench", "Time compiled sparse vs dense inference."),
     "convert-vilt": ("convert_vilt", "Import pretrained ViLT weights."),
     "data": ("data", "Build and inspect datasets."),

@@ -1,8 +1,9 @@
-"""`scanformer bench [--model tiny|vilt_b32] [--keep-ratio R] [--train] ... [--json PATH]`.
+"""`scanformer bench [--model tiny|vilt_b32] [--keep-ratio R] [--train | --latency] ... [--json PATH]`.
 
 Times compiled sparse vs dense inference with random weights (scanformer_jax/bench.py
-says how), or with `--train` one training step of each train path, and prints the
-table; `--json` writes the full report.
+says how), or with `--train` one training step of each train path, or with `--latency`
+batch-1 p50/p90 latency of dense, fixed-capacity and bucketed sparse inference, and
+prints the table; `--json` writes the full report.
 """
 
 from __future__ import annotations
@@ -33,8 +34,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--train", action="store_true",
                       help="time one training step (forward, backward, update) of the "
                            "dense and the sparse train path instead of inference")
+  _add_latency_args(parser)
   common.add_verbose_arg(parser)
   args = parser.parse_args(argv)
+  if args.train and args.latency:
+    parser.error("--train and --latency are separate benchmarks: pass one")
   if not 0.0 < args.keep_ratio <= 1.0:
     parser.error("--keep-ratio must be in (0, 1]")
   if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
@@ -42,23 +46,51 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   return args
 
 
+def _add_latency_args(parser: argparse.ArgumentParser) -> None:
+  """`--latency [--workdir W] [--split S]`: batch-1 p50/p90, dense/fixed/bucketed."""
+  parser.add_argument("--latency", action="store_true",
+                      help="batch-1 latency (p50/p90 of --steps samples) of dense, "
+                      "fixed-capacity and bucketed sparse inference")
+  parser.add_argument("--workdir", default=None,
+                      help="with --latency: a trained (calibrated) run, for its own "
+                      "selection and capacities on real samples (default: random weights)")
+  parser.add_argument("--split", default=None,
+                      help="with --latency --workdir: samples from this split")
+
+
+def _latency_report(args: argparse.Namespace) -> tuple[dict, str]:
+  report = bench.run_latency(model=args.model, workdir=args.workdir, steps=args.steps,
+                             warmup=args.warmup, keep_ratio=args.keep_ratio,
+                             dtype=args.dtype, seed=args.seed, split=args.split)
+  return report, bench.format_latency(report)
+
+
+def _write_json(args: argparse.Namespace, report: dict) -> None:
+  if args.json:
+    directory = os.path.dirname(os.path.abspath(args.json))
+    os.makedirs(directory, exist_ok=True)
+    with open(args.json, "w") as f:
+      json.dump(report, f, indent=2)
+    print(f"wrote {args.json}")
+
+
 def main(argv: list[str]) -> int:
   args = parse_args(argv)
   common.setup_logging(args.verbose)
 
   def body() -> int:
+    if args.latency:
+      report, table = _latency_report(args)
+      print(table)
+      _write_json(args, report)
+      return 0
     run, format_report = ((bench.run_train, bench.format_train_report) if args.train
                           else (bench.run, bench.format_report))
     report = run(model=args.model, batch_size=args.batch_size, keep_ratio=args.keep_ratio,
                  steps=args.steps, warmup=args.warmup, dtype=args.dtype, seed=args.seed,
                  text_len=args.text_len)
     print(format_report(report))
-    if args.json:
-      directory = os.path.dirname(os.path.abspath(args.json))
-      os.makedirs(directory, exist_ok=True)
-      with open(args.json, "w") as f:
-        json.dump(report, f, indent=2)
-      print(f"wrote {args.json}")
+    _write_json(args, report)
     return 0
 
   return common.run("scanformer bench", body, args.verbose)

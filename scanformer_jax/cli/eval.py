@@ -1,7 +1,8 @@
-"""`scanformer eval --workdir W [--config PATH] [--split S ...] [--json PATH]`.
+"""`scanformer eval --workdir W [--config PATH] [--split S ...] [--mode M] [--json PATH]`.
 
-Evaluates the newest readable checkpoint of W (or `--step N`) with the sparse path on
-each split (default: the config's `data.eval_splits`) and prints one line per split;
+Evaluates the newest readable checkpoint of W (or `--step N`) with the sparse path
+(`--mode dense`: the dense path, to measure what sparsity saves) on each split
+(default: the config's `data.eval_splits`) and prints one line per split;
 `--json` writes `{split: report}` (see scanformer_jax/evaluate.py for the keys);
 `--gallery DIR` writes the split's HTML gallery (scanformer_jax/visualize/gallery.py).
 """
@@ -27,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
                       "default: data.eval_splits")
   parser.add_argument("--json", metavar="PATH", help="write the reports here")
   parser.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+  parser.add_argument("--mode", choices=("sparse", "dense"), default="sparse",
+                      help="scan path (default sparse; dense runs every patch)")
   parser.add_argument("--no-progress", action="store_true")
   parser.add_argument("--gallery", metavar="DIR", help="write an HTML gallery of the split "
                       "(DIR/index.html + scan pictures; needs a single --split)")
@@ -48,8 +51,10 @@ def format_report(split: str, r: dict) -> str:
   per_scale = " ".join(f"{a:.3f}" for a in r["acc@0.5_per_scale"])
   keep = " ".join(f"{k:.2f}" for k in r["keep_ratio"])
   return (f"{split}: acc@0.5 {r['acc@0.5']:.4f} (per scale {per_scale}) "
-          f"mIoU {r['mean_iou']:.4f} keep [{keep}] dropped {r['num_dropped']:.2f} "
-          f"GFLOPs {r['gflops_sparse']:.3f} sparse / {r['gflops_dense']:.3f} dense "
+          f"mIoU {r['mean_iou']:.4f} keep [{keep}] {r['mode']}: GFLOPs "
+          f"{r['gflops_as_run']:.3f} as run / {r['gflops_kept']:.3f} kept / "
+          f"{r['gflops_dense']:.3f} dense, overflow {r['overflow_fraction']:.4f} "
+          f"({r['patches_dropped']} patches dropped) "
           f"{r['samples_per_s']:.1f} samples/s n={r['count']}")
 
 
@@ -99,7 +104,8 @@ def main(argv: list[str]) -> int:
     _check_gallery_args(args, splits)
     run = workdir.load_for_inference(args.workdir, config, args.step, config.mesh)
     reports = evaluate.evaluate_params(config, run.params, run.mesh, run.param_shardings,
-                                       splits, progress=not args.no_progress)
+                                       splits, progress=not args.no_progress,
+                                       mode=args.mode)
     page = None
     if args.gallery and reports[splits[0]].get("count"):
       page = evaluate.write_split_gallery(config, run.params, splits[0], run.mesh,

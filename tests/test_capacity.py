@@ -1,0 +1,188 @@
+"""Capacity buckets, calibration and the as-run FLOPs of a bucketed scan (issue 16).
+
+The bucketed scan must give the full-capacity scan's outputs whichever bucket a batch
+lands in, compile once for all of them, and report the bucket it ran with.
+"""
+
+import chex
+import jax
+import numpy as np
+import pytest
+from data_pipelines.contract import DEVICE_KEYS
+
+import fake_data
+from scanformer_jax import capacity, config_io, flops, sharding, train_state
+from scanformer_jax.config import ExperimentConfig, MeshConfig, ModelConfig
+from scanformer_jax.eval_step import EvalStep
+
+# Three scales (4, 16, 64 patches), so a padded block is attended to by a later scale.
+CFG = ModelConfig.tiny(hidden_size=32, num_heads=2, mlp_dim=64, num_layers=2,
+                       encoder1_layers=1)
+BUCKETS = ((4,), (4, 8, 12, 16), (8, 16, 32, 48, 64))
+BATCH = 2
+
+
+def _batch(start: int) -> dict:
+  rows = [fake_data.make_example(1, start + i, CFG.image_size, CFG.max_text_len)
+          for i in range(BATCH)]
+  return {k: np.stack([r[k] for r in rows]) for k in DEVICE_KEYS}
+
+
+@pytest.fixture(scope="module")
+def setup():
+  """Params whose selection varies a lot between images (a sharp selection head)."""
+  mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
+  params = jax.tree.map(np.asarray, train_state.init_params(CFG, jax.random.PRNGKey(3)))
+  params["select_head"]["logit"]["kernel"] = params["select_head"]["logit"]["kernel"] * 40
+  shardings = sharding.tree_shardings(params, mesh, MeshConfig(data=1))
+  return mesh, params, shardings
+
+
+def test_buckets_match_full_capacity_in_one_compile(setup):
+  mesh, params, shardings = setup
+  full = EvalStep(CFG, mesh, shardings)
+  chex.clear_trace_counter()
+  bucketed = EvalStep(CFG.replace(capacity_buckets=BUCKETS), mesh, shardings, max_traces=1)
+  used = set()
+  for start in range(0, 8 * BATCH, BATCH):
+    batch = sharding.to_global(_batch(start), mesh)
+    want, got = sharding.fetch(full(params, batch)), sharding.fetch(bucketed(params, batch))
+    np.testing.assert_allclose(got["boxes"], want["boxes"], atol=1e-5)
+    np.testing.assert_array_equal(got["taken"], want["taken"])
+    assert not got["num_dropped"].any()
+    # The smallest bucket holding the batch's largest wanted count, at every scale.
+    need = want["taken"].max(0)  # [S]
+    expect = [min(c for c in sizes if c >= n) for sizes, n in zip(BUCKETS, need)]
+    assert (got["capacity"] == np.array(expect)).all(), (got["capacity"], need)
+    assert (want["capacity"] == np.array(CFG.num_patches)).all()
+    used.add(tuple(expect))
+  assert len({u[1] for u in used}) >= 2 and len({u[2] for u in used}) >= 2, used
+
+
+def test_last_bucket_below_the_need_drops_and_counts(setup):
+  mesh, params, shardings = setup
+  small = ((4,), (2, 4), (4, 8))
+  step = EvalStep(CFG.replace(capacity_buckets=small), mesh, shardings)
+  full = EvalStep(CFG, mesh, shardings)
+  for start in range(0, 8 * BATCH, BATCH):  # A batch wanting more than 4 at scale 1.
+    batch = sharding.to_global(_batch(start), mesh)
+    want = sharding.fetch(full(params, batch))
+    if (want["taken"][:, 1] > 4).any():
+      break
+  assert (want["taken"][:, 1] > 4).any()
+  got = sharding.fetch(step(params, batch))
+  assert (got["capacity"][:, 1] == 4).all()
+  np.testing.assert_array_equal(got["num_dropped"][:, 1], np.maximum(want["taken"][:, 1] - 4, 0))
+  np.testing.assert_array_equal(got["taken"][:, 1], np.minimum(want["taken"][:, 1], 4))
+
+
+def test_calibrate_rounds_quantiles_up_and_caps():
+  counts = np.stack([np.full(200, 4), np.arange(200) % 17, np.arange(200) % 65], 1)
+  chosen, buckets = capacity.calibrate(counts, (4, 16, 64), 0.995)
+  assert chosen == (4, 16, 64)  # quantile 16 -> 16 (capped), 64 -> 64
+  assert buckets[0] == (4,) and buckets[1] == (8, 16) and buckets[2] == (32, 64)
+  chosen, buckets = capacity.calibrate(np.stack([np.full(10, 4), np.zeros(10),
+                                                 np.full(10, 9)], 1), (4, 16, 64), 0.5)
+  assert chosen == (4, 8, 16) and buckets == ((4,), (8, 16), (16, 64))
+  CFG.replace(capacity=chosen, capacity_buckets=buckets)  # A valid config.
+  with pytest.raises(ValueError, match="quantile"):
+    capacity.calibrate(counts, (4, 16, 64), 1.5)
+  assert capacity.round_up(0, 64) == 8 and capacity.round_up(9, 64) == 16
+  assert capacity.round_up(61, 64) == 64 and capacity.round_up(3, 4) == 4
+
+
+def test_bucket_config_is_validated():
+  for bad, message in [(((4,), (8, 4), (8,)), "ascending"), (((4,), (8,)), "one tuple"),
+                       (((2,), (8,), (8,)), "scale 0"), (((4,), (8,), (80,)), "outside")]:
+    with pytest.raises(ValueError, match=message):
+      CFG.replace(capacity_buckets=bad)
+  cfg = CFG.replace(capacity_buckets=BUCKETS)
+  assert cfg.max_capacities == (4, 16, 64) and cfg.capacities == CFG.num_patches
+
+
+def test_flops_as_run_adds_the_bucket_padding():
+  cfg = CFG.replace(capacity_buckets=BUCKETS)
+  fixed = CFG.replace(capacity=(4, 8, 16))
+  # A fixed capacity: exactly flops.py's as-run count.
+  assert capacity.flops_as_run(fixed, 8, [4, 8, 16]) == pytest.approx(
+      flops.sparse_flops_as_run(fixed, 8))
+  # The largest buckets: nothing padded.
+  assert capacity.flops_as_run(cfg, 8, [4, 16, 64]) == pytest.approx(
+      flops.sparse_flops_as_run(cfg, 8, (4, 16, 64)))
+  # Bucket 8 of 16 at scale 1: scale 2's block (1 + 16 + 1 tokens) attends to 8 padding
+  # keys in each of the 2 layers.
+  extra = 4.0 * 2 * 18 * 8 * 32
+  assert capacity.flops_as_run(cfg, 8, [4, 8, 16]) == pytest.approx(
+      flops.sparse_flops_as_run(cfg, 8, (4, 8, 16)) + extra)
+  per_sample = capacity.flops_as_run(cfg, np.array([8, 8]), np.array([[4, 8, 16], [4, 16, 64]]))
+  assert per_sample.shape == (2,) and per_sample[0] < per_sample[1]
+
+
+def test_write_capacities_keeps_the_rest_of_the_config(tmp_path):
+  path = str(tmp_path / "config.json")
+  config = ExperimentConfig(model=CFG)
+  config_io.save_json(config, path)
+  capacity.write_capacities(path, (4, 8, 16), BUCKETS)
+  loaded = config_io.load_json(path)
+  assert loaded.model == CFG.replace(capacity=(4, 8, 16), capacity_buckets=BUCKETS)
+  assert loaded.replace(model=CFG) == config
+  assert train_state.abstract_params(loaded.model) is not None
+
+
+@pytest.mark.slow
+def test_demo_stages_calibrate_then_eval_sparse_and_dense(tmp_path, monkeypatch, capsys):
+  """run_demo's calibrate / eval / eval --mode dense stages on a few-step fake run."""
+  import importlib.util
+  import json
+  import train_helpers
+  from scanformer_jax import cli, workdir as workdir_lib
+  workdir = str(tmp_path / "run")
+  train_helpers.run_cli(["train", "--config", train_helpers.FAKE_CONFIG, "--workdir", workdir,
+                         "--no-progress", "--set", "train.num_steps=2"])
+  spec = importlib.util.spec_from_file_location(
+      "run_demo", str(train_helpers.ROOT / "experiments" / "run_demo.py"))
+  run_demo = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(run_demo)
+  # The stages in this process (the "fake" dataset is registered here only).
+  monkeypatch.setattr(run_demo, "_run", lambda stage, args, env, timings, capture=False: (
+      timings.setdefault(stage, 0.0), cli.main(args + ["--no-progress"]) == 0 or
+      pytest.fail(f"{stage} failed")))
+  # gallery None: the fake dataset has no original images to draw.
+  eval_json, dense_json = run_demo._calibrated_evals(workdir, None, [], {}, {})
+  model = workdir_lib.load_config(workdir).model
+  calibration = json.load(open(capacity.calibration_path(workdir)))
+  assert model.capacity == tuple(calibration["capacity"])
+  assert model.capacity_buckets == tuple(map(tuple, calibration["capacity_buckets"]))
+  assert model.capacity_buckets[-1][-1] == model.num_patches[-1]  # Never drops.
+  sparse = json.load(open(eval_json))["validation"]
+  dense = json.load(open(dense_json))["validation"]
+  assert sparse["mode"] == "sparse" and dense["mode"] == "dense"
+  assert sparse["count"] == dense["count"] == calibration["count"] > 0
+  assert sparse["patches_dropped"] == 0 and sparse["overflow_fraction"] == 0.0
+  used = sparse["capacity_used"][1]
+  assert sum(used.values()) == sparse["count"]
+  assert set(map(int, used)) <= set(model.capacity_buckets[1])
+  assert dense["gflops_as_run"] >= dense["gflops_dense"]  # Padded text as run.
+  assert sparse["gflops_kept"] <= sparse["gflops_dense"]
+  row = run_demo.speedup_row(sparse, dense)
+  assert "kept-FLOPs ratio" in row[1]
+
+
+def test_sort_based_selection_equals_lax_top_k_with_ties():
+  """The per-sample stable sort picks what lax.top_k picks, ties to the lower index
+  (the four children of a parent share its score)."""
+  from scanformer_jax import selection
+  rng = np.random.default_rng(0)
+  scores = np.repeat(rng.integers(0, 4, (6, 16)).astype(np.float32), 4, axis=1)  # [6, 64]
+  wanted = rng.uniform(size=(6, 64)) < 0.6
+  masked = np.where(wanted, scores, -1e9)
+  _, want_index = jax.lax.top_k(masked, 20)
+  index, valid, taken, dropped = selection.capacity_slots(wanted, scores, 20)
+  np.testing.assert_array_equal(np.asarray(index)[np.asarray(valid)],
+                                np.asarray(want_index)[np.asarray(valid)])
+  np.testing.assert_array_equal(np.asarray(dropped), np.maximum(wanted.sum(1) - 20, 0))
+  assert (np.asarray(taken).sum(1) == np.minimum(wanted.sum(1), 20)).all()
+  mask = np.asarray(selection.topk_mask(wanted, scores, 7))
+  ref = np.zeros_like(wanted)
+  np.put_along_axis(ref, np.asarray(jax.lax.top_k(masked, 7)[1]), True, axis=1)
+  np.testing.assert_array_equal(mask, ref & wanted)
