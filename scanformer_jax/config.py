@@ -91,8 +91,16 @@ class ModelConfig:
   tau: float = 1.0
   # Box head MLP depth (hidden layers of width hidden_size, then 4 outputs).
   box_head_layers: int = 3
-  # Early-exit head: predicts the IoU of each scale's box (DESIGN.md section 4).
+  # Early-exit heads on each REG_s (early_exit.py criteria read them), all off by
+  # default: the IoU head predicts the IoU of the scale's box (DESIGN.md section 4);
+  # the halting head the probability that the box is already correct (IoU >= 0.5);
+  # the uncertainty head a Laplace scale per box coordinate.
   iou_head: bool = False
+  halt_head: bool = False
+  uncertainty_head: bool = False
+  # The exit heads read stop_gradient(REG): their losses train only the heads, so
+  # switching a head on does not change the grounding model (tests/test_exit_heads.py).
+  exit_heads_stop_gradient: bool = True
   # Compute dtype ("float32" or "bfloat16"); parameters are always float32.
   dtype: str = "float32"
   initializer_range: float = 0.02
@@ -256,6 +264,11 @@ class LossConfig:
   ratio_weight: float = 2.0
   # L1 between the IoU head's prediction and the stop-gradient true IoU.
   iou_weight: float = 1.0
+  # Halting head (model.halt_head): binary cross-entropy against "IoU_s >= 0.5".
+  halt_weight: float = 1.0
+  # Uncertainty head (model.uncertainty_head): Laplace NLL of the stop-gradient box
+  # coordinates, log(2 b) + |x - gt| / b per coordinate.
+  uncertainty_weight: float = 1.0
   # Auxiliary, not in DESIGN.md's objective (0 = that objective): binary cross-entropy
   # teaching each scale's selection logits which patches overlap the ground-truth
   # box. A dense grounding signal that speeds up training from scratch and makes
@@ -360,12 +373,22 @@ class EvalConfig:
   # registry), e.g. "iou_head:0.8" (needs model.iou_head) or "last_scale"; None: no
   # early-exit report.
   exit_criterion: Optional[str] = None
+  # The exit-aware scan (exit_scan.py, `eval --exit-sweep`): after each scale the
+  # samples still scanning are compacted into the smallest sub-batch of
+  # ceil(f * eval.batch_size) rows, f in this tuple, that holds them (or skipped when
+  # none is left). A largest fraction below 1 caps the sub-batch: the samples beyond
+  # it stop early and are counted as forced exits.
+  exit_sub_batches: tuple[float, ...] = (0.25, 0.5, 1.0)
   # Ablation: replace every expression by "[CLS] [SEP]" (how much does the model
   # need the sentence?).
   blank_expressions: bool = False
 
   def __post_init__(self):
     _check_numbers("eval", self, batch_size=(1,), iou_threshold=(0.0, 1.0, True))
+    for i, fraction in enumerate(self.exit_sub_batches):
+      _check_number(f"eval.exit_sub_batches[{i}]", fraction, 0.0, 1.0, True)
+    if not self.exit_sub_batches:
+      raise UserError("eval.exit_sub_batches needs at least one fraction in (0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)

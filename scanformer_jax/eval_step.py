@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from scanformer_jax import box_ops, sharding as sharding_lib
+from scanformer_jax import box_ops, early_exit, sharding as sharding_lib
 from scanformer_jax.config import ModelConfig
 from scanformer_jax.model import ScanFormer
 
@@ -54,8 +54,13 @@ class EvalStep:
         "text_len_run": jnp.full((b,), text_tokens, jnp.int32),  # [B] padded, as run
         "valid": batch["valid"],  # [B]
     }
-    if out.pred_iou is not None:
-      result["pred_iou"] = out.pred_iou  # [B, S]
+    taken = result["taken"] + result["num_dropped"]  # [B, S] wanted patches per scale
+    fractions = [taken[:, s + 1] / n for s, n in enumerate(cfg.num_patches[1:])]
+    # [B, S]: the fraction of scale s+1's patches the selection after s wants (0 last).
+    result["wanted_next"] = jnp.stack(fractions + [jnp.zeros((b,))], axis=1)
+    result["gt_box"] = batch["box"]  # [B, 4], for the oracle only
+    # pred_iou / halt_prob / box_scale [B, S] when the model has the exit head.
+    result.update(early_exit.head_signals(out.pred_iou, out.halt_logit, out.box_log_scale))
     return result
 
   def __call__(self, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:

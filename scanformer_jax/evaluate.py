@@ -123,17 +123,28 @@ def collect(cfg: ModelConfig, params: Any, step: EvalStep, batches: Iterable[dic
   return metrics, facts
 
 
+def exit_scales(metrics: RecMetrics, criterion: early_exit.ExitCriterion) -> np.ndarray:
+  """Per-sample exit scale [N] of `criterion` on the stored rows: the model's outputs
+  only (plus the ground truth for a criterion that `uses_ground_truth`, the oracle)."""
+  rows = metrics.arrays()
+  if getattr(criterion, "uses_ground_truth", False):
+    return criterion.exit_scale(early_exit.model_outputs(rows), rows["gt_box"])
+  return criterion.exit_scale(early_exit.model_outputs(rows))
+
+
 def exit_report(cfg: ModelConfig, metrics: RecMetrics,
                 criterion: early_exit.ExitCriterion) -> dict[str, Any]:
-  """Accuracy and GFLOPs when every sample stops where `criterion` says."""
+  """Accuracy and GFLOPs (of the patches kept up to the exit) when every sample stops
+  where `criterion` says, with the histogram of exit scales."""
   rows = metrics.arrays()
-  exit_scale = criterion.exit_scale(early_exit.model_outputs(rows))
+  exit_scale = exit_scales(metrics, criterion)
   at_exit = metrics.result(exit_scale)
   return {
-      "criterion": criterion.name,
+      "criterion": getattr(criterion, "spec", criterion.name),
       "acc@0.5": at_exit["acc@0.5"],
       "mean_iou": at_exit["mean_iou"],
       "mean_exit_scale": float(exit_scale.mean()),
+      "exit_histogram": np.bincount(exit_scale, minlength=cfg.num_scales).tolist(),
       "gflops": gflops_at_exit(cfg, rows["taken"], rows["text_len"], exit_scale),
   }
 
@@ -167,12 +178,17 @@ def parse_criterion(spec: str, cfg: ModelConfig) -> early_exit.ExitCriterion:
   """
   s = cfg.num_scales
   probe = {"boxes": np.zeros((1, s, 4), np.float32), "taken": np.zeros((1, s), np.int32),
-           "num_dropped": np.zeros((1, s), np.int32), "text_len": np.ones((1,), np.int32)}
-  if cfg.iou_head:
-    probe["pred_iou"] = np.zeros((1, s), np.float32)
+           "num_dropped": np.zeros((1, s), np.int32), "text_len": np.ones((1,), np.int32),
+           "wanted_next": np.zeros((1, s), np.float32)}
+  heads = {"pred_iou": cfg.iou_head, "halt_prob": cfg.halt_head,
+           "box_scale": cfg.uncertainty_head}
+  probe.update({key: np.zeros((1, s), np.float32) for key, on in heads.items() if on})
   try:
     criterion = early_exit.parse(spec)
-    criterion.exit_scale(probe)
+    if getattr(criterion, "uses_ground_truth", False):
+      criterion.exit_scale(probe, np.zeros((1, 4), np.float32))
+    else:
+      criterion.exit_scale(probe)
   except ValueError as e:
     raise UserError(f"exit criterion {spec!r}: {e}") from None
   return criterion

@@ -57,7 +57,7 @@ import jax.numpy as jnp
 
 from scanformer_jax import selection
 from scanformer_jax.config import ModelConfig
-from scanformer_jax.heads import BoxHead, IouHead, SelectionHead
+from scanformer_jax.heads import BoxHead, BoxUncertaintyHead, HaltHead, IouHead, SelectionHead
 from scanformer_jax.kv_cache import KVCache
 from scanformer_jax.layers import (NEG_INF, EncoderLayer, PatchEmbed, TextEmbeddings, embed,
                                    interpolate_pos_grid, layer_norm, patchify,
@@ -71,12 +71,13 @@ TEXT_MODALITY, IMAGE_MODALITY = 0, 1
 # it; optim, vilt and convert_vilt derive their lists from it). "backbone": ViLT's,
 # copied from a converted checkpoint by `vilt.init_scanformer_from_vilt` and trained at
 # the backbone learning rate. "new": ScanFormer's own, initialised fresh and trained at
-# the full rate (iou_head only with cfg.iou_head). "layers_*" is layers_0, layers_1, ...
+# the full rate (the exit heads iou_head, halt_head, uncertainty_head only when
+# switched on in the config). "layers_*" is layers_0, layers_1, ...
 PARAM_GROUPS = {
     "backbone": ("text_embed", "patch_embed", "pos_embed", "modality_embed", "layers_*",
                  "final_norm"),
     "new": ("reg_tokens", "scale_embed", "const_tokens", "select_head", "box_head",
-            "iou_head"),
+            "iou_head", "halt_head", "uncertainty_head"),
 }
 
 
@@ -109,6 +110,15 @@ class ScaleOutput:
 
 
 @flax.struct.dataclass
+class HeadOutputs:
+  """What the heads read from REG features `[..., D]` (`ScanFormer.read_heads`)."""
+  boxes: jax.Array                           # [..., 4] normalized (cx, cy, w, h)
+  pred_iou: Optional[jax.Array] = None       # [...] when cfg.iou_head
+  halt_logit: Optional[jax.Array] = None     # [...] when cfg.halt_head
+  box_log_scale: Optional[jax.Array] = None  # [..., 4] when cfg.uncertainty_head
+
+
+@flax.struct.dataclass
 class ScanFormerOutput:
   boxes: jax.Array                         # [B, S, 4] normalized (cx, cy, w, h)
   selection_logits: tuple[jax.Array, ...]  # per scale [B, N_s] float32
@@ -116,6 +126,8 @@ class ScanFormerOutput:
   num_dropped: jax.Array                   # [B, S] int32, wanted but over capacity
   reg_features: jax.Array                  # [B, S, D] float32, REG after the final LayerNorm
   pred_iou: Optional[jax.Array] = None     # [B, S] when cfg.iou_head
+  halt_logit: Optional[jax.Array] = None   # [B, S] when cfg.halt_head
+  box_log_scale: Optional[jax.Array] = None  # [B, S, 4] when cfg.uncertainty_head
   capacity: Optional[jax.Array] = None     # [B, S] int32, patch slots each scale ran with
                                            # (dense: every patch)
 
@@ -160,6 +172,10 @@ class ScanFormer(nn.Module):
     self.box_head = BoxHead(cfg)
     if cfg.iou_head:
       self.iou_head = IouHead(cfg)
+    if cfg.halt_head:
+      self.halt_head = HaltHead(cfg)
+    if cfg.uncertainty_head:
+      self.uncertainty_head = BoxUncertaintyHead(cfg)
 
   # ---------------------------------------------------------------- embeddings
   def _embed_text(self, text_ids: jax.Array) -> jax.Array:
@@ -247,6 +263,20 @@ class ScanFormer(nn.Module):
     return reg, logits, KVCache.start(keys, values, bias)
 
   # ------------------------------------------------------------------- the steps
+  def read_heads(self, reg: jax.Array) -> HeadOutputs:
+    """The box and the configured exit heads on REG features [..., D].
+
+    The exit heads read stop_gradient(reg) when cfg.exit_heads_stop_gradient, so
+    their losses train the heads only (the grounding model is unchanged by them).
+    """
+    cfg = self.cfg
+    exit_reg = jax.lax.stop_gradient(reg) if cfg.exit_heads_stop_gradient else reg
+    return HeadOutputs(
+        boxes=self.box_head(reg),
+        pred_iou=self.iou_head(exit_reg) if cfg.iou_head else None,
+        halt_logit=self.halt_head(exit_reg) if cfg.halt_head else None,
+        box_log_scale=self.uncertainty_head(exit_reg) if cfg.uncertainty_head else None)
+
   def encode_text(self, text_ids: jax.Array, text_mask: jax.Array) -> KVCache:
     """Text [B, L] (mask [B, L]) through every layer, attending to itself only.
 
@@ -316,6 +346,14 @@ class ScanFormer(nn.Module):
     return ScaleOutput(reg=reg, selection_logits=logits, taken=slots.taken,
                        num_dropped=slots.num_dropped, kv=kv,
                        capacity=jnp.full((b,), capacity, jnp.int32))
+
+  def scan_scale_inference(self, s: int, image: jax.Array, wanted: jax.Array,
+                           scores: Optional[jax.Array], cache: KVCache) -> ScaleOutput:
+    """Scale s as the sparse inference scan runs it: `cfg.capacity_buckets` when set
+    (scales >= 1), else `cfg.capacities[s]` slots. Arguments as `scan_scale_sparse`."""
+    if self.cfg.capacity_buckets is None or s == 0:
+      return self.scan_scale_sparse(s, image, wanted, scores, cache)
+    return self._scan_scale_bucketed(s, image, wanted, scores, cache)
 
   def _scan_scale_bucketed(self, s: int, image: jax.Array, wanted: jax.Array,
                            scores: jax.Array, cache: KVCache) -> ScaleOutput:
@@ -410,10 +448,7 @@ class ScanFormer(nn.Module):
     scores = None
     outs = []
     for s, image in enumerate(images):
-      if cfg.capacity_buckets is None or s == 0:
-        out = self.scan_scale_sparse(s, image, wanted, scores, cache)
-      else:
-        out = self._scan_scale_bucketed(s, image, wanted, scores, cache)
+      out = self.scan_scale_inference(s, image, wanted, scores, cache)
       outs.append(out)
       if s == len(images) - 1:  # The last scale's keys/values are never attended to.
         break
@@ -472,8 +507,8 @@ class ScanFormer(nn.Module):
       scales = self._scan_sparse(images, cache)
 
     reg_features = jnp.stack([out.reg for out in scales], axis=1)  # [B, S, D]
-    boxes = self.box_head(reg_features)                             # [B, S, 4]
-    pred_iou = self.iou_head(reg_features) if cfg.iou_head else None
+    heads = self.read_heads(reg_features)
+    boxes = heads.boxes                                             # [B, S, 4]
     chex.assert_shape(boxes, (b, cfg.num_scales, 4))
     if mode == "dense":  # Every patch of every scale is a token.
       capacity = jnp.broadcast_to(jnp.array(cfg.num_patches, jnp.int32), (b, cfg.num_scales))
@@ -483,7 +518,8 @@ class ScanFormer(nn.Module):
         boxes=boxes, selection_logits=tuple(out.selection_logits for out in scales),
         taken=tuple(out.taken for out in scales),
         num_dropped=jnp.stack([out.num_dropped for out in scales], axis=1),
-        reg_features=reg_features, pred_iou=pred_iou,
+        reg_features=reg_features, pred_iou=heads.pred_iou, halt_logit=heads.halt_logit,
+        box_log_scale=heads.box_log_scale,
         capacity=capacity)
 
   def block_causal_reference(self, image: jax.Array, text_ids: jax.Array,

@@ -132,7 +132,8 @@ def test_criteria_registry_parses_names():
 
 
 def test_criteria_never_see_the_true_iou(rigged):
-  """exit_report hands a criterion the model's outputs only: no ground-truth `iou`."""
+  """exit_report hands a criterion the model's outputs only: no ground-truth `iou` or
+  `gt_box` (only the oracle gets the ground truth)."""
   config, cfg, mesh, params, step = rigged
   seen = []
 
@@ -145,9 +146,10 @@ def test_criteria_never_see_the_true_iou(rigged):
 
   batches, _ = _batches(config, num_batches=1, batch=8)
   metrics, _ = evaluate.collect(cfg, params, step, batches, mesh, progress=False)
-  assert "iou" in metrics.arrays()  # The rows have it; the criterion must not.
+  rows = metrics.arrays()
+  assert "iou" in rows and "gt_box" in rows  # The rows have them; the criterion must not.
   report = evaluate.exit_report(cfg, metrics, Spy())
-  assert seen == [{"boxes", "taken", "num_dropped", "text_len"}]
+  assert seen == [{"boxes", "taken", "num_dropped", "text_len", "wanted_next"}]
   assert report["acc@0.5"] == metrics.result()["acc@0.5"]
 
 

@@ -6,7 +6,8 @@ import pytest
 
 from scanformer_jax import ModelConfig, model, optim, train_state
 
-CFG = ModelConfig.tiny(iou_head=True, num_layers=3)
+# Every optional head on, so every declared name exists.
+CFG = ModelConfig.tiny(iou_head=True, halt_head=True, uncertainty_head=True, num_layers=3)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ Evaluates the newest readable checkpoint of W (or `--step N`) with the sparse pa
 (`--mode dense`: the dense path, to measure what sparsity saves) on each split
 (default: the config's `data.eval_splits`) and prints one line per split;
 `--json` writes `{split: report}` (see scanformer_jax/evaluate.py for the keys);
-`--gallery DIR` writes the split's HTML gallery (scanformer_jax/visualize/gallery.py).
+`--gallery DIR` writes the split's HTML gallery (scanformer_jax/visualize/gallery.py);
+`--exit-sweep DIR` writes early-exit curves instead (scanformer_jax/exit_sweep.py).
 """
 
 from __future__ import annotations
@@ -35,10 +36,24 @@ def _parser() -> argparse.ArgumentParser:
                       "(DIR/index.html + scan pictures; needs a single --split)")
   parser.add_argument("--gallery-size", type=int, default=24, metavar="N",
                       help="samples in the gallery: worst misses, best hits, random")
+  parser.add_argument("--exit-sweep", metavar="DIR",
+                      help="early-exit curves instead of the report: every criterion over "
+                      "its thresholds, after the fact and on the real exit path; writes "
+                      "DIR/exit_sweep.json and DIR/exit_sweep.png (needs a single --split)")
+  parser.add_argument("--exit-criteria", default="", metavar="SPECS",
+                      help="with --exit-sweep: comma-separated criteria (e.g. "
+                      "iou_head:0.7,box_stability:0.9); default every registered one "
+                      "at every threshold of its grid")
   return parser
 
 
 def _check_gallery_args(args, splits: list[str]) -> None:
+  if args.exit_sweep and len(splits) != 1:
+    raise UserError(f"--exit-sweep sweeps one split, got {', '.join(splits)}: add --split NAME")
+  if args.exit_sweep and (args.gallery or args.mode != "sparse"):
+    raise UserError("--exit-sweep runs alone: drop --gallery / --mode")
+  if args.exit_criteria and not args.exit_sweep:
+    raise UserError("--exit-criteria needs --exit-sweep DIR")
   if args.gallery and len(splits) != 1:
     raise UserError(f"--gallery shows one split, got {', '.join(splits)}: add --split NAME")
   if args.gallery and args.gallery_size < 1:
@@ -89,6 +104,24 @@ def write_json_report(reports: dict[str, dict], path: str) -> None:
   os.replace(partial, path)
 
 
+def _exit_sweep(args, config, run, split: str) -> int:
+  """`--exit-sweep DIR`: scanformer_jax/exit_sweep.py's curves of `split`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from scanformer_jax import exit_sweep  # pylint: disable=g-import-not-at-top
+  specs = [c.strip() for c in args.exit_criteria.split(",") if c.strip()]
+  result = exit_sweep.run_sweep(config, run.params, run.mesh, run.param_shardings, split,
+                                specs or None, progress=not args.no_progress)
+  result = {"step": run.step, **result}
+  if jax.process_index() == 0:
+    clean, _ = strict_json(result)
+    json_path, png_path = exit_sweep.write_sweep(
+        clean, args.exit_sweep, f"early exit: {config.data.dataset} {split}, step {run.step}")
+    print(f"checkpoint step {run.step}, split {split}, {result['count']} expressions")
+    print(exit_sweep.format_sweep(result))
+    print(f"wrote {json_path} and {png_path}")
+  return 0
+
+
 def main(argv: list[str]) -> int:
   args = _parser().parse_args(argv)
   common.setup_logging(args.verbose)
@@ -103,6 +136,8 @@ def main(argv: list[str]) -> int:
         config.data.eval_splits)
     _check_gallery_args(args, splits)
     run = workdir.load_for_inference(args.workdir, config, args.step, config.mesh)
+    if args.exit_sweep:
+      return _exit_sweep(args, config, run, splits[0])
     reports = evaluate.evaluate_params(config, run.params, run.mesh, run.param_shardings,
                                        splits, progress=not args.no_progress,
                                        mode=args.mode)
