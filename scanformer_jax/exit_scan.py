@@ -1,8 +1,9 @@
 """The exit-aware sparse scan: samples that stop early do not pay for the finer scales.
 
-`ExitScan(cfg, mesh, shardings, criterion)` compiles once per (criterion class,
-batch shape); the criterion's threshold is an argument, so a sweep over thresholds
-reuses the program. After scale s the criterion (`early_exit.py`) decides which
+`ExitScan(cfg, mesh, shardings, criteria)` compiles once per batch shape for a set
+of criteria: which criterion runs and its threshold are arguments of the program
+(the criteria's `stop` functions are the branches of a `lax.switch`), so a whole
+sweep reuses one compile. After scale s the criterion (`early_exit.py`) decides which
 samples stop; the samples still scanning are compacted into a sub-batch of static
 size for scale s+1:
   - sub-batch sizes: `ceil(f * B)` for each fraction of `eval.exit_sub_batches`, plus
@@ -67,35 +68,59 @@ class _State:
   capacity: jax.Array     # [B, S] int32, patch slots each scale ran with (0: not run)
 
 
+def _stop(criterion: early_exit.ExitCriterion, signals: early_exit.ScaleSignals,
+          threshold: jax.Array) -> jax.Array:
+  """[B] bool: `criterion` at `threshold` (traced) on `signals`."""
+  b = signals.boxes.shape[0]
+  return jnp.broadcast_to(jnp.asarray(criterion.with_threshold(threshold).stop(signals), bool),
+                          (b,))
+
+
 class ExitScan:
-  """`scan(params, batch, threshold) -> dict` of per-sample arrays (see `_scan`)."""
+  """`scan(params, batch, threshold, criterion) -> dict` of per-sample arrays (`_scan`).
+
+  criteria: one criterion or several (distinct names); `criterion` (a name, default
+  the first) picks the one that runs, `threshold` its threshold (default its own).
+  """
 
   def __init__(self, cfg: ModelConfig, mesh: Mesh, param_shardings: Any,
-               criterion: early_exit.ExitCriterion,
-               sub_batches: Sequence[float] = (0.25, 0.5, 1.0),
+               criteria: Any, sub_batches: Sequence[float] = (0.25, 0.5, 1.0),
                max_traces: Optional[int] = None):
-    if not hasattr(criterion, "stop"):
-      raise ValueError(f"exit criterion {criterion.name!r} has no `stop` method: the exit "
-                       "path needs one (early_exit.ExitCriterion)")
+    criteria = tuple(criteria) if isinstance(criteria, (list, tuple)) else (criteria,)
+    for criterion in criteria:
+      if not isinstance(criterion, early_exit.ExitCriterion):
+        raise ValueError(f"exit criterion {criterion.name!r} is not an "
+                         "early_exit.ExitCriterion with a `stop`: the exit path needs one")
+    names = [c.name for c in criteria]
+    if not criteria or len(set(names)) != len(names):
+      raise ValueError(f"ExitScan needs criteria with distinct names, got {names}")
     self.cfg = cfg
-    self.criterion = criterion
+    self.criteria = criteria
+    self.criterion = criteria[0]
     self.sub_batches = tuple(sub_batches)
     self._model = ScanFormer(cfg)
     batch_sh = sharding_lib.batch_sharding(mesh)
     step = self._scan if max_traces is None else chex.assert_max_traces(self._scan, max_traces)
+    replicated = sharding_lib.replicated(mesh)
     self._jitted = jax.jit(step, in_shardings=(param_shardings, batch_sh,
-                                               sharding_lib.replicated(mesh)),
+                                               (replicated, replicated)),
                            out_shardings=batch_sh)
 
   def __call__(self, params: Any, batch: dict[str, jax.Array],
-               threshold: Optional[float] = None) -> dict[str, jax.Array]:
+               threshold: Optional[float] = None,
+               criterion: Optional[str] = None) -> dict[str, jax.Array]:
     """threshold: default the criterion's own (ignored by criteria without one)."""
+    names = [c.name for c in self.criteria]
+    if criterion is not None and criterion not in names:
+      raise ValueError(f"exit criterion {criterion!r} is not in this program: {names}")
+    which = 0 if criterion is None else names.index(criterion)
     if threshold is None:
-      threshold = self.criterion.threshold
-    return self._jitted(params, batch, jnp.float32(0.0 if threshold is None else threshold))
+      threshold = self.criteria[which].threshold
+    threshold = 0.0 if threshold is None else threshold
+    return self._jitted(params, batch, (jnp.int32(which), jnp.float32(threshold)))
 
   # ------------------------------------------------------------------ the program
-  def _scan(self, params, batch, threshold) -> dict[str, jax.Array]:
+  def _scan(self, params, batch, choice) -> dict[str, jax.Array]:
     """Per-sample outputs [B, ...]: `boxes` [B, S, 4] (zeros past the exit), `answer`
     [B, 4] (the exit scale's box), `iou` [B, S] / `answer_iou` [B] with the ground
     truth, `exit_scale` [B], `forced` [B] (stopped by overflow), `ran` [B, S], `rows_run`
@@ -104,7 +129,8 @@ class ExitScan:
     `text_len_run` and `valid`."""
     cfg = self.cfg
     apply = functools.partial(self._model.apply, {"params": params})
-    criterion = self.criterion.with_threshold(threshold)
+    which, threshold = choice
+    uses_ground_truth = any(c.uses_ground_truth for c in self.criteria)
     b, text_tokens = batch["text_ids"].shape
     num_scales = cfg.num_scales
     valid = batch["valid"].astype(bool)  # [B]
@@ -145,9 +171,10 @@ class ExitScan:
         break
       signals = early_exit.ScaleSignals(
           scale=s, boxes=state.boxes[:, :s + 1], wanted_next=state.wanted_next[:, s],
-          gt_box=batch["box"] if criterion.uses_ground_truth else None,
+          gt_box=batch["box"] if uses_ground_truth else None,
           **{k: v[:, :s + 1] for k, v in state.signals.items()})
-      stop = jnp.asarray(criterion.stop(signals), bool) & active  # [B]
+      stop = jax.lax.switch(which, [functools.partial(_stop, c, signals)
+                                    for c in self.criteria], threshold) & active  # [B]
       exit_scale = jnp.where(stop, s, exit_scale)
       active = active & ~stop
 

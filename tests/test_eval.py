@@ -83,6 +83,7 @@ def test_accuracy_by_hand_padding_excluded_and_one_compile(rigged):
   assert report["capacity_used"] == [{str(n): 21} for n in cfg.num_patches]
   assert report["mode"] == "sparse"
   assert report["samples_per_s"] > 0  # Three batches, one trace (max_traces=1 above).
+  assert report["model_samples_per_s"] >= report["samples_per_s"]  # Data loading left out.
 
 
 def test_blanked_expressions_keep_cls_and_sep(rigged):

@@ -45,10 +45,12 @@ def setup():
   shardings = sharding.tree_shardings(params, mesh, MeshConfig(data=1))
   full = EvalStep(CFG, mesh, shardings)
   chex.clear_trace_counter()
-  # One exit program for the tests of the halting criterion: a second trace raises.
-  halting = ExitScan(CFG, mesh, shardings, early_exit.parse("halt_head:0.5"),
+  # One exit program for three criteria, picked by name at run time: a second trace
+  # raises.
+  program = ExitScan(CFG, mesh, shardings,
+                     [early_exit.parse(c) for c in ("halt_head:0.5", "last_scale", "oracle")],
                      sub_batches=(0.25, 0.5, 1.0), max_traces=1)
-  return mesh, params, shardings, full, halting
+  return mesh, params, shardings, full, program
 
 
 def _host(tree):
@@ -60,7 +62,8 @@ def test_exited_samples_get_the_full_scans_box_and_one_compile(setup):
   scale's box (and so the answer) is the full scan's (1e-5), each scale ran with the
   smallest sub-batch holding its scanning samples, and the program compiled once."""
   _, params, _, full_step, scan = setup
-  criterion = scan.criterion
+  criterion = scan.criteria[0]
+  assert criterion.name == "halt_head"
   histograms = []
   for start in (0, 8):
     batch = _batch(start)
@@ -98,17 +101,32 @@ def _check_threshold(scan, params, criterion, batch, full, threshold) -> list[in
 
 
 def test_last_scale_equals_todays_sparse_eval_exactly(setup):
-  mesh, params, shardings, full_step, _ = setup
-  scan = ExitScan(CFG, mesh, shardings, early_exit.parse("last_scale"))
+  """Through the same program as the halting tests: the criterion is picked at run time."""
+  _, params, _, full_step, program = setup
   batch = _batch(40, padding=0)
   full = _host(full_step(params, batch))
-  out = _host(scan(params, batch))
+  out = _host(program(params, batch, criterion="last_scale"))
   np.testing.assert_array_equal(out["boxes"], full["boxes"])
   np.testing.assert_array_equal(out["answer"], full["boxes"][:, -1])
   np.testing.assert_array_equal(out["exit_scale"], np.full(BATCH, 2))
   np.testing.assert_array_equal(out["rows_run"][0], [BATCH] * 3)
   for key in ("taken", "num_dropped", "capacity", "pred_iou", "halt_prob", "box_scale"):
     np.testing.assert_array_equal(out[key], full[key], err_msg=key)
+
+
+def test_the_oracle_reads_the_ground_truth_in_the_program(setup):
+  _, params, _, full_step, program = setup
+  batch = _batch(0)
+  full = _host(full_step(params, batch))
+  oracle = early_exit.parse("oracle")
+  valid = batch["valid"]
+  for threshold in (0.0, 0.05, 1.1):
+    out = _host(program(params, batch, threshold, criterion="oracle"))
+    expected = oracle.with_threshold(threshold).exit_scale(early_exit.model_outputs(full),
+                                                           batch["box"])
+    np.testing.assert_array_equal(out["exit_scale"][valid], expected[valid])
+  with pytest.raises(ValueError, match="not in this program"):
+    program(params, batch, criterion="iou_head")
 
 
 def test_batch_level_exit_skips_the_remaining_scales(setup):

@@ -116,6 +116,11 @@ COMMANDS: dict[str, object] = {
                                                      "runs batch mode"),
     ("scanformer eval --workdir runs/demo --split validation --gallery runs/demo/gallery "
      "--gallery-size 24"): Parse(DEMO_RUN + "; tests/test_eval_gallery.py runs --gallery"),
+    ("scanformer eval --workdir runs/demo --split validation --exit-sweep "
+     "runs/demo/exit_sweep"): Parse(DEMO_RUN + "; tests/test_train_synthetic.py runs "
+                                    "--exit-sweep"),
+    ("scanformer eval --workdir runs/demo --split validation --exit-sweep "
+     "runs/demo/exit_sweep --exit-criteria iou_head:0.8,box_stability:0.9"): Parse(DEMO_RUN),
     ("scanformer bench --model vilt_b32 --batch-size 8 --keep-ratio 0.25 [--steps 10] "
      "[--dtype bfloat16] [--json out.json]"): Parse("ViLT-B/32 timing: minutes"),
     "scanformer bench --latency --model tiny --steps 30": Parse("a latency benchmark"),

@@ -16,7 +16,8 @@ from scanformer_jax.cli import predict as predict_cmd
 
 STEPS = 60
 REPORT_KEYS = {"acc@0.5", "acc@0.5_per_scale", "mean_iou", "keep_ratio", "num_dropped",
-               "gflops_kept", "gflops_as_run", "gflops_dense", "samples_per_s", "count",
+               "gflops_kept", "gflops_as_run", "gflops_dense", "samples_per_s",
+               "model_samples_per_s", "count",
                "overflow_fraction", "patches_dropped", "capacity_used", "mode"}
 
 
@@ -96,3 +97,35 @@ def test_predict_user_errors(trained, tmp_path, capsys):
   assert rc == 2
   err = capsys.readouterr().err
   assert "image not found" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_eval_exit_sweep_writes_the_curve(trained, tmp_path, capsys):
+  """`eval --exit-sweep DIR`: JSON and PNG, and the real exit path agrees with the
+  after-the-fact criterion on every sample (exit scale and accuracy)."""
+  _, workdir = trained
+  out = tmp_path / "sweep"
+  assert eval_cmd.main(["--workdir", str(workdir), "--split", "validation", "--no-progress",
+                        "--exit-sweep", str(out), "--exit-criteria",
+                        "box_stability:0.5,box_stability:0.95,selection_mass:0.3"]) == 0
+  result = json.load(open(out / "exit_sweep.json"))
+  assert set(result["criteria"]) == {"box_stability", "selection_mass", "last_scale", "oracle"}
+  for points in result["criteria"].values():
+    for p in points:
+      assert p["exit_scale_agreement"] == 1.0 and p["forced_exits"] == 0, p
+      assert sum(p["exit_histogram"]) == result["count"] == 24
+      assert p["acc@0.5_exit_path"] == p["acc@0.5"] and p["samples_per_s"] > 0
+  no_exit, oracle = result["no_exit"], result["oracle"]
+  assert no_exit["mean_exit_scale"] == 1.0 and oracle["acc@0.5"] >= no_exit["acc@0.5"]
+  with Image.open(out / "exit_sweep.png") as image:
+    assert image.size[0] > 600
+  assert "operating points" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_eval_exit_sweep_refuses_a_criterion_the_model_cannot_run(trained, tmp_path, capsys):
+  _, workdir = trained
+  assert eval_cmd.main(["--workdir", str(workdir), "--split", "validation", "--no-progress",
+                        "--exit-sweep", str(tmp_path), "--exit-criteria", "iou_head:0.7"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "needs the IoU head" in err[0] and "model.iou_head" in err[0], err

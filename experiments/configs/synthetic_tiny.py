@@ -39,7 +39,10 @@ def get_config() -> C.ExperimentConfig:
       # From scratch, BERT's 0.02 init leaves every token nearly alike and training
       # crawls; ~1/sqrt(hidden) (LeCun-like) learns several times faster, and a
       # sin-cos position table lets the box head read positions from step 0.
-      initializer_range=0.09, pos_embed_init="sincos")
+      initializer_range=0.09, pos_embed_init="sincos",
+      # The exit heads for the early-exit curve (`eval --exit-sweep`). They read
+      # stop_gradient(REG): the grounding model trains exactly as without them.
+      iou_head=True, halt_head=True, uncertainty_head=True)
   return C.ExperimentConfig(
       model=model,
       # No augmentation: ~3 epochs of 20k expressions do not overfit, and the

@@ -70,7 +70,8 @@ def format_report(split: str, r: dict) -> str:
           f"{r['gflops_as_run']:.3f} as run / {r['gflops_kept']:.3f} kept / "
           f"{r['gflops_dense']:.3f} dense, overflow {r['overflow_fraction']:.4f} "
           f"({r['patches_dropped']} patches dropped) "
-          f"{r['samples_per_s']:.1f} samples/s n={r['count']}")
+          f"{r['samples_per_s']:.1f} samples/s (model {r['model_samples_per_s']:.1f}) "
+          f"n={r['count']}")
 
 
 def strict_json(value: Any) -> tuple[Any, int]:
