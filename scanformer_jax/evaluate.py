@@ -3,7 +3,8 @@
 Returns the report of issues 4 and 16 (`acc@0.5`, `acc@0.5_per_scale`, `mean_iou`,
 `keep_ratio`, `num_dropped`, `patches_dropped`, `overflow_fraction`, `capacity_used`,
 `gflops_as_run`, `gflops_kept`, `gflops_dense`, `samples_per_s` (end to end),
-`model_samples_per_s` (the compiled step alone), `mode`, `count`)
+`model_samples_per_s` (the compiled step alone: fastest of three passes over the
+first `TIMED_BATCHES` batches, already on the device), `mode`, `count`)
 plus, when an early-exit criterion is given, an `early_exit` entry. GFLOPs are
 analytic (`flops.py`) means per sample:
   gflops_as_run  what the compiled program executed: every slot of the capacities (or
@@ -19,6 +20,7 @@ from __future__ import annotations
 import time
 from typing import Any, Iterable, Optional, Sequence
 
+import jax
 import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
@@ -80,32 +82,49 @@ def gflops_at_exit(cfg: ModelConfig, taken: np.ndarray, text_len: np.ndarray,
   return float(total.mean() / 1e9)
 
 
+TIMED_BATCHES = 8  # Batches kept on the device to time the compiled step alone.
+
+
+def best_pass(run_batches, passes: int = 3) -> tuple[float, Any]:
+  """(fastest of `passes` timed calls of `run_batches()` in seconds, its last result).
+
+  Each call dispatches its batches and waits for every result (no host round-trip
+  in between); the fastest pass is the one least disturbed by other work on the
+  host (on a 2-core CPU: the data pipeline's own threads).
+  """
+  best, outs = float("inf"), None
+  for _ in range(passes):
+    start = time.perf_counter()
+    outs = jax.block_until_ready(run_batches())
+    best = min(best, time.perf_counter() - start)
+  return best, outs
+
+
 def collect(cfg: ModelConfig, params: Any, step: EvalStep, batches: Iterable[dict],
             mesh: Mesh, iou_threshold: float = 0.5, desc: str = "eval",
             progress: bool = True, blank: bool = False) -> tuple[RecMetrics, dict]:
   """Runs `step` over `batches` (process-local contract batches).
 
   Returns the accumulated per-sample results and run facts (`samples_per_s`: end to
-  end, reading the data included; `model_samples_per_s`: the compiled step alone,
-  from dispatch to its results on the host; `duplicates`). blank=True blanks every
-  expression first (`blank_expressions`). Both rates leave out the first batch
-  (compilation).
+  end, reading the data included, the first batch (compilation) left out;
+  `model_samples_per_s`: the compiled step alone, `best_pass` over the first
+  `TIMED_BATCHES` batches kept on the device; `duplicates`). blank=True blanks every
+  expression first (`blank_expressions`).
   """
   metrics = RecMetrics(cfg.num_patches, iou_threshold)
   seen_indices: list[np.ndarray] = []
   start = warm_start = time.perf_counter()
   warm_count = 0
-  model_seconds = 0.0  # In the step (dispatch to fetched results), after the first batch.
+  timed_batches: list[dict] = []  # Device batches for model_samples_per_s.
   bar = tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False,
              total=getattr(batches, "num_batches", None))  # The pipeline knows the split size.
   for i, batch in enumerate(bar):
     if blank:
       batch = blank_expressions(batch)
     device_batch = sharding_lib.to_global({k: batch[k] for k in DEVICE_KEYS}, mesh)
-    step_start = time.perf_counter()
     host = sharding_lib.fetch(step(params, device_batch))
-    if i > 0:
-      model_seconds += time.perf_counter() - step_start
+    if len(timed_batches) < TIMED_BATCHES:
+      timed_batches.append(device_batch)
     metrics.add(host)
     meta = batch.get("meta", {})
     if "index" in meta:
@@ -117,9 +136,11 @@ def collect(cfg: ModelConfig, params: Any, step: EvalStep, batches: Iterable[dic
   timed = metrics.count - warm_count
   if timed == 0:  # A single batch: report it including compilation.
     elapsed, timed = time.perf_counter() - start, metrics.count
-  facts = {"samples_per_s": float(timed / max(elapsed, 1e-9)),
-           "model_samples_per_s": float(timed / max(model_seconds, 1e-9)) if model_seconds
-           else float(timed / max(elapsed, 1e-9))}
+  facts = {"samples_per_s": float(timed / max(elapsed, 1e-9))}
+  if timed_batches:
+    seconds, _ = best_pass(lambda: [step(params, b) for b in timed_batches])
+    rows = sum(int(np.asarray(b["valid"]).sum()) for b in timed_batches)
+    facts["model_samples_per_s"] = float(rows / max(seconds, 1e-9))
   if seen_indices:
     indices = np.concatenate(seen_indices)
     facts["duplicates"] = int(len(indices) - len(np.unique(indices)))

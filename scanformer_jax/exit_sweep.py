@@ -55,33 +55,20 @@ def usable_specs(config: ExperimentConfig, specs: Optional[Sequence[str]]
   return chosen, skipped
 
 
-def _best_pass(run_batches, passes: int) -> tuple[float, list]:
-  """(fastest of `passes` timed passes in seconds, the last pass's outputs).
-
-  Each pass dispatches every batch, then waits for all results (no host round-trip
-  inside the pass); the fastest pass is the least disturbed by other work.
-  """
-  best, outs = float("inf"), []
-  for _ in range(passes):
-    start = time.perf_counter()
-    outs = jax.block_until_ready(run_batches())
-    best = min(best, time.perf_counter() - start)
-  return best, outs
-
-
 def measure_exit_path(config: ExperimentConfig, params: Any, mesh: Mesh, shardings: Any,
                       batches: list[dict], specs: Sequence[str], metrics: Any,
                       passes: int = 3, progress: bool = True) -> tuple[dict[str, dict], float]:
   """({spec: measured facts} of the real exit path, plain sparse eval samples/s), both
   timed the same way over `batches` (host batches): one compiled program for every
-  criterion and threshold (compiled before timing), the fastest of `passes` passes.
+  criterion and threshold (compiled before timing), the fastest of `passes` passes
+  (`evaluate.best_pass`).
   """
   cfg = config.model
   count = sum(int(np.asarray(b["valid"]).sum()) for b in batches)
   device_batches = [sharding_lib.to_global({k: b[k] for k in DEVICE_KEYS}, mesh)
                     for b in batches]
   plain = EvalStep(cfg, mesh, shardings)
-  seconds, _ = _best_pass(lambda: [plain(params, b) for b in device_batches], passes)
+  seconds, _ = evaluate.best_pass(lambda: [plain(params, b) for b in device_batches], passes)
   plain_samples_per_s = count / max(seconds, 1e-9)
   criteria = {}
   for spec in specs:
@@ -94,7 +81,7 @@ def measure_exit_path(config: ExperimentConfig, params: Any, mesh: Mesh, shardin
   bar = tqdm(specs, desc="exit path", unit="point", disable=not progress, leave=False)
   for spec in bar:
     criterion = early_exit.parse(spec)
-    seconds, outs = _best_pass(lambda c=criterion: [
+    seconds, outs = evaluate.best_pass(lambda c=criterion: [
         program(params, b, c.threshold, c.name) for b in device_batches], passes)
     outs = [sharding_lib.fetch(o) for o in outs]
     rows = {k: np.concatenate([o[k][np.asarray(o["valid"], bool)] for o in outs])
