@@ -72,11 +72,12 @@ def _dense_replay(module, image, text_ids, text_mask, sparse_taken):
     children = selection.upsample_to_children(mask * decide, cfg.grid_sizes[s])
     mask = children * (sparse_taken[s + 1] | (children < 0.5)).astype(jnp.float32)
   reg = jnp.stack([out.reg for out in outs], axis=1)
-  return ScanFormerOutput(boxes=module.box_head(reg),
+  heads = module.read_heads(reg)  # The model's own heads (exit heads on stop_gradient(REG)).
+  return ScanFormerOutput(boxes=heads.boxes,
                           selection_logits=tuple(o.selection_logits for o in outs),
                           taken=tuple(o.taken for o in outs),
                           num_dropped=jnp.zeros((image.shape[0], cfg.num_scales), jnp.int32),
-                          reg_features=reg, pred_iou=module.iou_head(reg))
+                          reg_features=reg, pred_iou=heads.pred_iou)
 
 
 def _loss_and_grads(cfg, params, batch, rng, run):
