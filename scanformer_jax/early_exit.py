@@ -35,10 +35,15 @@ from scanformer_jax import box_ops
 # that needs the ground truth).
 MODEL_OUTPUT_KEYS = ("boxes", "taken", "num_dropped", "text_len", "pred_iou", "halt_prob",
                      "box_scale", "wanted_next")
-# The signals the exit heads provide: (the head, the config switch that adds it).
-HEAD_SIGNALS = {"pred_iou": ("the IoU head", "model.iou_head"),
-                "halt_prob": ("the halting head", "model.halt_head"),
-                "box_scale": ("the uncertainty head", "model.uncertainty_head")}
+# The signals the exit heads provide: (the head, the ModelConfig switch that adds it).
+HEAD_SIGNALS = {"pred_iou": ("the IoU head", "iou_head"),
+                "halt_prob": ("the halting head", "halt_head"),
+                "box_scale": ("the uncertainty head", "uncertainty_head")}
+
+
+def model_signals(cfg) -> tuple[str, ...]:
+  """The HEAD_SIGNALS keys a model with config `cfg` (a ModelConfig) outputs."""
+  return tuple(key for key, (_, switch) in HEAD_SIGNALS.items() if getattr(cfg, switch))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,8 +124,11 @@ def signals_at(outputs: Mapping[str, np.ndarray], s: int,
   """
   for key in getattr(criterion, "needs", ()):
     if outputs.get(key) is None:
-      head, switch = HEAD_SIGNALS.get(key, (f"the {key} output", "the eval step"))
-      raise ValueError(f"{criterion.name} needs {head}: train the model with {switch}=true")
+      if key in HEAD_SIGNALS:
+        head, switch = HEAD_SIGNALS[key]
+        raise ValueError(f"{criterion.name} needs {head}: train the model with "
+                         f"model.{switch}=true")
+      raise ValueError(f"{criterion.name} needs the {key} output of the eval step")
   if getattr(criterion, "uses_ground_truth", False) and gt_box is None:
     raise ValueError(f"{criterion.name} needs the ground-truth boxes")
   boxes = np.asarray(outputs["boxes"])

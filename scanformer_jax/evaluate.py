@@ -211,9 +211,7 @@ def parse_criterion(spec: str, cfg: ModelConfig) -> early_exit.ExitCriterion:
   probe = {"boxes": np.zeros((1, s, 4), np.float32), "taken": np.zeros((1, s), np.int32),
            "num_dropped": np.zeros((1, s), np.int32), "text_len": np.ones((1,), np.int32),
            "wanted_next": np.zeros((1, s), np.float32)}
-  heads = {"pred_iou": cfg.iou_head, "halt_prob": cfg.halt_head,
-           "box_scale": cfg.uncertainty_head}
-  probe.update({key: np.zeros((1, s), np.float32) for key, on in heads.items() if on})
+  probe.update({key: np.zeros((1, s), np.float32) for key in early_exit.model_signals(cfg)})
   try:
     criterion = early_exit.parse(spec)
     if getattr(criterion, "uses_ground_truth", False):

@@ -44,9 +44,6 @@ from scanformer_jax.layers import NEG_INF
 from scanformer_jax.model import ScanFormer
 from scanformer_jax.pyramid import build_pyramid
 
-SIGNAL_KEYS = ("pred_iou", "halt_prob", "box_scale")
-
-
 def sub_batch_sizes(batch: int, fractions: Sequence[float]) -> tuple[int, ...]:
   """Static sub-batch sizes `ceil(f * batch)`, ascending and distinct, without 0."""
   if not fractions or not all(0.0 < f <= 1.0 for f in fractions):
@@ -61,7 +58,7 @@ class _State:
   wanted: jax.Array       # [B, N_s] bool, the patches scale s wants
   scores: jax.Array       # [B, N_s] float32, their priorities
   boxes: jax.Array        # [B, S, 4]
-  signals: dict           # SIGNAL_KEYS present in the model -> [B, S]
+  signals: dict           # early_exit.model_signals(cfg) -> [B, S]
   wanted_next: jax.Array  # [B, S] float32
   taken: jax.Array        # [B, S] int32
   num_dropped: jax.Array  # [B, S] int32
@@ -141,7 +138,7 @@ class ExitScan:
         wanted=jnp.ones((b, cfg.num_patches[0]), bool),
         scores=jnp.zeros((b, cfg.num_patches[0]), jnp.float32),
         boxes=jnp.zeros((b, num_scales, 4), jnp.float32),
-        signals={k: zeros(jnp.float32) for k in self._signal_keys()},
+        signals={k: zeros(jnp.float32) for k in early_exit.model_signals(cfg)},
         wanted_next=zeros(jnp.float32), taken=zeros(), num_dropped=zeros(), capacity=zeros())
     active = valid
     exit_scale = jnp.zeros((b,), jnp.int32)
@@ -195,12 +192,6 @@ class ExitScan:
     }
     result.update(state.signals)
     return result
-
-  def _signal_keys(self) -> tuple[str, ...]:
-    cfg = self.cfg
-    on = {"pred_iou": cfg.iou_head, "halt_prob": cfg.halt_head,
-          "box_scale": cfg.uncertainty_head}
-    return tuple(k for k in SIGNAL_KEYS if on[k])
 
   def _branch(self, apply, s: int, image: jax.Array, size: int):
     """The `lax.switch` branch of scale s that scans `size` compacted rows (0: skip)."""
