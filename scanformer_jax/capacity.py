@@ -1,12 +1,16 @@
 """Sparse-path capacities: calibrated from the model's own selection, and what they cost.
 
 `scanformer calibrate` runs the full-capacity sparse scan over a split (every wanted
-patch gets a slot, so the taken counts are the wanted counts), takes per scale the
-`quantile` of wanted patches per sample, rounds it up to a multiple of `MULTIPLE`
-(capped at the scale's patch count) and writes it as `model.capacity`, with the
-bucket set (`BUCKET_QUANTILES`, the quantile, and every patch) as
-`model.capacity_buckets`, into the run's config.json. Eval and predict then run the
-bucketed scan: the last bucket holds every patch, so nothing is ever dropped.
+patch gets a slot, so the taken counts are the wanted counts). Per scale it writes
+into the run's config.json:
+  - `model.capacity`: the `quantile` of wanted patches per sample, rounded up to a
+    multiple of `MULTIPLE` (capped at the scale's patch count), for fixed-capacity use;
+  - `model.capacity_buckets`: at most `MAX_BUCKETS` slot counts, the last every patch
+    (nothing is ever dropped), chosen to minimise the slots the calibration split's
+    samples would run if each ran the smallest bucket holding its count
+    (`cheapest_buckets`).
+Eval and predict then run the bucketed scan in capacity groups (`model.py`): rows
+sorted by need, each group of rows in its own bucket.
 """
 
 from __future__ import annotations
@@ -21,8 +25,11 @@ from jax.sharding import Mesh
 from scanformer_jax import config_io, flops, sharding as sharding_lib
 from scanformer_jax.config import ExperimentConfig, ModelConfig
 
-MULTIPLE = 8  # Slot counts rounded up to this (vector-unit friendly), capped at N_s.
-BUCKET_QUANTILES = (0.5, 0.9)  # Besides the calibration quantile and every patch.
+# Slot counts are multiples of this, capped at N_s: the threshold rule takes a
+# parent's four children together, so wanted counts are multiples of 4.
+MULTIPLE = 4
+# Buckets per scale at most: each is a branch compiled into the bucketed scan.
+MAX_BUCKETS = 6
 CALIBRATION_FILE = "calibration.json"
 
 
@@ -55,14 +62,44 @@ def wanted_counts(cfg: ModelConfig, params: Any, step, batches: Iterable[dict],
   return np.concatenate(rows)
 
 
+def cheapest_buckets(counts: np.ndarray, total: int, max_buckets: int = MAX_BUCKETS,
+                     multiple: int = MULTIPLE) -> tuple[int, ...]:
+  """At most `max_buckets` slot counts, ascending, the last `total`, minimising the
+  summed slots of `counts` [N] when each count runs the smallest bucket holding it.
+
+  Exact, by dynamic programming over the candidates (multiples of `multiple` and
+  `total`): best[j, m] is the least summed slots of the counts up to candidate j with
+  m buckets, the largest being candidate j.
+  """
+  counts = np.asarray(counts)
+  candidates = sorted({round_up(c, total, multiple) for c in range(total + 1)} | {total})
+  # Counts each candidate holds that the previous one does not, via a cumulative count.
+  at_most = np.array([(counts <= c).sum() for c in candidates], np.float64)  # [K]
+  k = len(candidates)
+  best = np.full((k, max_buckets + 1), np.inf)
+  previous = np.full((k, max_buckets + 1), -1)
+  for j, c in enumerate(candidates):
+    best[j, 1] = at_most[j] * c
+    for m in range(2, max_buckets + 1):
+      for i in range(j):
+        cost = best[i, m - 1] + (at_most[j] - at_most[i]) * c
+        if cost < best[j, m]:
+          best[j, m], previous[j, m] = cost, i
+  j, m = k - 1, int(np.argmin(best[k - 1, 1:])) + 1
+  chosen = []
+  while j >= 0:
+    chosen.append(candidates[j])
+    j, m = previous[j, m], m - 1
+  return tuple(sorted(chosen))
+
+
 def calibrate(counts: np.ndarray, num_patches: Sequence[int], quantile: float,
-              bucket_quantiles: Sequence[float] = BUCKET_QUANTILES,
+              max_buckets: int = MAX_BUCKETS,
               multiple: int = MULTIPLE) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
   """(capacity, capacity_buckets) from wanted counts [N, S].
 
   capacity[s]: the `quantile` of counts[:, s], rounded up (`round_up`); buckets[s]:
-  the same for each of `bucket_quantiles` and `quantile`, plus every patch, ascending.
-  Scale 0 takes every patch.
+  `cheapest_buckets` of counts[:, s]. Scale 0 takes every patch.
   """
   counts = np.asarray(counts)
   if counts.ndim != 2 or counts.shape[1] != len(num_patches) or not len(counts):
@@ -72,9 +109,9 @@ def calibrate(counts: np.ndarray, num_patches: Sequence[int], quantile: float,
   capacity, buckets = [num_patches[0]], [(num_patches[0],)]
   for s in range(1, len(num_patches)):
     total = num_patches[s]
-    at = lambda q: round_up(np.quantile(counts[:, s], q, method="higher"), total, multiple)  # noqa: E731,B023
-    capacity.append(at(quantile))
-    buckets.append(tuple(sorted({*(at(q) for q in bucket_quantiles), at(quantile), total})))
+    capacity.append(round_up(np.quantile(counts[:, s], quantile, method="higher"), total,
+                             multiple))
+    buckets.append(cheapest_buckets(counts[:, s], total, max_buckets, multiple))
   return tuple(capacity), tuple(buckets)
 
 

@@ -74,10 +74,15 @@ class ModelConfig:
   # Static token budget of the sparse path per scale (None: all patches).
   capacity: Optional[tuple[int, ...]] = None
   # Capacity buckets per scale (ascending; scale 0: its patch count): the sparse scan
-  # runs each scale s >= 1 with the smallest bucket that holds the batch's largest
+  # runs each scale s >= 1 with the smallest bucket that holds a group's largest
   # wanted count (chosen inside jit, one compile; the last bucket if none does).
   # Overrides `capacity` when set; `scanformer calibrate` writes both.
   capacity_buckets: Optional[tuple[tuple[int, ...], ...]] = None
+  # With buckets: a batch's rows (each device's own) are sorted by wanted count and
+  # split into this many groups of consecutive rows, each with its own bucket, so a
+  # batch pays about what its rows need, not its neediest row's count for every row.
+  # Each group is its own `lax.switch` (groups x buckets branches compiled).
+  capacity_groups: int = 8
   # Inference selection rule, a name registered in selection.py (`selection.RULES`):
   # "threshold" or "topk"; setting select_topk selects "topk". Training samples
   # Gumbel decisions instead.
@@ -139,6 +144,7 @@ class ModelConfig:
       raise ValueError("scale 0 takes every patch: capacity[0] must equal its patch count")
     if self.capacity_buckets is not None:
       self._check_buckets(self.capacity_buckets)
+    _check_number("model.capacity_groups", self.capacity_groups, 1)
     if self.select_topk is not None and self.select_rule not in ("threshold", "topk"):
       raise ValueError(f"select_topk selects the 'topk' rule, but select_rule is "
                        f"{self.select_rule!r}: set one of them")

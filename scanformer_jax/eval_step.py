@@ -1,7 +1,9 @@
 """The jitted evaluation step: sparse (or dense) scan, per-sample, per-scale results.
 
 Compiled once per (config, batch shape): the last, partial batch is padded by the
-pipeline (`valid=False`), so every batch has the same shape. Outputs stay per sample
+pipeline (`valid=False`), so every batch has the same shape. Each device runs the
+step on its own rows (`sharding.per_device`): every output is per sample, so nothing
+crosses devices, and the capacity groups and buckets are chosen per device. Outputs stay per sample
 so the host can drop padding rows and apply early-exit criteria afterwards. With
 `model.capacity_buckets` the bucket each scale ran with is an output (`capacity`), so
 the host can count what the compiled program executed.
@@ -34,7 +36,8 @@ class EvalStep:
     self.mode = mode
     self._model = ScanFormer(cfg)
     batch_sh = sharding_lib.batch_sharding(mesh)
-    step = self._step if max_traces is None else chex.assert_max_traces(self._step, max_traces)
+    step = sharding_lib.per_device(self._step, mesh, replicated_args=(0,))
+    step = step if max_traces is None else chex.assert_max_traces(step, max_traces)
     self._jitted = jax.jit(step, in_shardings=(param_shardings, batch_sh),
                            out_shardings=batch_sh)
 

@@ -20,9 +20,10 @@ included), and their results scattered back to the full batch. A sample's answer
 its exit scale k is the full scan's scale-k output (tests/test_exit_scan.py): the scan
 is causal, and every per-sample quantity depends on that sample's rows only.
 
-With the batch sharded over several devices the compaction is global (a gather of
-the small per-sample arrays across the batch); per-device compaction (shard_map) is
-not implemented.
+With the batch sharded over several devices each device compacts its own rows
+(`sharding.per_device`): its sub-batch sizes are fractions of its own rows, and the
+batch-level skip happens when its own samples have all stopped. No row crosses
+devices.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ class ExitScan:
     self.sub_batches = tuple(sub_batches)
     self._model = ScanFormer(cfg)
     batch_sh = sharding_lib.batch_sharding(mesh)
-    step = self._scan if max_traces is None else chex.assert_max_traces(self._scan, max_traces)
+    step = sharding_lib.per_device(self._scan, mesh, replicated_args=(0, 2))
+    step = step if max_traces is None else chex.assert_max_traces(step, max_traces)
     replicated = sharding_lib.replicated(mesh)
     self._jitted = jax.jit(step, in_shardings=(param_shardings, batch_sh,
                                                (replicated, replicated)),
@@ -121,7 +123,7 @@ class ExitScan:
     """Per-sample outputs [B, ...]: `boxes` [B, S, 4] (zeros past the exit), `answer`
     [B, 4] (the exit scale's box), `iou` [B, S] / `answer_iou` [B] with the ground
     truth, `exit_scale` [B], `forced` [B] (stopped by overflow), `ran` [B, S], `rows_run`
-    [B, S] (the sub-batch size each scale ran with, the same in every row), `taken`,
+    [B, S] (the sub-batch size each scale ran with on the row's device), `taken`,
     `num_dropped`, `capacity`, `wanted_next` [B, S], the exit heads' signals, `text_len`,
     `text_len_run` and `valid`."""
     cfg = self.cfg

@@ -92,7 +92,7 @@ def measure_exit_path(config: ExperimentConfig, params: Any, mesh: Mesh, shardin
         "forced_exits": int(rows["forced"].sum()),
         "exit_scale_agreement": float(np.mean(rows["exit_scale"] == expected)),
         "acc@0.5_exit_path": float(np.mean(rows["answer_iou"] >= config.eval.iou_threshold)),
-        "mean_rows_run": np.mean([o["rows_run"][0] for o in outs], axis=0).tolist(),
+        "mean_rows_run": np.mean([o["rows_run"].mean(0) for o in outs], axis=0).tolist(),
     }
   return facts, plain_samples_per_s
 

@@ -54,6 +54,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from scanformer_jax import selection
 from scanformer_jax.config import ModelConfig
@@ -130,6 +131,13 @@ class ScanFormerOutput:
   box_log_scale: Optional[jax.Array] = None  # [B, S, 4] when cfg.uncertainty_head
   capacity: Optional[jax.Array] = None     # [B, S] int32, patch slots each scale ran with
                                            # (dense: every patch)
+
+
+def capacity_group_rows(cfg: ModelConfig, batch: int) -> tuple[int, int]:
+  """(groups, rows per group) of the bucketed scan for a batch of `batch` rows."""
+  groups = max(1, min(cfg.capacity_groups, batch))
+  rows = -(-batch // groups)
+  return -(-batch // rows), rows
 
 
 def _pad_block(kv: KVCache, length: int) -> KVCache:
@@ -349,16 +357,54 @@ class ScanFormer(nn.Module):
 
   def scan_scale_inference(self, s: int, image: jax.Array, wanted: jax.Array,
                            scores: Optional[jax.Array], cache: KVCache) -> ScaleOutput:
-    """Scale s as the sparse inference scan runs it: `cfg.capacity_buckets` when set
-    (scales >= 1), else `cfg.capacities[s]` slots. Arguments as `scan_scale_sparse`."""
+    """Scale s as the sparse inference scan runs it: `cfg.capacity_buckets` in
+    `cfg.capacity_groups` row groups when set (scales >= 1), else `cfg.capacities[s]`
+    slots. Arguments as `scan_scale_sparse`."""
     if self.cfg.capacity_buckets is None or s == 0:
       return self.scan_scale_sparse(s, image, wanted, scores, cache)
     return self._scan_scale_bucketed(s, image, wanted, scores, cache)
 
   def _scan_scale_bucketed(self, s: int, image: jax.Array, wanted: jax.Array,
                            scores: jax.Array, cache: KVCache) -> ScaleOutput:
+    """`scan_scale_sparse` in capacity groups: the batch's rows sorted by wanted count
+    and cut into `cfg.capacity_groups` groups of R = ceil(B / groups) consecutive rows
+    (`capacity_group_rows`), each run by `_scan_group_bucketed` with its own bucket.
+
+    So rows that want few patches run a small bucket beside rows that want many: the
+    batch pays about what its rows need. The groups are the steps of one `nn.scan`
+    (one compiled body whatever the group count); the sorted order is padded at its
+    start with copies of the least needy row to fill the last group, and those rows'
+    results are dropped. Results return to the batch's row order. The sort is over
+    this program's batch axis: under `shard_map` (`EvalStep`) each device groups its
+    own rows and no row crosses devices.
+    """
+    b = wanted.shape[0]
+    groups, rows_per_group = capacity_group_rows(self.cfg, b)
+    if groups == 1:
+      return self._scan_group_bucketed(s, image, wanted, scores, cache)
+    need = wanted.sum(axis=1, dtype=jnp.int32)  # [B]
+    order = jnp.argsort(need, stable=True)  # [B] rows by ascending need
+    pad = groups * rows_per_group - b
+    padded = jnp.concatenate([jnp.broadcast_to(order[:1], (pad,)), order])  # [G * R]
+
+    def group(module, carry, rows):  # rows: [R] batch rows of one group
+      take = lambda x: jnp.take(x, rows, axis=0)  # noqa: E731
+      out = module._scan_group_bucketed(s, take(image), take(wanted), take(scores),
+                                        jax.tree.map(take, cache))
+      return carry, out
+
+    scan = nn.scan(group, variable_broadcast="params", split_rngs={"params": False},
+                   length=groups)
+    _, outs = scan(self, None, padded.reshape(groups, rows_per_group))  # [G, R, ...]
+    restore = jnp.argsort(order) + pad  # [B] position of each batch row in `padded`
+    return jax.tree.map(
+        lambda x: jnp.take(x.reshape((-1,) + x.shape[2:]), restore, axis=0), outs)
+
+  def _scan_group_bucketed(self, s: int, image: jax.Array, wanted: jax.Array,
+                           scores: jax.Array, cache: KVCache) -> ScaleOutput:
     """`scan_scale_sparse` with the smallest of `cfg.capacity_buckets[s]` that holds the
-    batch's largest wanted count (the last bucket if none does), chosen in the program.
+    largest wanted count of these rows (the last bucket if none does), chosen in the
+    program.
 
     One branch per bucket (`lax.switch`: one compile, only the chosen branch runs).
     Every branch's block keys/values are padded to the largest bucket's block with
@@ -367,7 +413,7 @@ class ScanFormer(nn.Module):
     """
     buckets = self.cfg.capacity_buckets[s]
     largest = 1 + buckets[-1] + (1 if s > 0 else 0)  # Tokens of the largest block.
-    need = wanted.sum(axis=1, dtype=jnp.int32).max()  # The batch's largest count.
+    need = wanted.sum(axis=1, dtype=jnp.int32).max()  # The rows' largest count.
     index = jnp.minimum(jnp.sum(jnp.asarray(buckets) < need), len(buckets) - 1)
 
     def branch(capacity: int):

@@ -9,7 +9,7 @@ with `jax.make_array_from_process_local_data`.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -106,6 +106,25 @@ def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in batch.items()}
+
+
+def per_device(fn: Callable, mesh: Mesh, replicated_args: Sequence[int]) -> Callable:
+  """`fn(*args)` run by each device on its own batch rows (`jax.shard_map`).
+
+  The arguments at `replicated_args` (parameters, switches) are whole on every device
+  (gathered first if FSDP splits them); the others and every output are split on the
+  batch axes. For per-sample programs (eval, the exit scan): whatever `fn` does across
+  its batch axis (sorting rows into capacity groups, compacting the samples still
+  scanning) stays on one device, with no collective.
+  """
+  def run(*args):
+    specs = tuple(P() if i in replicated_args else P(BATCH_AXES) for i in range(len(args)))
+    # check_vma off: `fn` uses no collective, and the check would make every
+    # `lax.switch` branch mark its constant outputs (e.g. a bucket's slot count) as
+    # device-varying by hand.
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(BATCH_AXES),
+                         check_vma=False)(*args)
+  return run
 
 
 def fetch(tree: Any) -> Any:

@@ -4,6 +4,8 @@ The bucketed scan must give the full-capacity scan's outputs whichever bucket a 
 lands in, compile once for all of them, and report the bucket it ran with.
 """
 
+import os
+
 import chex
 import jax
 import numpy as np
@@ -20,11 +22,12 @@ CFG = ModelConfig.tiny(hidden_size=32, num_heads=2, mlp_dim=64, num_layers=2,
                        encoder1_layers=1)
 BUCKETS = ((4,), (4, 8, 12, 16), (8, 16, 32, 48, 64))
 BATCH = 2
+GROUPED_BATCH = 7  # Three groups of three rows, the first padded with two copies.
 
 
-def _batch(start: int) -> dict:
+def _batch(start: int, size: int = BATCH) -> dict:
   rows = [fake_data.make_example(1, start + i, CFG.image_size, CFG.max_text_len)
-          for i in range(BATCH)]
+          for i in range(size)]
   return {k: np.stack([r[k] for r in rows]) for k in DEVICE_KEYS}
 
 
@@ -38,31 +41,65 @@ def setup():
   return mesh, params, shardings
 
 
-def test_buckets_match_full_capacity_in_one_compile(setup):
+def expected_capacities(need: np.ndarray, buckets, groups: int) -> np.ndarray:
+  """[B, S]: rows sorted by need (stably), cut into groups of ceil(B / groups)
+  consecutive rows from the end (the padded first group holds the rest), each group's
+  bucket the smallest holding its largest need (the last if none)."""
+  b, num_scales = need.shape
+  rows = -(-b // min(groups, b))  # Rows per group; the first group may hold fewer.
+  out = np.zeros_like(need)
+  for s in range(num_scales):
+    order = np.argsort(need[:, s], kind="stable")
+    first = b - rows * ((b - 1) // rows)
+    for part in [order[:first]] + [order[i:i + rows] for i in range(first, b, rows)]:
+      most = need[part, s].max()
+      out[part, s] = min([c for c in buckets[s] if c >= most] or [buckets[s][-1]])
+  return out
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_buckets_match_full_capacity_in_one_compile(setup, groups):
   mesh, params, shardings = setup
   full = EvalStep(CFG, mesh, shardings)
   chex.clear_trace_counter()
-  bucketed = EvalStep(CFG.replace(capacity_buckets=BUCKETS), mesh, shardings, max_traces=1)
+  bucketed = EvalStep(CFG.replace(capacity_buckets=BUCKETS, capacity_groups=groups), mesh,
+                      shardings, max_traces=1)
   used = set()
-  for start in range(0, 8 * BATCH, BATCH):
-    batch = sharding.to_global(_batch(start), mesh)
+  for start in range(0, 4 * GROUPED_BATCH, GROUPED_BATCH):
+    batch = sharding.to_global(_batch(start, GROUPED_BATCH), mesh)
     want, got = sharding.fetch(full(params, batch)), sharding.fetch(bucketed(params, batch))
     np.testing.assert_allclose(got["boxes"], want["boxes"], atol=1e-5)
     np.testing.assert_array_equal(got["taken"], want["taken"])
     assert not got["num_dropped"].any()
-    # The smallest bucket holding the batch's largest wanted count, at every scale.
-    need = want["taken"].max(0)  # [S]
-    expect = [min(c for c in sizes if c >= n) for sizes, n in zip(BUCKETS, need)]
-    assert (got["capacity"] == np.array(expect)).all(), (got["capacity"], need)
+    expect = expected_capacities(want["taken"], BUCKETS, groups)
+    np.testing.assert_array_equal(got["capacity"], expect)
     assert (want["capacity"] == np.array(CFG.num_patches)).all()
-    used.add(tuple(expect))
+    used.update(map(tuple, expect))
   assert len({u[1] for u in used}) >= 2 and len({u[2] for u in used}) >= 2, used
+  if groups > 1:  # Rows of one batch ran different buckets.
+    assert any(len(set(got["capacity"][:, s])) > 1 for s in (1, 2)), got["capacity"]
+
+
+def test_groups_cut_the_slots_run(setup):
+  """Capacity groups run fewer slots than one bucket per batch, for the same answers."""
+  mesh, params, shardings = setup
+  one = EvalStep(CFG.replace(capacity_buckets=BUCKETS, capacity_groups=1), mesh, shardings)
+  grouped = EvalStep(CFG.replace(capacity_buckets=BUCKETS, capacity_groups=3), mesh,
+                     shardings)
+  slots = {"one": 0, "grouped": 0}
+  for start in range(0, 4 * GROUPED_BATCH, GROUPED_BATCH):
+    batch = sharding.to_global(_batch(start, GROUPED_BATCH), mesh)
+    a, b = sharding.fetch(one(params, batch)), sharding.fetch(grouped(params, batch))
+    np.testing.assert_allclose(a["boxes"], b["boxes"], atol=1e-5)
+    slots["one"] += int(a["capacity"].sum())
+    slots["grouped"] += int(b["capacity"].sum())
+  assert slots["grouped"] < slots["one"], slots
 
 
 def test_last_bucket_below_the_need_drops_and_counts(setup):
   mesh, params, shardings = setup
   small = ((4,), (2, 4), (4, 8))
-  step = EvalStep(CFG.replace(capacity_buckets=small), mesh, shardings)
+  step = EvalStep(CFG.replace(capacity_buckets=small, capacity_groups=1), mesh, shardings)
   full = EvalStep(CFG, mesh, shardings)
   for start in range(0, 8 * BATCH, BATCH):  # A batch wanting more than 4 at scale 1.
     batch = sharding.to_global(_batch(start), mesh)
@@ -80,15 +117,38 @@ def test_calibrate_rounds_quantiles_up_and_caps():
   counts = np.stack([np.full(200, 4), np.arange(200) % 17, np.arange(200) % 65], 1)
   chosen, buckets = capacity.calibrate(counts, (4, 16, 64), 0.995)
   assert chosen == (4, 16, 64)  # quantile 16 -> 16 (capped), 64 -> 64
-  assert buckets[0] == (4,) and buckets[1] == (8, 16) and buckets[2] == (32, 64)
+  assert buckets[0] == (4,)
+  for sizes, total in zip(buckets[1:], (16, 64)):
+    assert sizes[-1] == total and len(sizes) <= capacity.MAX_BUCKETS
+    assert all(c % capacity.MULTIPLE == 0 for c in sizes)
   chosen, buckets = capacity.calibrate(np.stack([np.full(10, 4), np.zeros(10),
                                                  np.full(10, 9)], 1), (4, 16, 64), 0.5)
-  assert chosen == (4, 8, 16) and buckets == ((4,), (8, 16), (16, 64))
+  assert chosen == (4, 4, 12) and buckets == ((4,), (4, 16), (12, 64))
   CFG.replace(capacity=chosen, capacity_buckets=buckets)  # A valid config.
   with pytest.raises(ValueError, match="quantile"):
     capacity.calibrate(counts, (4, 16, 64), 1.5)
-  assert capacity.round_up(0, 64) == 8 and capacity.round_up(9, 64) == 16
+  assert capacity.round_up(0, 64) == 4 and capacity.round_up(9, 64) == 12
   assert capacity.round_up(61, 64) == 64 and capacity.round_up(3, 4) == 4
+
+
+def _slots_run(counts, sizes) -> int:
+  return sum(min(c for c in sizes if c >= n) for n in counts)
+
+
+def test_cheapest_buckets_beat_every_other_choice():
+  """The dynamic programme's buckets run no more slots than any other set of at most
+  `max_buckets` candidates ending at every patch (brute force on a 32-patch scale)."""
+  import itertools
+  rng = np.random.default_rng(0)
+  counts = np.minimum(rng.geometric(0.12, 300), 32)
+  candidates = list(range(4, 32, 4))
+  for max_buckets in (1, 2, 3):
+    chosen = capacity.cheapest_buckets(counts, 32, max_buckets)
+    assert chosen[-1] == 32 and len(chosen) <= max_buckets
+    best = min(_slots_run(counts, (*others, 32))
+               for r in range(max_buckets)
+               for others in itertools.combinations(candidates, r))
+    assert _slots_run(counts, chosen) == best, (max_buckets, chosen)
 
 
 def test_bucket_config_is_validated():
@@ -144,11 +204,12 @@ def test_demo_stages_calibrate_then_eval_sparse_and_dense(tmp_path, monkeypatch,
   run_demo = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(run_demo)
   # The stages in this process (the "fake" dataset is registered here only).
+  quiet = lambda args: args if args[0] == "bench" else args + ["--no-progress"]  # noqa: E731
   monkeypatch.setattr(run_demo, "_run", lambda stage, args, env, timings, capture=False: (
-      timings.setdefault(stage, 0.0), cli.main(args + ["--no-progress"]) == 0 or
+      timings.setdefault(stage, 0.0), cli.main(quiet(args)) == 0 or
       pytest.fail(f"{stage} failed")))
   # gallery None: the fake dataset has no original images to draw.
-  eval_json, dense_json = run_demo._calibrated_evals(workdir, None, [], {}, {})
+  eval_json, dense_json, throughput_json = run_demo._calibrated_evals(workdir, None, [], {}, {})
   model = workdir_lib.load_config(workdir).model
   calibration = json.load(open(capacity.calibration_path(workdir)))
   assert model.capacity == tuple(calibration["capacity"])
@@ -164,8 +225,23 @@ def test_demo_stages_calibrate_then_eval_sparse_and_dense(tmp_path, monkeypatch,
   assert set(map(int, used)) <= set(model.capacity_buckets[1])
   assert dense["gflops_as_run"] >= dense["gflops_dense"]  # Padded text as run.
   assert sparse["gflops_kept"] <= sparse["gflops_dense"]
-  row = run_demo.speedup_row(sparse, dense)
+  throughput = json.load(open(throughput_json))
+  assert set(throughput["modes"]) == {"dense", "bucketed", "grouped"}
+  assert throughput["samples"] == sparse["count"]
+  modes = throughput["modes"]
+  # The grouped run's slots are at most the one-bucket run's, at least the kept ones.
+  assert (np.asarray(modes["grouped"]["mean_capacity"])
+          <= np.asarray(modes["bucketed"]["mean_capacity"]) + 1e-9).all()
+  assert modes["grouped"]["gflops_as_run"] == pytest.approx(sparse["gflops_as_run"])
+  assert modes["dense"]["gflops_as_run"] == pytest.approx(dense["gflops_as_run"])
+  assert modes["grouped"]["gflops_kept"] <= modes["grouped"]["gflops_as_run"]
+  row = run_demo.speedup_row(throughput)
   assert "kept-FLOPs ratio" in row[1]
+  env = run_demo.data_parallel_env({"JAX_PLATFORMS": "cpu"}, 6)
+  assert "--xla_force_host_platform_device_count=" in env["XLA_FLAGS"]
+  devices = int(env["XLA_FLAGS"].rsplit("=", 1)[1])
+  assert 6 % devices == 0 and devices <= (os.cpu_count() or 1)
+  assert run_demo.data_parallel_env({"JAX_PLATFORMS": "gpu"}, 6) == {"JAX_PLATFORMS": "gpu"}
 
 
 def test_sort_based_selection_equals_lax_top_k_with_ties():

@@ -1,9 +1,11 @@
-"""`scanformer bench [--model tiny|vilt_b32] [--keep-ratio R] [--train | --latency] ... [--json PATH]`.
+"""`scanformer bench [--model tiny|vilt_b32] [--keep-ratio R] [--train | --latency | --throughput] ... [--json PATH]`.
 
 Times compiled sparse vs dense inference with random weights (scanformer_jax/bench.py
 says how), or with `--train` one training step of each train path, or with `--latency`
-batch-1 p50/p90 latency of dense, fixed-capacity and bucketed sparse inference, and
-prints the table; `--json` writes the full report.
+batch-1 p50/p90 latency of dense, fixed-capacity and bucketed sparse inference, or
+with `--throughput --workdir W` a trained run's eval-batch samples/s, dense vs
+sparse (scanformer_jax/bench_throughput.py), and prints the table; `--json` writes
+the full report.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--batch-size", type=int, default=8)
   parser.add_argument("--keep-ratio", type=float, default=0.25,
                       help="fraction of each scale's patches taken at s >= 1, in (0, 1]")
-  parser.add_argument("--steps", type=int, default=10, help="timed steps per mode (median)")
+  parser.add_argument("--steps", type=int, default=10,
+                      help="timed steps per mode (median); with --throughput: passes per mode")
   parser.add_argument("--warmup", type=int, default=2,
                       help="untimed calls per mode after compiling (at least 1 is made)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -37,8 +40,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   _add_latency_args(parser)
   common.add_verbose_arg(parser)
   args = parser.parse_args(argv)
-  if args.train and args.latency:
-    parser.error("--train and --latency are separate benchmarks: pass one")
+  if args.train + args.latency + args.throughput > 1:
+    parser.error("--train, --latency and --throughput are separate benchmarks: pass one")
+  if args.throughput and not args.workdir:
+    parser.error("--throughput needs --workdir (a trained, calibrated run)")
   if not 0.0 < args.keep_ratio <= 1.0:
     parser.error("--keep-ratio must be in (0, 1]")
   if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
@@ -51,11 +56,15 @@ def _add_latency_args(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--latency", action="store_true",
                       help="batch-1 latency (p50/p90 of --steps samples) of dense, "
                       "fixed-capacity and bucketed sparse inference")
+  parser.add_argument("--throughput", action="store_true",
+                      help="eval-batch samples/s of a trained run (--workdir): dense, "
+                      "bucketed and grouped sparse, timed in alternating passes")
   parser.add_argument("--workdir", default=None,
                       help="with --latency: a trained (calibrated) run, for its own "
-                      "selection and capacities on real samples (default: random weights)")
+                      "selection and capacities on real samples (default: random "
+                      "weights); with --throughput: the run (required)")
   parser.add_argument("--split", default=None,
-                      help="with --latency --workdir: samples from this split")
+                      help="with --workdir: samples from this split")
 
 
 def _latency_report(args: argparse.Namespace) -> tuple[dict, str]:
@@ -79,6 +88,12 @@ def main(argv: list[str]) -> int:
   common.setup_logging(args.verbose)
 
   def body() -> int:
+    if args.throughput:
+      from scanformer_jax import bench_throughput  # pylint: disable=g-import-not-at-top
+      report = bench_throughput.run_throughput(args.workdir, args.split, args.steps)
+      print(bench_throughput.format_throughput(report))
+      _write_json(args, report)
+      return 0
     if args.latency:
       report, table = _latency_report(args)
       print(table)
