@@ -6,7 +6,8 @@ eval steps of the run's model and times them on the same device batches of a spl
 left out):
   dense     every patch of every scale;
   bucketed  the run's capacity buckets, one bucket per batch (its neediest row's);
-  grouped   the run's buckets in `model.capacity_groups` row groups (what eval runs).
+  grouped   the run's buckets in row groups of `model.capacity_group_rows` (what
+            eval runs).
 The modes alternate pass by pass, `steps` passes each, so background load on a
 shared host hits them alike; the fastest pass of each mode is its samples/s (the
 median is reported too). Next to it, the FLOPs (`evaluate.gflops_report`): `realised`
@@ -34,7 +35,8 @@ def run_throughput(workdir: str, split: Optional[str] = None, steps: int = 7) ->
                               workdir as workdir_lib)
   from scanformer_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   from scanformer_jax.eval_step import EvalStep  # pylint: disable=g-import-not-at-top
-  run = workdir_lib.load_for_inference(workdir)
+  config = workdir_lib.load_config(workdir)
+  run = workdir_lib.load_for_inference(workdir, config, None, config.mesh)  # Every device.
   model = run.config.model
   if model.capacity_buckets is None:
     raise UserError(f"{workdir} has no model.capacity_buckets: run `scanformer calibrate "
@@ -48,7 +50,7 @@ def run_throughput(workdir: str, split: Optional[str] = None, steps: int = 7) ->
   if not batches:
     raise UserError(f"split {split!r} has no samples; pass --split")
   configs = {"dense": (model, "dense"),
-             "bucketed": (model.replace(capacity_groups=1), "sparse"),
+             "bucketed": (model.replace(capacity_group_rows=None), "sparse"),
              "grouped": (model, "sparse")}
   steps_by_mode, outputs, compile_s = {}, {}, {}
   for mode, (cfg, path) in configs.items():
@@ -88,7 +90,7 @@ def run_throughput(workdir: str, split: Optional[str] = None, steps: int = 7) ->
   return {
       "workdir": workdir, "step": run.step, "split": split, "passes": steps,
       "batches": len(batches), "batch_size": rows // len(batches), "samples": valid_rows,
-      "devices": jax.device_count(), "capacity_groups": model.capacity_groups,
+      "devices": run.mesh.size, "capacity_group_rows": model.capacity_group_rows,
       "capacity_buckets": [list(b) for b in model.capacity_buckets],
       "modes": report_modes, "kept_flops_ratio": kept_ratio,
       "as_run_flops_ratio": dense["gflops_as_run"] / grouped["gflops_as_run"],
@@ -102,7 +104,8 @@ def format_throughput(report: dict) -> str:
   lines = [f"scanformer bench --throughput: {report['workdir']} (step {report['step']}), "
            f"split {report['split']}: {report['batches']} batches of {report['batch_size']} "
            f"on {report['devices']} device(s), fastest of {report['passes']} alternating passes",
-           f"buckets {report['capacity_buckets']}, {report['capacity_groups']} row groups",
+           f"buckets {report['capacity_buckets']}, row groups of "
+           f"{report['capacity_group_rows']} rows",
            f"{'mode':<10}{'samples/s':>11}{'median':>9}{'speedup':>9}{'GFLOPs run':>12}"
            "  mean slots per scale"]
   for mode in MODES:

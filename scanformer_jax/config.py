@@ -79,10 +79,11 @@ class ModelConfig:
   # Overrides `capacity` when set; `scanformer calibrate` writes both.
   capacity_buckets: Optional[tuple[tuple[int, ...], ...]] = None
   # With buckets: a batch's rows (each device's own) are sorted by wanted count and
-  # split into this many groups of consecutive rows, each with its own bucket, so a
-  # batch pays about what its rows need, not its neediest row's count for every row.
-  # Each group is its own `lax.switch` (groups x buckets branches compiled).
-  capacity_groups: int = 8
+  # cut into groups of about this many consecutive rows, each with its own bucket, so
+  # a batch pays about what its rows need, not its neediest row's count for every
+  # row. Fewer rows per group: closer to each row's need, smaller matmuls (on CPU, 13
+  # rows ran the demo fastest). None: the whole batch is one group.
+  capacity_group_rows: Optional[int] = 16
   # Inference selection rule, a name registered in selection.py (`selection.RULES`):
   # "threshold" or "topk"; setting select_topk selects "topk". Training samples
   # Gumbel decisions instead.
@@ -144,7 +145,8 @@ class ModelConfig:
       raise ValueError("scale 0 takes every patch: capacity[0] must equal its patch count")
     if self.capacity_buckets is not None:
       self._check_buckets(self.capacity_buckets)
-    _check_number("model.capacity_groups", self.capacity_groups, 1)
+    if self.capacity_group_rows is not None:
+      _check_number("model.capacity_group_rows", self.capacity_group_rows, 1)
     if self.select_topk is not None and self.select_rule not in ("threshold", "topk"):
       raise ValueError(f"select_topk selects the 'topk' rule, but select_rule is "
                        f"{self.select_rule!r}: set one of them")

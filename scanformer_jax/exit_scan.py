@@ -149,7 +149,7 @@ class ExitScan:
     sizes = (0,) + sub_batch_sizes(b, self.sub_batches)
     for s in range(num_scales):
       if s == 0:  # Every sample reads the coarsest scale: the full batch, no compaction.
-        state = self._run_scale(apply, 0, images[0], state, jnp.arange(b), jnp.ones(b, bool))
+        state = self._run_scale(apply, 0, images[0], state, None, None)
         ran.append(jnp.ones((b,), bool))
         rows_run.append(jnp.int32(b))
       else:
@@ -201,6 +201,8 @@ class ExitScan:
       b = active.shape[0]
       if size == 0:
         return self._skip_scale(s, state, b)
+      if size == b:  # Every row fits: run them in place, keep the scanning ones.
+        return self._run_scale(apply, s, image, state, None, active)
       rows = jnp.argsort(~active, stable=True)[:size]  # [C] still-scanning rows first
       ok = jnp.arange(size) < active.sum()  # [C] the slot holds a scanning sample
       return self._run_scale(apply, s, image, state, rows, ok)
@@ -225,20 +227,32 @@ class ExitScan:
                          wanted=jnp.zeros((b, n_next), bool),
                          scores=jnp.zeros((b, n_next), jnp.float32))
 
-  def _run_scale(self, apply, s: int, image: jax.Array, state: _State, rows: jax.Array,
-                 ok: jax.Array) -> _State:
-    """Scale s for the batch rows `rows` [C] (`ok` [C]: a real row, else padding)."""
+  def _run_scale(self, apply, s: int, image: jax.Array, state: _State,
+                 rows: Optional[jax.Array], ok: Optional[jax.Array]) -> _State:
+    """Scale s for the batch rows `rows` [C] (`ok` [C]: a real row, else padding).
+
+    rows None: every row in place, no gather or scatter (`ok` [B]: the rows whose
+    results are kept, None: all).
+    """
     cfg = self.cfg
     b = state.wanted.shape[0]
-    target = jnp.where(ok, rows, b)  # Scatters to row b are dropped.
-    take = lambda x: jnp.take(x, rows, axis=0)  # noqa: E731
+    if rows is None:
+      ok = jnp.ones((b,), bool) if ok is None else ok
+      keep = lambda new, old: jnp.where(ok.reshape((b,) + (1,) * (new.ndim - 1)), new, old)  # noqa: E731
+      take = lambda x: x  # noqa: E731
+      put = lambda full, sub: full.at[:, s].set(keep(sub.astype(full.dtype), full[:, s]))  # noqa: E731
+      scatter = lambda full, sub: keep(sub.astype(full.dtype), full)  # noqa: E731
+    else:
+      target = jnp.where(ok, rows, b)  # Scatters to row b are dropped.
+      take = lambda x: jnp.take(x, rows, axis=0)  # noqa: E731
+      put = lambda full, sub: full.at[target, s].set(sub, mode="drop")  # noqa: E731
+      scatter = lambda full, sub: full.at[target].set(sub.astype(full.dtype), mode="drop")  # noqa: E731
     wanted = take(state.wanted) & ok[:, None]  # [C, N_s]
     scores = None if s == 0 else take(state.scores)
     sub_cache = jax.tree.map(take, state.cache)
     out = apply(s, take(image), wanted, scores, sub_cache,
                 method=ScanFormer.scan_scale_inference)
     heads = apply(out.reg, method=ScanFormer.read_heads)
-    put = lambda full, sub: full.at[target, s].set(sub, mode="drop")  # noqa: E731
     signals = early_exit.head_signals(heads.pred_iou, heads.halt_logit, heads.box_log_scale)
     state = state.replace(
         boxes=put(state.boxes, heads.boxes),
@@ -250,7 +264,6 @@ class ExitScan:
       return state
     next_wanted, next_scores = selection.wanted_children(cfg, s, out.taken,
                                                          out.selection_logits)
-    scatter = lambda full, sub: full.at[target].set(sub.astype(full.dtype), mode="drop")  # noqa: E731
     length = self._block_length(s)
     chex.assert_equal(out.kv.bias.shape[1], length)
     new_block = KVCache(

@@ -135,9 +135,11 @@ class ScanFormerOutput:
 
 def capacity_group_rows(cfg: ModelConfig, batch: int) -> tuple[int, int]:
   """(groups, rows per group) of the bucketed scan for a batch of `batch` rows."""
-  groups = max(1, min(cfg.capacity_groups, batch))
-  rows = -(-batch // groups)
-  return -(-batch // rows), rows
+  if cfg.capacity_group_rows is None or cfg.capacity_group_rows >= batch:
+    return 1, batch
+  groups = -(-batch // cfg.capacity_group_rows)
+  rows = -(-batch // groups)  # Balanced: every group but the (padded) first is full.
+  return groups, rows
 
 
 def _pad_block(kv: KVCache, length: int) -> KVCache:
@@ -358,7 +360,7 @@ class ScanFormer(nn.Module):
   def scan_scale_inference(self, s: int, image: jax.Array, wanted: jax.Array,
                            scores: Optional[jax.Array], cache: KVCache) -> ScaleOutput:
     """Scale s as the sparse inference scan runs it: `cfg.capacity_buckets` in
-    `cfg.capacity_groups` row groups when set (scales >= 1), else `cfg.capacities[s]`
+    row groups of `cfg.capacity_group_rows` when set (scales >= 1), else `cfg.capacities[s]`
     slots. Arguments as `scan_scale_sparse`."""
     if self.cfg.capacity_buckets is None or s == 0:
       return self.scan_scale_sparse(s, image, wanted, scores, cache)
@@ -367,8 +369,8 @@ class ScanFormer(nn.Module):
   def _scan_scale_bucketed(self, s: int, image: jax.Array, wanted: jax.Array,
                            scores: jax.Array, cache: KVCache) -> ScaleOutput:
     """`scan_scale_sparse` in capacity groups: the batch's rows sorted by wanted count
-    and cut into `cfg.capacity_groups` groups of R = ceil(B / groups) consecutive rows
-    (`capacity_group_rows`), each run by `_scan_group_bucketed` with its own bucket.
+    and cut into G = ceil(B / cfg.capacity_group_rows) groups of R = ceil(B / G)
+    consecutive rows (`capacity_group_rows`), each run by `_scan_group_bucketed` with its own bucket.
 
     So rows that want few patches run a small bucket beside rows that want many: the
     batch pays about what its rows need. The groups are the steps of one `nn.scan`

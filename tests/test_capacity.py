@@ -15,6 +15,7 @@ from data_pipelines.contract import DEVICE_KEYS
 import fake_data
 from scanformer_jax import capacity, config_io, flops, sharding, train_state
 from scanformer_jax.config import ExperimentConfig, MeshConfig, ModelConfig
+from scanformer_jax.errors import UserError
 from scanformer_jax.eval_step import EvalStep
 
 # Three scales (4, 16, 64 patches), so a padded block is attended to by a later scale.
@@ -22,7 +23,9 @@ CFG = ModelConfig.tiny(hidden_size=32, num_heads=2, mlp_dim=64, num_layers=2,
                        encoder1_layers=1)
 BUCKETS = ((4,), (4, 8, 12, 16), (8, 16, 32, 48, 64))
 BATCH = 2
-GROUPED_BATCH = 7  # Three groups of three rows, the first padded with two copies.
+# Rows of 3: three groups of three, the first padded with two copies; rows of 2: four
+# groups of two, the first padded with one copy.
+GROUPED_BATCH = 7
 
 
 def _batch(start: int, size: int = BATCH) -> dict:
@@ -41,28 +44,30 @@ def setup():
   return mesh, params, shardings
 
 
-def expected_capacities(need: np.ndarray, buckets, groups: int) -> np.ndarray:
-  """[B, S]: rows sorted by need (stably), cut into groups of ceil(B / groups)
-  consecutive rows from the end (the padded first group holds the rest), each group's
-  bucket the smallest holding its largest need (the last if none)."""
+def expected_capacities(need: np.ndarray, buckets, group_rows) -> np.ndarray:
+  """[B, S]: rows sorted by need (stably), cut into G = ceil(B / group_rows) groups
+  of ceil(B / G) consecutive rows counted from the end (the padded first group holds
+  the rest; group_rows None: one group), each group's bucket the smallest holding its
+  largest need (the last if none)."""
   b, num_scales = need.shape
-  rows = -(-b // min(groups, b))  # Rows per group; the first group may hold fewer.
+  groups = 1 if group_rows is None else -(-b // group_rows)
+  rows = -(-b // groups)
   out = np.zeros_like(need)
   for s in range(num_scales):
     order = np.argsort(need[:, s], kind="stable")
-    first = b - rows * ((b - 1) // rows)
+    first = b - rows * (groups - 1)
     for part in [order[:first]] + [order[i:i + rows] for i in range(first, b, rows)]:
       most = need[part, s].max()
       out[part, s] = min([c for c in buckets[s] if c >= most] or [buckets[s][-1]])
   return out
 
 
-@pytest.mark.parametrize("groups", [1, 3])
-def test_buckets_match_full_capacity_in_one_compile(setup, groups):
+@pytest.mark.parametrize("rows", [None, 3, 2])
+def test_buckets_match_full_capacity_in_one_compile(setup, rows):
   mesh, params, shardings = setup
   full = EvalStep(CFG, mesh, shardings)
   chex.clear_trace_counter()
-  bucketed = EvalStep(CFG.replace(capacity_buckets=BUCKETS, capacity_groups=groups), mesh,
+  bucketed = EvalStep(CFG.replace(capacity_buckets=BUCKETS, capacity_group_rows=rows), mesh,
                       shardings, max_traces=1)
   used = set()
   for start in range(0, 4 * GROUPED_BATCH, GROUPED_BATCH):
@@ -71,20 +76,20 @@ def test_buckets_match_full_capacity_in_one_compile(setup, groups):
     np.testing.assert_allclose(got["boxes"], want["boxes"], atol=1e-5)
     np.testing.assert_array_equal(got["taken"], want["taken"])
     assert not got["num_dropped"].any()
-    expect = expected_capacities(want["taken"], BUCKETS, groups)
+    expect = expected_capacities(want["taken"], BUCKETS, rows)
     np.testing.assert_array_equal(got["capacity"], expect)
     assert (want["capacity"] == np.array(CFG.num_patches)).all()
     used.update(map(tuple, expect))
   assert len({u[1] for u in used}) >= 2 and len({u[2] for u in used}) >= 2, used
-  if groups > 1:  # Rows of one batch ran different buckets.
+  if rows is not None:  # Rows of one batch ran different buckets.
     assert any(len(set(got["capacity"][:, s])) > 1 for s in (1, 2)), got["capacity"]
 
 
 def test_groups_cut_the_slots_run(setup):
   """Capacity groups run fewer slots than one bucket per batch, for the same answers."""
   mesh, params, shardings = setup
-  one = EvalStep(CFG.replace(capacity_buckets=BUCKETS, capacity_groups=1), mesh, shardings)
-  grouped = EvalStep(CFG.replace(capacity_buckets=BUCKETS, capacity_groups=3), mesh,
+  one = EvalStep(CFG.replace(capacity_buckets=BUCKETS, capacity_group_rows=None), mesh, shardings)
+  grouped = EvalStep(CFG.replace(capacity_buckets=BUCKETS, capacity_group_rows=3), mesh,
                      shardings)
   slots = {"one": 0, "grouped": 0}
   for start in range(0, 4 * GROUPED_BATCH, GROUPED_BATCH):
@@ -99,7 +104,7 @@ def test_groups_cut_the_slots_run(setup):
 def test_last_bucket_below_the_need_drops_and_counts(setup):
   mesh, params, shardings = setup
   small = ((4,), (2, 4), (4, 8))
-  step = EvalStep(CFG.replace(capacity_buckets=small, capacity_groups=1), mesh, shardings)
+  step = EvalStep(CFG.replace(capacity_buckets=small, capacity_group_rows=None), mesh, shardings)
   full = EvalStep(CFG, mesh, shardings)
   for start in range(0, 8 * BATCH, BATCH):  # A batch wanting more than 4 at scale 1.
     batch = sharding.to_global(_batch(start), mesh)
@@ -158,6 +163,8 @@ def test_bucket_config_is_validated():
       CFG.replace(capacity_buckets=bad)
   cfg = CFG.replace(capacity_buckets=BUCKETS)
   assert cfg.max_capacities == (4, 16, 64) and cfg.capacities == CFG.num_patches
+  with pytest.raises(UserError, match="capacity_group_rows"):
+    CFG.replace(capacity_group_rows=0)
 
 
 def test_flops_as_run_adds_the_bucket_padding():

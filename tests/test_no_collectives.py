@@ -35,7 +35,7 @@ spec = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype, shard
 b, r, l = 16, cfg.image_size, cfg.max_text_len
 batch = {"image": spec((b, r, r, 3)), "text_ids": spec((b, l), jnp.int32),
          "text_mask": spec((b, l), bool), "box": spec((b, 4)), "valid": spec((b,), bool)}
-grouped = cfg.replace(capacity_buckets=((4,), (4, 8, 16), (8, 32, 64)), capacity_groups=2)
+grouped = cfg.replace(capacity_buckets=((4,), (4, 8, 16), (8, 32, 64)), capacity_group_rows=2)
 hlos = {
     "fixed": EvalStep(cfg, mesh, shardings).lower(params, batch).compile().as_text(),
     "grouped": EvalStep(grouped, mesh, shardings).lower(params, batch).compile().as_text(),
