@@ -81,8 +81,8 @@ class ModelConfig:
   # With buckets: a batch's rows (each device's own) are sorted by wanted count and
   # cut into groups of about this many consecutive rows, each with its own bucket, so
   # a batch pays about what its rows need, not its neediest row's count for every
-  # row. Fewer rows per group: closer to each row's need, smaller matmuls (on CPU, 13
-  # rows ran the demo fastest). None: the whole batch is one group.
+  # row. Fewer rows per group: closer to each row's need, but smaller matmuls (on an
+  # accelerator, try more rows). None: the whole batch is one group.
   capacity_group_rows: Optional[int] = 16
   # Inference selection rule, a name registered in selection.py (`selection.RULES`):
   # "threshold" or "topk"; setting select_topk selects "topk". Training samples

@@ -3,10 +3,10 @@
 Compiled once per (config, batch shape): the last, partial batch is padded by the
 pipeline (`valid=False`), so every batch has the same shape. Each device runs the
 step on its own rows (`sharding.per_device`): every output is per sample, so nothing
-crosses devices, and the capacity groups and buckets are chosen per device. Outputs stay per sample
-so the host can drop padding rows and apply early-exit criteria afterwards. With
-`model.capacity_buckets` the bucket each scale ran with is an output (`capacity`), so
-the host can count what the compiled program executed.
+crosses devices, and each device groups its own rows into capacity buckets. Outputs
+stay per sample so the host can drop padding rows and apply early-exit criteria
+afterwards. The slots each row's scale ran with are an output (`capacity`), so the
+host can count what the compiled program executed.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class EvalStep:
         "iou": box_ops.iou_cxcywh(out.boxes, batch["box"][:, None, :]),  # [B, S]
         "taken": jnp.stack([t.sum(-1) for t in out.taken], axis=1).astype(jnp.int32),  # [B,S]
         "num_dropped": out.num_dropped.astype(jnp.int32),  # [B, S]
-        "capacity": out.capacity.astype(jnp.int32),  # [B, S] slots each scale ran with (the batch's bucket)
+        "capacity": out.capacity.astype(jnp.int32),  # [B, S] slots run (the row group's bucket)
         "text_len": batch["text_mask"].sum(-1).astype(jnp.int32),  # [B]
         "text_len_run": jnp.full((b,), text_tokens, jnp.int32),  # [B] padded, as run
         "valid": batch["valid"],  # [B]

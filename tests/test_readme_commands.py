@@ -109,6 +109,8 @@ COMMANDS: dict[str, object] = {
      "eval_dense.json"): Run(("--no-progress",)),
     "scanformer bench --latency --workdir runs/refcoco --steps 20": Run(
         ("--steps", "2", "--warmup", "1")),
+    "scanformer bench --throughput --workdir runs/refcoco --split validation": Run(
+        ("--steps", "1")),
     ('scanformer predict --workdir runs/demo --image photo.jpg --text "the red square" '
      "--out scan.png"): Parse(DEMO_RUN),
     ("scanformer predict --workdir runs/demo --input queries.jsonl --output preds.jsonl "

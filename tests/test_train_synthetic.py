@@ -113,7 +113,7 @@ def test_eval_exit_sweep_writes_the_curve(trained, tmp_path, capsys):
   for points in result["criteria"].values():
     for p in points:
       assert p["exit_scale_agreement"] == 1.0 and p["forced_exits"] == 0, p
-      assert sum(p["exit_histogram"]) == result["count"] == 24
+      assert sum(p["exit_histogram"]) == result["count"] == p["checked_samples"] == 24
       assert p["acc@0.5_exit_path"] == p["acc@0.5"] and p["samples_per_s"] > 0
   no_exit, oracle = result["no_exit"], result["oracle"]
   assert no_exit["mean_exit_scale"] == 1.0 and oracle["acc@0.5"] >= no_exit["acc@0.5"]
