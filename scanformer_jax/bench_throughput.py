@@ -29,9 +29,8 @@ MODES = ("dense", "bucketed", "grouped")
 def run_throughput(workdir: str, split: Optional[str] = None, steps: int = 7) -> dict:
   """The report (JSON-able) of dense / bucketed / grouped eval steps of `workdir`."""
   import jax  # pylint: disable=g-import-not-at-top
-  from data_pipelines.contract import DEVICE_KEYS  # pylint: disable=g-import-not-at-top
 
-  from scanformer_jax import (data_source, evaluate, sharding,  # pylint: disable=g-import-not-at-top
+  from scanformer_jax import (evaluate, sharding,  # pylint: disable=g-import-not-at-top
                               workdir as workdir_lib)
   from scanformer_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   from scanformer_jax.eval_step import EvalStep  # pylint: disable=g-import-not-at-top
@@ -42,11 +41,7 @@ def run_throughput(workdir: str, split: Optional[str] = None, steps: int = 7) ->
     raise UserError(f"{workdir} has no model.capacity_buckets: run `scanformer calibrate "
                     f"--workdir {workdir}` first")
   split = split or run.config.data.eval_splits[0]
-  batches = []
-  for batch in data_source.eval_batches(run.config, split, run.mesh):
-    batches.append(sharding.to_global({k: batch[k] for k in DEVICE_KEYS}, run.mesh))
-    if len(batches) == evaluate.TIMED_BATCHES:
-      break
+  batches = evaluate.first_device_batches(run.config, split, run.mesh)
   if not batches:
     raise UserError(f"split {split!r} has no samples; pass --split")
   configs = {"dense": (model, "dense"),
@@ -60,12 +55,9 @@ def run_throughput(workdir: str, split: Optional[str] = None, steps: int = 7) ->
         [step(run.params, batch) for batch in batches]))
     compile_s[mode] = time.perf_counter() - start
     steps_by_mode[mode] = step
-  times = {mode: [] for mode in MODES}
-  for _ in range(steps):
-    for mode in MODES:  # Alternate: background load hits every mode alike.
-      seconds, _ = evaluate.best_pass(
-          lambda step=steps_by_mode[mode]: [step(run.params, b) for b in batches], passes=1)
-      times[mode].append(seconds)
+  times, _ = evaluate.alternating_passes(
+      {mode: lambda step=steps_by_mode[mode]: [step(run.params, b) for b in batches]
+       for mode in MODES}, steps)
   rows = sum(int(np.asarray(b["valid"]).size) for b in outputs["dense"])
   valid_rows = sum(int(np.asarray(b["valid"]).sum()) for b in outputs["dense"])
   report_modes = {}

@@ -72,8 +72,8 @@ def cheapest_buckets(counts: np.ndarray, total: int, max_buckets: int = MAX_BUCK
   m buckets, the largest being candidate j.
   """
   counts = np.asarray(counts)
-  candidates = sorted({round_up(c, total, multiple) for c in range(total + 1)} | {total})
-  # Counts each candidate holds that the previous one does not, via a cumulative count.
+  candidates = sorted({round_up(c, total, multiple) for c in range(total + 1)})  # Ends at total.
+  # How many counts each candidate holds; the difference of two: those between them.
   at_most = np.array([(counts <= c).sum() for c in candidates], np.float64)  # [K]
   k = len(candidates)
   best = np.full((k, max_buckets + 1), np.inf)

@@ -17,8 +17,9 @@ analytic (`flops.py`) means per sample:
 
 from __future__ import annotations
 
+import itertools
 import time
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -98,6 +99,28 @@ def best_pass(run_batches, passes: int = 3) -> tuple[float, Any]:
     outs = jax.block_until_ready(run_batches())
     best = min(best, time.perf_counter() - start)
   return best, outs
+
+
+def alternating_passes(runs: Mapping[str, Callable[[], Any]], passes: int
+                       ) -> tuple[dict[str, list[float]], dict[str, Any]]:
+  """Times every `runs[name]()` `passes` times, the names in turn in each round, so
+  drift on a shared host hits them alike: (seconds per name, one per round; each
+  name's last result)."""
+  times: dict[str, list[float]] = {name: [] for name in runs}
+  last: dict[str, Any] = {}
+  for _ in range(passes):
+    for name, run in runs.items():
+      seconds, last[name] = best_pass(run, 1)
+      times[name].append(seconds)
+  return times, last
+
+
+def first_device_batches(config: ExperimentConfig, split: str, mesh: Mesh,
+                         count: int = TIMED_BATCHES) -> list[dict]:
+  """The split's first `count` eval batches (the device keys) on the device, in
+  `data_source.eval_batches` order: what the timings run on."""
+  batches = itertools.islice(data_source.eval_batches(config, split, mesh), count)
+  return [sharding_lib.to_global({k: b[k] for k in DEVICE_KEYS}, mesh) for b in batches]
 
 
 def collect(cfg: ModelConfig, params: Any, step: EvalStep, batches: Iterable[dict],

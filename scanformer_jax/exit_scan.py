@@ -238,15 +238,17 @@ class ExitScan:
     b = state.wanted.shape[0]
     if rows is None:
       ok = jnp.ones((b,), bool) if ok is None else ok
-      keep = lambda new, old: jnp.where(ok.reshape((b,) + (1,) * (new.ndim - 1)), new, old)  # noqa: E731
+      def keep(new, old):  # Rows not kept hold their old values.
+        return jnp.where(ok.reshape((b,) + (1,) * (new.ndim - 1)), new.astype(old.dtype), old)
       take = lambda x: x  # noqa: E731
-      put = lambda full, sub: full.at[:, s].set(keep(sub.astype(full.dtype), full[:, s]))  # noqa: E731
-      scatter = lambda full, sub: keep(sub.astype(full.dtype), full)  # noqa: E731
+      put = lambda full, sub: full.at[:, s].set(keep(sub, full[:, s]))  # noqa: E731
+      scatter = lambda full, sub: keep(sub, full)  # noqa: E731
     else:
       target = jnp.where(ok, rows, b)  # Scatters to row b are dropped.
       take = lambda x: jnp.take(x, rows, axis=0)  # noqa: E731
       put = lambda full, sub: full.at[target, s].set(sub, mode="drop")  # noqa: E731
-      scatter = lambda full, sub: full.at[target].set(sub.astype(full.dtype), mode="drop")  # noqa: E731
+      def scatter(full, sub):
+        return full.at[target].set(sub.astype(full.dtype), mode="drop")
     wanted = take(state.wanted) & ok[:, None]  # [C, N_s]
     scores = None if s == 0 else take(state.scores)
     sub_cache = jax.tree.map(take, state.cache)

@@ -17,10 +17,8 @@ measured samples/s; one line per criterion, the oracle and the no-exit point mar
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
-import time
 from typing import Any, Optional, Sequence
 
 import jax
@@ -28,7 +26,6 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from data_pipelines.contract import DEVICE_KEYS
 from scanformer_jax import data_source, early_exit, evaluate, sharding as sharding_lib
 from scanformer_jax.config import ExperimentConfig
 from scanformer_jax.errors import UserError
@@ -60,12 +57,12 @@ def usable_specs(config: ExperimentConfig, specs: Optional[Sequence[str]]
 
 
 def measure_exit_path(config: ExperimentConfig, params: Any, mesh: Mesh, shardings: Any,
-                      batches: list[dict], specs: Sequence[str], metrics: Any,
+                      device_batches: list[dict], specs: Sequence[str], metrics: Any,
                       paired: Sequence[str] = (), passes: int = 2,
                       progress: bool = True) -> tuple[dict[str, dict], float]:
   """({spec: measured facts} of the real exit path, plain sparse eval samples/s), both
-  timed the same way over `batches` (host batches, all put on the device; the first
-  batches of the split `metrics` holds): one compiled program for every criterion and
+  timed the same way over `device_batches` (the first batches of the split `metrics`
+  holds, `evaluate.first_device_batches`): one compiled program for every criterion and
   threshold (compiled before timing), the fastest of `passes` passes
   (`evaluate.best_pass`). The `paired` specs (the operating points) are timed
   `PAIRED_PASSES` times, each pass beside a pass of the no-exit path (`last_scale`):
@@ -74,8 +71,6 @@ def measure_exit_path(config: ExperimentConfig, params: Any, mesh: Mesh, shardin
   over a sweep, and two points doing identical work differed by 24 %).
   """
   cfg = config.model
-  device_batches = [sharding_lib.to_global({k: b[k] for k in DEVICE_KEYS}, mesh)
-                    for b in batches]
   count = sum(int(np.asarray(sharding_lib.fetch(b["valid"])).sum()) for b in device_batches)
   plain = EvalStep(cfg, mesh, shardings)
   seconds, _ = evaluate.best_pass(lambda: [plain(params, b) for b in device_batches], passes)
@@ -95,14 +90,14 @@ def measure_exit_path(config: ExperimentConfig, params: Any, mesh: Mesh, shardin
     criterion = early_exit.parse(spec)
     extra = {}
     if spec in paired:  # Alternate with the no-exit path: drift hits both alike.
-      seconds, ratios, base_best = float("inf"), [], float("inf")
-      for _ in range(PAIRED_PASSES):
-        base = evaluate.best_pass(lambda: run(no_exit), 1)[0]
-        once, outs = evaluate.best_pass(lambda c=criterion: run(c), 1)
-        seconds, base_best = min(seconds, once), min(base_best, base)
-        ratios.append(base / max(once, 1e-9))
+      times, last = evaluate.alternating_passes(
+          {"no_exit": lambda: run(no_exit), "point": lambda c=criterion: run(c)},
+          PAIRED_PASSES)
+      outs, seconds = last["point"], min(times["point"])
+      ratios = np.asarray(times["no_exit"]) / np.maximum(times["point"], 1e-9)
       extra = {"paired_speedup": float(np.median(ratios)), "paired_passes": PAIRED_PASSES,
-               "paired_no_exit_samples_per_s": float(count / max(base_best, 1e-9))}
+               "paired_no_exit_samples_per_s": float(count / max(min(times["no_exit"]),
+                                                                 1e-9))}
     else:
       seconds, outs = evaluate.best_pass(lambda c=criterion: run(c), passes)
     outs = [sharding_lib.fetch(o) for o in outs]
@@ -174,8 +169,7 @@ def run_sweep(config: ExperimentConfig, params: Any, mesh: Mesh, shardings: Any,
   plain_samples_per_s = None
   if measure:
     # The split's first batches again (the same order as `metrics`), for timing.
-    timed = list(itertools.islice(data_source.eval_batches(config, split, mesh),
-                                  evaluate.TIMED_BATCHES))
+    timed = evaluate.first_device_batches(config, split, mesh)
     paired = [p["criterion"] for p in _cheapest_points(no_exit, criteria).values()]
     measured, plain_samples_per_s = measure_exit_path(config, params, mesh, shardings,
                                                       timed, chosen, metrics, paired,

@@ -359,9 +359,9 @@ class ScanFormer(nn.Module):
 
   def scan_scale_inference(self, s: int, image: jax.Array, wanted: jax.Array,
                            scores: Optional[jax.Array], cache: KVCache) -> ScaleOutput:
-    """Scale s as the sparse inference scan runs it: `cfg.capacity_buckets` in
-    row groups of `cfg.capacity_group_rows` when set (scales >= 1), else `cfg.capacities[s]`
-    slots. Arguments as `scan_scale_sparse`."""
+    """Scale s as the sparse inference scan runs it: `cfg.capacity_buckets` in row
+    groups of `cfg.capacity_group_rows` when set (scales >= 1), else
+    `cfg.capacities[s]` slots. Arguments as `scan_scale_sparse`."""
     if self.cfg.capacity_buckets is None or s == 0:
       return self.scan_scale_sparse(s, image, wanted, scores, cache)
     return self._scan_scale_bucketed(s, image, wanted, scores, cache)
@@ -370,7 +370,8 @@ class ScanFormer(nn.Module):
                            scores: jax.Array, cache: KVCache) -> ScaleOutput:
     """`scan_scale_sparse` in capacity groups: the batch's rows sorted by wanted count
     and cut into G = ceil(B / cfg.capacity_group_rows) groups of R = ceil(B / G)
-    consecutive rows (`capacity_group_rows`), each run by `_scan_group_bucketed` with its own bucket.
+    consecutive rows (`capacity_group_rows`), each run by `_scan_group_bucketed` with
+    its own bucket.
 
     So rows that want few patches run a small bucket beside rows that want many: the
     batch pays about what its rows need. The groups are the steps of one `nn.scan`
