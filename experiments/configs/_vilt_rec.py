@@ -53,7 +53,7 @@ def vilt_rec_config(dataset: str, eval_splits: tuple, num_train_expressions: int
                           weight_decay=1e-4, grad_clip_norm=1.0),
       # init_from: directory written by `scanformer convert-vilt`, or "none" to train from
       # scratch; training refuses until one is passed (`--set train.init_from=...`). REG_s
-      # start from ViLT's pretrained image [CLS] (README, "Model details").
+      # start from ViLT's pretrained image [CLS] (experiments/guide.md, "Initialisation choices").
       train=C.TrainConfig(num_steps=steps, batch_size=BATCH, log_every=100,
                           init_from=C.INIT_FROM_REQUIRED, init_reg_from_vilt_cls=True),
       eval=C.EvalConfig(batch_size=128, every_steps=5000),
