@@ -1,5 +1,5 @@
-"""Every command in the ```bash blocks of README.md and experiments/README.md is either
-run here, offline, on tiny fixtures, or listed with the reason it cannot be.
+"""Every command in the ```bash blocks of README.md and the pages experiments/*.md is
+either run here, offline, on tiny fixtures, or listed with the reason it cannot be.
 
 A fixture stands in for each input the docs assume (the `refer` annotations and COCO
 images, a Hugging Face ViLT directory, `photo.jpg`) inside a temporary working
@@ -31,7 +31,10 @@ import data_fixtures
 import train_helpers
 
 ROOT = Path(train_helpers.ROOT)
-READMES = ("README.md", "experiments/README.md")
+# The top-level README first, then every page under experiments/ (a new page is
+# checked without being named here).
+READMES = ("README.md", *sorted(p.relative_to(ROOT).as_posix()
+                                for p in (ROOT / "experiments").glob("*.md")))
 # Shell variables of the multi-host commands, for parsing them.
 VARIABLES = {"$TPU": "tpu", "$ZONE": "zone", "$BUCKET": "bucket", "$USER": "user",
              "$N": "2", "$i": "0"}
@@ -67,6 +70,8 @@ REFCOCO_TRAIN = ("scanformer train --config experiments/configs/refcoco.py --wor
                  "runs/refcoco --set train.init_from=weights/vilt-b32")
 POD = "needs a Cloud TPU pod slice"
 DEMO_RUN = "needs the runs/demo workdir of `make demo`"
+DEMO_DATA = "needs the synthetic dataset `make demo` builds in runs/data"
+TOUR_RUN = "needs the runs/mine workdir of the README's tour"
 
 # In the order they run (a command runs once, however many READMEs show it).
 COMMANDS: dict[str, object] = {
@@ -113,6 +118,16 @@ COMMANDS: dict[str, object] = {
         ("--steps", "1")),
     ('scanformer predict --workdir runs/demo --image photo.jpg --text "the red square" '
      "--out scan.png"): Parse(DEMO_RUN),
+    # The README's tour: a second demo-sized run on the data `make demo` built.
+    "scanformer train --config experiments/configs/synthetic_tiny.py --workdir runs/mine": Parse(
+        DEMO_DATA + "; trains for minutes"),
+    "scanformer calibrate --workdir runs/mine --split validation": Parse(TOUR_RUN),
+    "scanformer eval --workdir runs/mine --split validation --json runs/mine/eval.json": Parse(
+        TOUR_RUN),
+    ('scanformer predict --workdir runs/mine --image runs/demo/predict_input.png --text '
+     '"the purple square" --out scan.png'): Parse(TOUR_RUN + " and the demo's input image"),
+    ("scanformer eval --workdir runs/mine --split validation --exit-sweep "
+     "runs/mine/exit_sweep"): Parse(TOUR_RUN),
     ("scanformer predict --workdir runs/demo --input queries.jsonl --output preds.jsonl "
      "[--out-dir scans/] [--batch-size 16]"): Parse(DEMO_RUN + "; tests/test_predict_jsonl.py "
                                                      "runs batch mode"),
@@ -336,3 +351,37 @@ def test_readme_commands_run(tmp_path, monkeypatch, capsys):
   assert (tmp_path / "runs" / "refcoco" / "eval.json").is_file()
   assert (tmp_path / "scan.png").is_file()
   assert sorted(os.listdir(tmp_path / "inspect"))
+
+
+# ----------------------------------------------------------------------------------
+# Links between the pages.
+
+
+def _slug(heading: str) -> str:
+  """GitHub's anchor for a heading: lower case, punctuation dropped, spaces -> '-'."""
+  return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+  text = re.sub(r"^ *```.*?^ *```", "", path.read_text(encoding="utf-8"), flags=re.S | re.M)
+  return {_slug(h) for h in re.findall(r"^#+ (.*)$", text, flags=re.M)}
+
+
+def test_every_link_between_pages_resolves():
+  """A relative link in a README or page names a file that exists, and its #anchor
+  a heading of that file."""
+  broken = []
+  for name in READMES:
+    page = ROOT / name
+    text = re.sub(r"^ *```.*?^ *```", "", page.read_text(encoding="utf-8"),
+                  flags=re.S | re.M)
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+      if re.match(r"[a-z]+://", target):
+        continue
+      file_part, _, anchor = target.partition("#")
+      linked = (page.parent / file_part).resolve() if file_part else page
+      if not linked.exists():
+        broken.append(f"{name}: {target} (no such file)")
+      elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked):
+        broken.append(f"{name}: {target} (no such heading)")
+  assert not broken, "broken links:\n" + "\n".join(broken)
