@@ -29,21 +29,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scanformer_jax import box_ops
+from scanformer_jax import box_ops, exit_heads
 
-# Keys of the eval step's per-sample outputs that a criterion may see (no `iou`:
-# that needs the ground truth).
-MODEL_OUTPUT_KEYS = ("boxes", "taken", "num_dropped", "text_len", "pred_iou", "halt_prob",
-                     "box_scale", "wanted_next")
-# The signals the exit heads provide: (the head, the ModelConfig switch that adds it).
-HEAD_SIGNALS = {"pred_iou": ("the IoU head", "iou_head"),
-                "halt_prob": ("the halting head", "halt_head"),
-                "box_scale": ("the uncertainty head", "uncertainty_head")}
+# Keys of the eval step's per-sample outputs that a criterion may see besides the exit
+# heads' signals (no `iou`: that needs the ground truth).
+MODEL_OUTPUT_KEYS = ("boxes", "taken", "num_dropped", "text_len", "wanted_next")
 
 
 def model_signals(cfg) -> tuple[str, ...]:
-  """The HEAD_SIGNALS keys a model with config `cfg` (a ModelConfig) outputs."""
-  return tuple(key for key, (_, switch) in HEAD_SIGNALS.items() if getattr(cfg, switch))
+  """The exit-head signal keys a model with config `cfg` (a ModelConfig) outputs."""
+  return exit_heads.signals(cfg)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,18 +47,26 @@ class ScaleSignals:
 
   boxes: [B, s+1, 4] cxcywh of scales 0..s; wanted_next: [B] fraction of scale
   s+1's patches the selection wants (0 at the last scale; None where the outputs
-  have no such row); pred_iou / halt_prob /
-  box_scale: [B, s+1] from the exit heads (None without the head; box_scale is the
-  mean predicted Laplace scale of the four coordinates); gt_box: [B, 4], given to
-  criteria with `uses_ground_truth` only.
+  have no such row); heads: the exit heads' signals of scales 0..s, [B, s+1] each,
+  read as attributes (`signals.halt_prob`; exit_heads.py registers them: pred_iou,
+  halt_prob, box_scale = the mean predicted Laplace scale of the four coordinates);
+  None when the model lacks the head; gt_box: [B, 4], given to criteria with
+  `uses_ground_truth` only.
   """
   scale: int
   boxes: object
   wanted_next: object
-  pred_iou: Optional[object] = None
-  halt_prob: Optional[object] = None
-  box_scale: Optional[object] = None
+  heads: Mapping[str, object] = dataclasses.field(default_factory=dict)
   gt_box: Optional[object] = None
+
+  def __getattr__(self, key: str):
+    if key.startswith("__"):
+      raise AttributeError(key)
+    heads = self.__dict__.get("heads", {})
+    if key in heads or exit_heads.providing(key) is not None:
+      return heads.get(key)
+    raise AttributeError(f"ScaleSignals has no signal {key!r}; exit heads give: "
+                         f"{', '.join(sorted(h for h in heads)) or 'none'}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +74,7 @@ class ExitCriterion:
   """Base class: a registered name, an optional `threshold`, and `stop`."""
   threshold: Optional[float] = None
   name: ClassVar[str] = ""
-  needs: ClassVar[tuple[str, ...]] = ()          # Keys of HEAD_SIGNALS it reads.
+  needs: ClassVar[tuple[str, ...]] = ()          # Signals beyond the boxes it reads.
   grid: ClassVar[tuple[float, ...]] = ()         # Thresholds a sweep tries.
   uses_ground_truth: ClassVar[bool] = False      # Only the oracle.
 
@@ -124,33 +127,25 @@ def signals_at(outputs: Mapping[str, np.ndarray], s: int,
   """
   for key in getattr(criterion, "needs", ()):
     if outputs.get(key) is None:
-      if key in HEAD_SIGNALS:
-        head, switch = HEAD_SIGNALS[key]
-        raise ValueError(f"{criterion.name} needs {head}: train the model with "
-                         f"model.{switch}=true")
+      head = exit_heads.providing(key)
+      if head is not None:
+        raise ValueError(f"{criterion.name} needs the {head.name!r} exit head ({key}): train "
+                         f"the model with model.exit_heads including {head.name!r}")
       raise ValueError(f"{criterion.name} needs the {key} output of the eval step")
   if getattr(criterion, "uses_ground_truth", False) and gt_box is None:
     raise ValueError(f"{criterion.name} needs the ground-truth boxes")
   boxes = np.asarray(outputs["boxes"])
-  head = lambda key: None if outputs.get(key) is None else np.asarray(outputs[key])[:, :s + 1]  # noqa: E731
   wanted_next = None if outputs.get("wanted_next") is None else np.asarray(
       outputs["wanted_next"])[:, s]
-  return ScaleSignals(scale=s, boxes=boxes[:, :s + 1], wanted_next=wanted_next,
-                      pred_iou=head("pred_iou"), halt_prob=head("halt_prob"),
-                      box_scale=head("box_scale"), gt_box=gt_box)
+  heads = {key: np.asarray(outputs[key])[:, :s + 1] for key in signal_keys(outputs)}
+  return ScaleSignals(scale=s, boxes=boxes[:, :s + 1], wanted_next=wanted_next, heads=heads,
+                      gt_box=gt_box)
 
 
-def head_signals(pred_iou=None, halt_logit=None, box_log_scale=None) -> dict:
-  """The exit heads' outputs [B, ...] as criterion signals (jax.numpy, jit or host):
-  pred_iou as is, halt_prob = sigmoid(halt_logit), box_scale = mean_c exp(log_scale)."""
-  signals = {}
-  if pred_iou is not None:
-    signals["pred_iou"] = pred_iou
-  if halt_logit is not None:
-    signals["halt_prob"] = jax.nn.sigmoid(halt_logit)
-  if box_log_scale is not None:
-    signals["box_scale"] = jnp.exp(box_log_scale).mean(-1)
-  return signals
+def signal_keys(outputs: Mapping[str, object]) -> list[str]:
+  """The registered exit-head signals present in `outputs`."""
+  return [key for key in outputs
+          if outputs.get(key) is not None and exit_heads.providing(key) is not None]
 
 
 # name -> the criterion class (`cls.from_arg(argument after ":" or None)` builds it).
@@ -175,7 +170,7 @@ def names() -> list[str]:
 
 
 def parse(spec: str):
-  """`"iou_head:0.7"` -> `IouHeadThreshold(0.7)`; ValueError names the known criteria."""
+  """`"iou_head:0.7"` -> `IouHeadCriterion(0.7)`; ValueError names the known criteria."""
   name, sep, arg = spec.strip().partition(":")
   if name not in _REGISTRY:
     raise ValueError(f"unknown exit criterion {name!r}; known: {', '.join(names())}")
@@ -184,7 +179,8 @@ def parse(spec: str):
 
 def model_outputs(rows: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   """The part of per-sample eval rows a criterion may see (drops the true `iou`)."""
-  return {k: rows[k] for k in MODEL_OUTPUT_KEYS if k in rows}
+  keys = list(MODEL_OUTPUT_KEYS) + signal_keys(rows)
+  return {k: rows[k] for k in keys if k in rows}
 
 
 def sweep_specs(criteria: Optional[list[str]] = None) -> list[str]:
@@ -201,7 +197,7 @@ def sweep_specs(criteria: Optional[list[str]] = None) -> list[str]:
 # ------------------------------------------------------------------ the criteria
 @register("last_scale")
 @dataclasses.dataclass(frozen=True)
-class LastScale(ExitCriterion):
+class LastScaleCriterion(ExitCriterion):
   """No early exit: always the finest scale."""
 
   def stop(self, signals):
@@ -210,7 +206,7 @@ class LastScale(ExitCriterion):
 
 @register("oracle")
 @dataclasses.dataclass(frozen=True)
-class Oracle(ExitCriterion):
+class OracleCriterion(ExitCriterion):
   """The first scale whose box has IoU >= threshold with the ground truth (default
   0.5): the upper bound, not a usable criterion (it reads the answer)."""
   threshold: Optional[float] = 0.5
@@ -224,7 +220,7 @@ class Oracle(ExitCriterion):
 
 @register("iou_head")
 @dataclasses.dataclass(frozen=True)
-class IouHeadThreshold(ExitCriterion):
+class IouHeadCriterion(ExitCriterion):
   """Stop when the IoU head predicts at least `threshold` for this scale's box."""
   needs: ClassVar[tuple[str, ...]] = ("pred_iou",)
   grid: ClassVar[tuple[float, ...]] = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -235,7 +231,7 @@ class IouHeadThreshold(ExitCriterion):
 
 @register("box_stability")
 @dataclasses.dataclass(frozen=True)
-class BoxStability(ExitCriterion):
+class BoxStabilityCriterion(ExitCriterion):
   """Stop when this scale's box overlaps the previous scale's with IoU >= threshold
   (never at scale 0: there is nothing to compare with)."""
   grid: ClassVar[tuple[float, ...]] = (0.7, 0.8, 0.85, 0.9, 0.95)
@@ -249,7 +245,7 @@ class BoxStability(ExitCriterion):
 
 @register("selection_mass")
 @dataclasses.dataclass(frozen=True)
-class SelectionMass(ExitCriterion):
+class SelectionMassCriterion(ExitCriterion):
   """Stop when the scan wants at most `threshold` of the next scale's patches: the
   model itself says there is little left to look at."""
   grid: ClassVar[tuple[float, ...]] = (0.05, 0.1, 0.2, 0.3, 0.4)
@@ -262,9 +258,9 @@ class SelectionMass(ExitCriterion):
 
 @register("halt_head")
 @dataclasses.dataclass(frozen=True)
-class HaltHead(ExitCriterion):
+class HaltHeadCriterion(ExitCriterion):
   """Stop when the halting head's probability that this box is correct (IoU >= 0.5)
-  reaches `threshold` (needs model.halt_head)."""
+  reaches `threshold` (needs the "halt" exit head)."""
   needs: ClassVar[tuple[str, ...]] = ("halt_prob",)
   grid: ClassVar[tuple[float, ...]] = (0.5, 0.7, 0.8, 0.9, 0.95)
 
@@ -274,9 +270,9 @@ class HaltHead(ExitCriterion):
 
 @register("box_uncertainty")
 @dataclasses.dataclass(frozen=True)
-class BoxUncertainty(ExitCriterion):
+class BoxUncertaintyCriterion(ExitCriterion):
   """Stop when the predicted Laplace scale of the box coordinates (mean of four, in
-  image fractions) is at most `threshold` (needs model.uncertainty_head)."""
+  image fractions) is at most `threshold` (needs the "uncertainty" exit head)."""
   needs: ClassVar[tuple[str, ...]] = ("box_scale",)
   grid: ClassVar[tuple[float, ...]] = (0.01, 0.02, 0.03, 0.05, 0.08)
 

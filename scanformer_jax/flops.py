@@ -46,7 +46,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from scanformer_jax import exit_heads
 from scanformer_jax.config import ModelConfig
+
 
 def _layer_flops(cfg: ModelConfig, tokens, keys):
   """One transformer layer on `tokens` queries attending to `keys` keys."""
@@ -57,11 +59,9 @@ def _layer_flops(cfg: ModelConfig, tokens, keys):
 
 
 def _head_flops(cfg: ModelConfig) -> float:
-  """Box (and IoU) head MLPs on one REG token."""
-  d = cfg.hidden_size
-  box = 2.0 * d * d * (cfg.box_head_layers - 1) + 2.0 * d * 4
-  iou = (2.0 * d * d + 2.0 * d) if cfg.iou_head else 0.0
-  return box + iou
+  """Box and exit head MLPs on one REG token."""
+  box = exit_heads.mlp_flops(cfg, cfg.box_head_layers, 4)
+  return box + sum(exit_heads.get(name).flops(cfg) for name in cfg.exit_heads)
 
 
 def forward_flops(cfg: ModelConfig, text_len, tokens_per_scale: Sequence,

@@ -1,5 +1,5 @@
-"""Prediction heads: patch selection (after Encoder1), box and the early-exit heads
-(IoU, halting, box uncertainty) on REG tokens."""
+"""Prediction heads: patch selection (after Encoder1) and the box on REG tokens.
+The early-exit heads are registry entries (exit_heads.py)."""
 
 from __future__ import annotations
 
@@ -49,36 +49,3 @@ class BoxHead(nn.Module):
   def __call__(self, reg: jax.Array) -> jax.Array:
     """reg: [B, D] -> [B, 4]."""
     return jax.nn.sigmoid(HeadMlp(self.cfg, self.cfg.box_head_layers, 4, name="mlp")(reg))
-
-
-class IouHead(nn.Module):
-  """REG feature -> predicted IoU of this scale's box (an early-exit signal)."""
-
-  cfg: ModelConfig
-
-  @nn.compact
-  def __call__(self, reg: jax.Array) -> jax.Array:
-    """reg: [B, D] -> [B]."""
-    return jax.nn.sigmoid(HeadMlp(self.cfg, 2, 1, name="mlp")(reg)[..., 0])
-
-
-class HaltHead(nn.Module):
-  """REG feature -> logit of "this scale's box is already correct" (IoU >= 0.5)."""
-
-  cfg: ModelConfig
-
-  @nn.compact
-  def __call__(self, reg: jax.Array) -> jax.Array:
-    """reg: [B, D] -> [B] float32 logit."""
-    return HeadMlp(self.cfg, 2, 1, name="mlp")(reg)[..., 0]
-
-
-class BoxUncertaintyHead(nn.Module):
-  """REG feature -> log of a Laplace scale per box coordinate (trained by its NLL)."""
-
-  cfg: ModelConfig
-
-  @nn.compact
-  def __call__(self, reg: jax.Array) -> jax.Array:
-    """reg: [B, D] -> [B, 4] float32 log-scales, clipped to a sane range."""
-    return jnp.clip(HeadMlp(self.cfg, 2, 4, name="mlp")(reg), -10.0, 5.0)

@@ -2,9 +2,7 @@
 
     total = sum_s w_s * (l1_weight * L1_s + giou_weight * (1 - GIoU_s))
           + ratio_weight * sum_{s>=1} mean_b (keep_{s,b} - target_ratio[s])^2
-          + iou_weight * sum_s mean_b |pred_iou_s - stop_gradient(IoU_s)|   (IoU head)
-          + halt_weight * sum_s mean_b BCE(halt_s, IoU_s >= 0.5)              (halting head)
-          + uncertainty_weight * sum_s mean_b Laplace NLL(sg(box_s); gt, b_s) (uncertainty)
+          + sum_heads weight_h * loss_h          (each exit head's term, exit_heads.py)
           + select_weight * sum_s mean_b BCE(logits_s, patch overlaps gt)   (optional)
 
 Box terms average over valid samples only (rows with `valid=False` weigh nothing).
@@ -22,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from scanformer_jax import box_ops
+from scanformer_jax import box_ops, exit_heads
 from scanformer_jax.config import LossConfig
 
 
@@ -100,45 +98,15 @@ def selection_losses(logits: Sequence[jax.Array], taken: Sequence[jax.Array], gt
   return out
 
 
-def halt_loss(halt_logit: jax.Array, iou: jax.Array, valid: jax.Array,
-              correct_iou: float = 0.5) -> jax.Array:
-  """sum_s mean_b BCE(halt_logit[b, s], IoU[b, s] >= correct_iou); [B, S] each.
-
-  The target is "this scale's box is already correct", the question a halting
-  criterion asks (no gradient reaches the boxes through it).
-  """
-  chex.assert_equal_shape([halt_logit, iou])
-  target = jax.lax.stop_gradient((iou >= correct_iou).astype(jnp.float32))
-  bce = optax.sigmoid_binary_cross_entropy(halt_logit.astype(jnp.float32), target)  # [B, S]
-  weight = valid.astype(jnp.float32)
-  return sum(_masked_mean(bce[:, s], weight) for s in range(iou.shape[1]))
-
-
-def laplace_nll(boxes: jax.Array, log_scale: jax.Array, gt: jax.Array,
-                valid: jax.Array) -> jax.Array:
-  """sum_s mean_b sum_c [log(2 b) + |box - gt| / b], b = exp(log_scale) [B, S, 4].
-
-  The boxes are stop-gradient: the head learns how wrong the box head is, the box
-  head is trained by its own losses only.
-  """
-  chex.assert_equal_shape([boxes, log_scale])
-  err = jnp.abs(jax.lax.stop_gradient(boxes.astype(jnp.float32))
-                - gt[:, None, :].astype(jnp.float32))  # [B, S, 4]
-  log_scale = log_scale.astype(jnp.float32)
-  nll = (jnp.log(2.0) + log_scale + err * jnp.exp(-log_scale)).sum(-1)  # [B, S]
-  weight = valid.astype(jnp.float32)
-  return sum(_masked_mean(nll[:, s], weight) for s in range(boxes.shape[1]))
-
-
 def scanformer_loss(out: Any, gt_box: jax.Array, valid: jax.Array, cfg: LossConfig
                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The training loss of one batch and its named terms (all scalars).
 
-  `out` is the model output (boxes, taken, pred_iou). Terms: `l1`, `giou` (summed
+  `out` is the model output (boxes, taken, exit heads). Terms: `l1`, `giou` (summed
   over scales with w_s, unweighted by l1/giou weights), `l1_s{k}`, `giou_s{k}`,
-  `ratio`, `iou_head` / `halt_head` / `uncertainty_head` (when the model has the
-  head), `keep_s{k}` (mean keep ratio, a metric) and `iou_s{k}` (mean IoU with the
-  ground truth, a metric).
+  `ratio`, `exit_<name>` per exit head (its registry entry's loss, weighted by
+  `loss.exit_head_weights` or the entry's weight), `keep_s{k}` (mean keep ratio, a
+  metric) and `iou_s{k}` (mean IoU with the ground truth, a metric).
   """
   boxes = out.boxes  # [B, S, 4]
   num_scales = boxes.shape[1]
@@ -157,21 +125,13 @@ def scanformer_loss(out: Any, gt_box: jax.Array, valid: jax.Array, cfg: LossConf
     terms["select"] = sum(per_scale)
     terms.update({f"select_s{s}": v for s, v in enumerate(per_scale)})
     total = total + cfg.select_weight * terms["select"]
-  pred_iou = getattr(out, "pred_iou", None)
-  if pred_iou is not None:
-    chex.assert_equal_shape([pred_iou, iou])
-    err = jnp.abs(pred_iou.astype(jnp.float32) - jax.lax.stop_gradient(iou))  # [B, S]
-    weight = valid.astype(jnp.float32)
-    terms["iou_head"] = sum(_masked_mean(err[:, s], weight) for s in range(num_scales))
-    total = total + cfg.iou_weight * terms["iou_head"]
-  halt_logit = getattr(out, "halt_logit", None)
-  if halt_logit is not None:
-    terms["halt_head"] = halt_loss(halt_logit, iou, valid)
-    total = total + cfg.halt_weight * terms["halt_head"]
-  box_log_scale = getattr(out, "box_log_scale", None)
-  if box_log_scale is not None:
-    terms["uncertainty_head"] = laplace_nll(boxes, box_log_scale, gt_box, valid)
-    total = total + cfg.uncertainty_weight * terms["uncertainty_head"]
+  targets = exit_heads.HeadTargets(boxes=boxes.astype(jnp.float32), iou=iou,
+                                   gt_box=gt_box.astype(jnp.float32), valid=valid)
+  for name, raw in getattr(out, "exit_heads", {}).items():  # One term per exit head.
+    head = exit_heads.get(name)
+    chex.assert_shape(raw, iou.shape + raw.shape[2:])
+    terms[f"exit_{name}"] = head.loss(raw, targets)
+    total = total + cfg.exit_head_weight(name, head.weight) * terms[f"exit_{name}"]
   weight = valid.astype(jnp.float32)
   for s in range(num_scales):
     terms[f"l1_s{s}"] = l1[s]

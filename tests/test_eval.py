@@ -98,7 +98,7 @@ def test_blanked_expressions_keep_cls_and_sep(rigged):
 
 
 def test_iou_head_threshold_exit():
-  criterion = early_exit.IouHeadThreshold(0.5)
+  criterion = early_exit.IouHeadCriterion(0.5)
   outputs = {"boxes": np.zeros((3, 3, 4)),
              "pred_iou": np.array([[0.7, 0.9, 0.9], [0.1, 0.6, 0.2], [0.1, 0.2, 0.3]])}
   np.testing.assert_array_equal(criterion.exit_scale(outputs), [0, 1, 2])
@@ -122,7 +122,7 @@ def test_a_retrace_is_caught(rigged):
 
 
 def test_criteria_registry_parses_names():
-  assert early_exit.parse("iou_head:0.7") == early_exit.IouHeadThreshold(0.7)
+  assert early_exit.parse("iou_head:0.7") == early_exit.IouHeadCriterion(0.7)
   assert early_exit.parse("last_scale") == early_exit.LastScale()
   assert {"iou_head", "last_scale"} <= set(early_exit.names())
   assert early_exit.parse("iou_head:0.7").spec == "iou_head:0.7"
@@ -156,14 +156,14 @@ def test_criteria_never_see_the_true_iou(rigged):
 
 def test_exit_criterion_config_is_checked_against_the_model(rigged):
   config, cfg, *_ = rigged
-  assert not cfg.iou_head
+  assert not cfg.exit_heads
   ok = config.replace(eval=EvalConfig(exit_criterion="last_scale"))
-  assert evaluate.exit_criterion(ok) == early_exit.LastScale()
+  assert evaluate.exit_criterion(ok) == early_exit.LastScaleCriterion()
   no_head = config.replace(eval=EvalConfig(exit_criterion="iou_head:0.8"))
-  with pytest.raises(UserError, match="IoU head"):
+  with pytest.raises(UserError, match="'iou' exit head"):
     evaluate.exit_criterion(no_head)
-  with_head = no_head.replace(model=cfg.replace(iou_head=True))
-  assert evaluate.exit_criterion(with_head) == early_exit.IouHeadThreshold(0.8)
+  with_head = no_head.replace(model=cfg.replace(exit_heads=("iou",)))
+  assert evaluate.exit_criterion(with_head) == early_exit.IouHeadCriterion(0.8)
 
 
 def test_a_new_criterion_is_one_registered_class():

@@ -1,6 +1,6 @@
 """Exit heads (IoU, halting, box uncertainty): they learn without changing the
 grounding model, their losses are what they claim, and a fork's new criterion is
-one registered class that runs on the host and under jit (issue 13)."""
+one registered class that runs on the host and under jit."""
 
 import dataclasses
 
@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 import fake_data
-from scanformer_jax import early_exit, losses, train_state
+from scanformer_jax import early_exit, exit_heads, losses, train_state
 from scanformer_jax.config import LossConfig, ModelConfig
 from scanformer_jax.model import ScanFormer
 
 BASE = ModelConfig.tiny(hidden_size=32, num_heads=2, mlp_dim=64, num_layers=2,
                         encoder1_layers=1)
-HEADS = dict(iou_head=True, halt_head=True, uncertainty_head=True)
+HEADS = dict(exit_heads=("iou", "halt", "uncertainty"))
 
 
 def _batch(n: int = 4) -> dict:
@@ -48,18 +48,19 @@ def test_exit_heads_do_not_change_the_grounding_model(grads):
   """Same init for every shared parameter, and the same gradient for each of them:
   the heads read stop_gradient(REG) and their losses reach only their own weights."""
   batch, plain, with_heads, ((_, terms0), g0) = grads
-  assert set(with_heads) - set(plain) == {"iou_head", "halt_head", "uncertainty_head"}
+  assert set(with_heads) - set(plain) == {"exit_heads"}
+  assert set(with_heads["exit_heads"]) == {"iou", "halt", "uncertainty"}
   for name in plain:
     jax.tree.map(np.testing.assert_array_equal, plain[name], with_heads[name])
   (_, terms1), g1 = _loss_and_grads(BASE.replace(**HEADS), with_heads, batch)
-  assert {"iou_head", "halt_head", "uncertainty_head"} <= set(terms1)
+  assert {"exit_iou", "exit_halt", "exit_uncertainty"} <= set(terms1)
   for key in ("l1", "giou", "ratio"):
     np.testing.assert_allclose(terms1[key], terms0[key], rtol=1e-6)
   for name in plain:
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                  g0[name], g1[name])
-  for head in ("iou_head", "halt_head", "uncertainty_head"):
-    assert any(np.abs(x).max() > 0 for x in jax.tree.leaves(g1[head])), head
+  for head in ("iou", "halt", "uncertainty"):
+    assert any(np.abs(x).max() > 0 for x in jax.tree.leaves(g1["exit_heads"][head])), head
 
 
 def test_without_the_stop_gradient_the_heads_train_the_backbone(grads):
@@ -68,7 +69,7 @@ def test_without_the_stop_gradient_the_heads_train_the_backbone(grads):
   _, g1 = _loss_and_grads(BASE.replace(exit_heads_stop_gradient=False, **HEADS), with_heads,
                           batch)
   diff = max(float(np.abs(a - b).max()) for a, b in zip(
-      jax.tree.leaves(g0["layers_0"]), jax.tree.leaves(g1["layers_0"])))
+      jax.tree.leaves(g0["backbone"]["layers_0"]), jax.tree.leaves(g1["backbone"]["layers_0"])))
   assert diff > 1e-6
 
 
@@ -76,11 +77,13 @@ def test_halt_loss_targets_correct_boxes():
   iou = jnp.array([[0.2, 0.6], [0.5, 0.49]])
   valid = jnp.array([True, True])
   right = jnp.where(iou >= 0.5, 20.0, -20.0)  # Confident and right: ~0 loss.
-  assert float(losses.halt_loss(right, iou, valid)) < 1e-6
-  assert float(losses.halt_loss(-right, iou, valid)) > 30  # Confident and wrong.
+  halt_loss = lambda logit, iou, valid: exit_heads.halt_bce_loss(  # noqa: E731
+      logit, exit_heads.HeadTargets(boxes=jnp.zeros(iou.shape + (4,)), iou=iou,
+                                    gt_box=jnp.zeros((iou.shape[0], 4)), valid=valid))
+  assert float(halt_loss(right, iou, valid)) < 1e-6
+  assert float(halt_loss(-right, iou, valid)) > 30  # Confident and wrong.
   # Padding rows weigh nothing.
-  assert float(losses.halt_loss(right.at[1].set(-right[1]), iou,
-                                jnp.array([True, False]))) < 1e-6
+  assert float(halt_loss(right.at[1].set(-right[1]), iou, jnp.array([True, False]))) < 1e-6
 
 
 def test_laplace_nll_is_smallest_at_the_true_error():
@@ -89,14 +92,17 @@ def test_laplace_nll_is_smallest_at_the_true_error():
   gt = jnp.array([[0.55, 0.4, 0.25, 0.3]])  # Every coordinate off.
   err = jnp.abs(boxes[0, 0] - gt[0])  # [4]
   valid = jnp.array([True])
-  nll = lambda log_b: losses.laplace_nll(boxes, log_b, gt, valid)  # noqa: E731
+  def laplace_nll(boxes, log_b, gt, valid):
+    return exit_heads.laplace_nll_loss(log_b, exit_heads.HeadTargets(
+        boxes=boxes, iou=jnp.zeros(boxes.shape[:2]), gt_box=gt, valid=valid))
+  nll = lambda log_b: laplace_nll(boxes, log_b, gt, valid)  # noqa: E731
   at_err = jnp.log(err)[None, None]
   grad = jax.grad(nll)(at_err)
   np.testing.assert_allclose(grad, 0.0, atol=1e-5)
   assert float(nll(at_err + 0.5)) > float(nll(at_err))
   assert float(nll(at_err - 0.5)) > float(nll(at_err))
   # No gradient reaches the boxes.
-  g_boxes = jax.grad(lambda b: losses.laplace_nll(b, at_err, gt, valid))(boxes)
+  g_boxes = jax.grad(lambda b: laplace_nll(b, at_err, gt, valid))(boxes)
   assert float(jnp.abs(g_boxes).max()) == 0.0
 
 

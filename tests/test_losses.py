@@ -14,7 +14,7 @@ from scanformer_jax.config import LossConfig
 def _out(boxes, taken, pred_iou=None):
   return types.SimpleNamespace(boxes=jnp.asarray(boxes, jnp.float32),
                                taken=tuple(jnp.asarray(t, jnp.float32) for t in taken),
-                               pred_iou=pred_iou)
+                               exit_heads={} if pred_iou is None else {"iou": pred_iou})
 
 
 def test_terms_by_hand():
@@ -46,11 +46,11 @@ def test_padding_rows_are_ignored():
 
 def test_iou_head_term_is_trained_against_stop_gradient_iou():
   gt = jnp.array([[0.5, 0.5, 0.2, 0.2]])
-  cfg = LossConfig(target_ratio=(1.0,), iou_weight=1.0)
+  cfg = LossConfig(target_ratio=(1.0,), exit_head_weights=(("iou", 1.0),))
 
   def loss(boxes, pred_iou):
     out = _out(boxes, [np.ones((1, 4))], pred_iou)
-    return losses.scanformer_loss(out, gt, jnp.ones(1, bool), cfg)[1]["iou_head"]
+    return losses.scanformer_loss(out, gt, jnp.ones(1, bool), cfg)[1]["exit_iou"]
 
   boxes = jnp.array([[[0.55, 0.5, 0.2, 0.2]]])
   g_boxes, g_pred = jax.grad(loss, argnums=(0, 1))(boxes, jnp.array([[0.9]]))
