@@ -15,12 +15,10 @@ from typing import Any, Optional
 
 import chex
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from scanformer_jax import box_ops, early_exit, sharding as sharding_lib
+from scanformer_jax import forward, sharding as sharding_lib
 from scanformer_jax.config import ModelConfig
-from scanformer_jax.model import ScanFormer
 
 
 class EvalStep:
@@ -34,7 +32,6 @@ class EvalStep:
                max_traces: Optional[int] = None, mode: str = "sparse"):
     self.cfg = cfg
     self.mode = mode
-    self._model = ScanFormer(cfg)
     batch_sh = sharding_lib.batch_sharding(mesh)
     step = sharding_lib.per_device(self._step, mesh, replicated_args=(0,))
     step = step if max_traces is None else chex.assert_max_traces(step, max_traces)
@@ -42,29 +39,7 @@ class EvalStep:
                            out_shardings=batch_sh)
 
   def _step(self, params, batch) -> dict[str, jax.Array]:
-    cfg = self.cfg
-    out = self._model.apply({"params": params}, batch["image"], batch["text_ids"],
-                            batch["text_mask"], mode=self.mode)
-    b, text_tokens = batch["text_ids"].shape
-    chex.assert_shape(out.boxes, (b, cfg.num_scales, 4))
-    result = {
-        "boxes": out.boxes,  # [B, S, 4]
-        "iou": box_ops.iou_cxcywh(out.boxes, batch["box"][:, None, :]),  # [B, S]
-        "taken": jnp.stack([t.sum(-1) for t in out.taken], axis=1).astype(jnp.int32),  # [B,S]
-        "num_dropped": out.num_dropped.astype(jnp.int32),  # [B, S]
-        "capacity": out.capacity.astype(jnp.int32),  # [B, S] slots run (the row group's bucket)
-        "text_len": batch["text_mask"].sum(-1).astype(jnp.int32),  # [B]
-        "text_len_run": jnp.full((b,), text_tokens, jnp.int32),  # [B] padded, as run
-        "valid": batch["valid"],  # [B]
-    }
-    taken = result["taken"] + result["num_dropped"]  # [B, S] wanted patches per scale
-    fractions = [taken[:, s + 1] / n for s, n in enumerate(cfg.num_patches[1:])]
-    # [B, S]: the fraction of scale s+1's patches the selection after s wants (0 last).
-    result["wanted_next"] = jnp.stack(fractions + [jnp.zeros((b,))], axis=1)
-    result["gt_box"] = batch["box"]  # [B, 4], for the oracle only
-    # pred_iou / halt_prob / box_scale [B, S] when the model has the exit head.
-    result.update(early_exit.head_signals(out.pred_iou, out.halt_logit, out.box_log_scale))
-    return result
+    return forward.rows(self.cfg, params, batch, self.mode)
 
   def __call__(self, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return self._jitted(params, batch)

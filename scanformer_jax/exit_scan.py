@@ -14,9 +14,10 @@ size for scale s+1:
   - overflow: if the largest size is below 1 and more samples are still scanning,
     the extra ones (highest batch rows first) stop at scale s-1; they are counted as
     `forced`, never silent.
-The still-scanning rows are gathered (images, wanted patches, KV cache rows), scanned
-by the model's own sparse step (`ScanFormer.scan_scale_inference`, capacity buckets
-included), and their results scattered back to the full batch. A sample's answer at
+The scan is the library's one loop (`scan.scan`) with `ExitPolicy`, which owns only
+the compaction: the still-scanning rows are gathered (images, wanted patches, KV cache
+rows), scanned by the model's own sparse step (`ScanFormer.scan_scale_inference`,
+capacity buckets included), and their results scattered back to the full batch. A sample's answer at
 its exit scale k is the full scan's scale-k output (tests/test_exit_scan.py): the scan
 is causal, and every per-sample quantity depends on that sample's rows only.
 
@@ -28,9 +29,10 @@ devices.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import chex
 import flax.struct
@@ -38,7 +40,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from scanformer_jax import box_ops, early_exit, selection, sharding as sharding_lib
+from scanformer_jax import box_ops, early_exit, exit_heads, selection, sharding as sharding_lib
+from scanformer_jax import scan as scan_lib
 from scanformer_jax.config import ModelConfig
 from scanformer_jax.kv_cache import KVCache
 from scanformer_jax.layers import NEG_INF
@@ -54,16 +57,31 @@ def sub_batch_sizes(batch: int, fractions: Sequence[float]) -> tuple[int, ...]:
 
 @flax.struct.dataclass
 class _State:
-  """Full-batch state between scales ([B, ...] rows; rows not scanned stay as they are)."""
-  cache: KVCache
+  """Between scales: what the next scale wants and who is still scanning ([B] rows)."""
   wanted: jax.Array       # [B, N_s] bool, the patches scale s wants
   scores: jax.Array       # [B, N_s] float32, their priorities
-  boxes: jax.Array        # [B, S, 4]
-  signals: dict           # early_exit.model_signals(cfg) -> [B, S]
-  wanted_next: jax.Array  # [B, S] float32
-  taken: jax.Array        # [B, S] int32
-  num_dropped: jax.Array  # [B, S] int32
-  capacity: jax.Array     # [B, S] int32, patch slots each scale ran with (0: not run)
+  active: jax.Array       # [B] bool, still scanning
+  exit_scale: jax.Array   # [B] int32
+  forced: jax.Array       # [B] bool, stopped by overflow
+  boxes: jax.Array        # [B, S, 4] of the scales run so far (criteria read them)
+  signals: dict           # signal key -> [B, S]
+
+
+@flax.struct.dataclass
+class _ScaleRows:
+  """One scale's results on the full batch; rows that did not run hold 0 (key bias
+  NEG_INF in `kv`)."""
+  kv: Optional[KVCache]         # the block for the cache (None at the last scale)
+  boxes: jax.Array              # [B, 4]
+  signals: dict                 # signal key -> [B]
+  taken: jax.Array              # [B] int32
+  num_dropped: jax.Array        # [B] int32
+  capacity: jax.Array           # [B] int32, patch slots run (0: not run)
+  wanted_next: jax.Array        # [B] float32, fraction of scale s+1 wanted
+  next_wanted: Optional[jax.Array]  # [B, N_{s+1}] bool (None at the last scale)
+  next_scores: Optional[jax.Array]  # [B, N_{s+1}] float32
+  ran: jax.Array                # [B] bool
+  rows_run: jax.Array           # [] int32, the sub-batch size this scale ran with
 
 
 def _stop(criterion: early_exit.ExitCriterion, signals: early_exit.ScaleSignals,
@@ -128,107 +146,128 @@ class ExitScan:
     `text_len_run` and `valid`."""
     cfg = self.cfg
     apply = functools.partial(self._model.apply, {"params": params})
-    which, threshold = choice
-    uses_ground_truth = any(c.uses_ground_truth for c in self.criteria)
     b, text_tokens = batch["text_ids"].shape
-    num_scales = cfg.num_scales
-    valid = batch["valid"].astype(bool)  # [B]
     images = build_pyramid(batch["image"].astype(jnp.float32), cfg.image_sizes)
-    zeros = lambda dtype=jnp.int32: jnp.zeros((b, num_scales), dtype)  # noqa: E731
-    state = _State(
-        cache=apply(batch["text_ids"], batch["text_mask"], method=ScanFormer.encode_text),
-        wanted=jnp.ones((b, cfg.num_patches[0]), bool),
-        scores=jnp.zeros((b, cfg.num_patches[0]), jnp.float32),
-        boxes=jnp.zeros((b, num_scales, 4), jnp.float32),
-        signals={k: zeros(jnp.float32) for k in early_exit.model_signals(cfg)},
-        wanted_next=zeros(jnp.float32), taken=zeros(), num_dropped=zeros(), capacity=zeros())
-    active = valid
-    exit_scale = jnp.zeros((b,), jnp.int32)
-    forced = jnp.zeros((b,), bool)
-    ran, rows_run = [], []
-    sizes = (0,) + sub_batch_sizes(b, self.sub_batches)
-    for s in range(num_scales):
-      if s == 0:  # Every sample reads the coarsest scale: the full batch, no compaction.
-        state = self._run_scale(apply, 0, images[0], state, None, None)
-        ran.append(jnp.ones((b,), bool))
-        rows_run.append(jnp.int32(b))
-      else:
-        # Overflow: the sub-batch cannot hold more than its largest size.
-        rank = jnp.cumsum(active) - 1  # [B]
-        over = active & (rank >= sizes[-1])
-        exit_scale = jnp.where(over, s - 1, exit_scale)
-        forced = forced | over
-        active = active & ~over
-        count = active.sum(dtype=jnp.int32)
-        branch = jnp.minimum(jnp.sum(jnp.asarray(sizes) < count), len(sizes) - 1)
-        state = jax.lax.switch(branch, [self._branch(apply, s, images[s], c) for c in sizes],
-                               state, active)
-        ran.append(active)
-        rows_run.append(jnp.asarray(sizes)[branch])
-      if s == num_scales - 1:
-        exit_scale = jnp.where(active, s, exit_scale)
-        break
-      signals = early_exit.ScaleSignals(
-          scale=s, boxes=state.boxes[:, :s + 1], wanted_next=state.wanted_next[:, s],
-          gt_box=batch["box"] if uses_ground_truth else None,
-          **{k: v[:, :s + 1] for k, v in state.signals.items()})
-      stop = jax.lax.switch(which, [functools.partial(_stop, c, signals)
-                                    for c in self.criteria], threshold) & active  # [B]
-      exit_scale = jnp.where(stop, s, exit_scale)
-      active = active & ~stop
-
-    rows = jnp.arange(b)
-    answer = state.boxes[rows, exit_scale]  # [B, 4]
+    cache = apply(batch["text_ids"], batch["text_mask"], method=ScanFormer.encode_text)
+    policy = ExitPolicy(cfg, apply, self.criteria, choice, batch["valid"].astype(bool),
+                        batch["box"], (0,) + sub_batch_sizes(b, self.sub_batches))
+    outs, last = scan_lib.scan(policy, images, cache)
+    exit_scale = jnp.where(last.active, cfg.num_scales - 1, last.exit_scale)
+    stack = lambda key: jnp.stack([getattr(o, key) for o in outs], axis=1)  # noqa: E731
+    boxes = stack("boxes")  # [B, S, 4]
+    answer = boxes[jnp.arange(b), exit_scale]  # [B, 4]
     result = {
-        "boxes": state.boxes, "answer": answer,
-        "iou": box_ops.iou_cxcywh(state.boxes, batch["box"][:, None, :]),  # [B, S]
+        "boxes": boxes, "answer": answer,
+        "iou": box_ops.iou_cxcywh(boxes, batch["box"][:, None, :]),  # [B, S]
         "answer_iou": box_ops.iou_cxcywh(answer, batch["box"]),  # [B]
-        "exit_scale": exit_scale, "forced": forced,
-        "ran": jnp.stack(ran, axis=1),  # [B, S]
-        "rows_run": jnp.broadcast_to(jnp.stack(rows_run).astype(jnp.int32), (b, num_scales)),
-        "taken": state.taken, "num_dropped": state.num_dropped, "capacity": state.capacity,
-        "wanted_next": state.wanted_next,
+        "exit_scale": exit_scale, "forced": last.forced,
+        "ran": stack("ran"),  # [B, S]
+        "rows_run": jnp.broadcast_to(jnp.stack([o.rows_run for o in outs]).astype(jnp.int32),
+                                     (b, cfg.num_scales)),
+        "taken": stack("taken"), "num_dropped": stack("num_dropped"),
+        "capacity": stack("capacity"), "wanted_next": stack("wanted_next"),
         "text_len": batch["text_mask"].sum(-1).astype(jnp.int32),
         "text_len_run": jnp.full((b,), text_tokens, jnp.int32),
         "valid": batch["valid"],
     }
-    result.update(state.signals)
+    for key in exit_heads.signals(cfg):
+      result[key] = jnp.stack([o.signals[key] for o in outs], axis=1)  # [B, S]
     return result
 
-  def _branch(self, apply, s: int, image: jax.Array, size: int):
-    """The `lax.switch` branch of scale s that scans `size` compacted rows (0: skip)."""
-    def run(state: _State, active: jax.Array) -> _State:
-      b = active.shape[0]
-      if size == 0:
-        return self._skip_scale(s, state, b)
-      if size == b:  # Every row fits: run them in place, keep the scanning ones.
-        return self._run_scale(apply, s, image, state, None, active)
-      rows = jnp.argsort(~active, stable=True)[:size]  # [C] still-scanning rows first
-      ok = jnp.arange(size) < active.sum()  # [C] the slot holds a scanning sample
-      return self._run_scale(apply, s, image, state, rows, ok)
-    return run
+
+@dataclasses.dataclass(frozen=True)
+class ExitPolicy(scan_lib.ScanPolicy):
+  """The scan policy of the exit path: after each scale the criterion stops samples;
+  each scale s >= 1 runs the still-scanning rows compacted into the smallest static
+  sub-batch of `sizes` that holds them (0: the scale is skipped).
+
+  apply: `ScanFormer(cfg).apply` with the parameters bound; choice: (criterion index,
+  threshold), traced; valid [B], gt_box [B, 4] (for the oracle only).
+  """
+  cfg: ModelConfig
+  apply: Callable
+  criteria: tuple
+  choice: tuple
+  valid: jax.Array
+  gt_box: jax.Array
+  sizes: tuple[int, ...]
+
+  def first(self, batch):
+    n, num_scales = self.cfg.num_patches[0], self.cfg.num_scales
+    return _State(wanted=jnp.ones((batch, n), bool), scores=jnp.zeros((batch, n), jnp.float32),
+                  active=self.valid, exit_scale=jnp.zeros((batch,), jnp.int32),
+                  forced=jnp.zeros((batch,), bool),
+                  boxes=jnp.zeros((batch, num_scales, 4), jnp.float32),
+                  signals={k: jnp.zeros((batch, num_scales), jnp.float32)
+                           for k in exit_heads.signals(self.cfg)})
+
+  def run(self, s, image, state, cache):
+    b = state.active.shape[0]
+    if s == 0:  # Every sample reads the coarsest scale: the full batch, no compaction.
+      return self._rows(s, image, state, cache, None, None).replace(
+          ran=jnp.ones((b,), bool), rows_run=jnp.int32(b))
+    count = state.active.sum(dtype=jnp.int32)
+    branch = jnp.minimum(jnp.sum(jnp.asarray(self.sizes) < count), len(self.sizes) - 1)
+    out = jax.lax.switch(branch, [functools.partial(self._sub_batch, s, image, size)
+                                  for size in self.sizes], state, cache)
+    return out.replace(ran=state.active, rows_run=jnp.asarray(self.sizes)[branch])
+
+  def next(self, s, out, state):
+    """The criterion's stops after scale s, then the overflow of scale s+1's sub-batch
+    (the rows beyond its largest size stop at s, counted as forced)."""
+    which, threshold = self.choice
+    boxes = state.boxes.at[:, s].set(out.boxes)  # [B, S, 4]
+    signals = {k: v.at[:, s].set(out.signals[k]) for k, v in state.signals.items()}
+    uses_ground_truth = any(c.uses_ground_truth for c in self.criteria)
+    seen = early_exit.ScaleSignals(
+        scale=s, boxes=boxes[:, :s + 1], wanted_next=out.wanted_next,
+        gt_box=self.gt_box if uses_ground_truth else None,
+        heads={k: v[:, :s + 1] for k, v in signals.items()})
+    stop = jax.lax.switch(which, [functools.partial(_stop, c, seen) for c in self.criteria],
+                          threshold) & state.active  # [B]
+    active = state.active & ~stop
+    over = active & (jnp.cumsum(active) - 1 >= self.sizes[-1])  # [B] beyond the sub-batch
+    return state.replace(wanted=out.next_wanted, scores=out.next_scores,
+                         active=active & ~over,
+                         exit_scale=jnp.where(stop | over, s, state.exit_scale),
+                         forced=state.forced | over, boxes=boxes, signals=signals)
+
+  def _sub_batch(self, s, image, size, state, cache) -> _ScaleRows:
+    """Scale s for `size` compacted rows (0: skipped; the batch: in place)."""
+    b = state.active.shape[0]
+    if size == 0:
+      return self._skipped(s, b, cache)
+    if size == b:  # Every row fits: run them in place, keep the scanning ones.
+      return self._rows(s, image, state, cache, None, state.active)
+    rows = jnp.argsort(~state.active, stable=True)[:size]  # [C] still-scanning rows first
+    ok = jnp.arange(size) < state.active.sum()  # [C] the slot holds a scanning sample
+    return self._rows(s, image, state, cache, rows, ok)
 
   def _block_length(self, s: int) -> int:
     """Tokens of scale s's block in the cache: REG, the slots, the merged token."""
     return 1 + self.cfg.max_capacities[s] + (1 if s > 0 else 0)
 
-  def _skip_scale(self, s: int, state: _State, b: int) -> _State:
-    """No sample scans scale s: the state with an empty (masked) block appended."""
+  def _skipped(self, s: int, b: int, cache: KVCache) -> _ScaleRows:
+    """No sample scans scale s: zeros, and an empty (masked) block for the cache."""
     cfg = self.cfg
-    if s == cfg.num_scales - 1:
-      return state
-    length = self._block_length(s)
-    empty = lambda x: jnp.zeros((b, length) + x.shape[2:], x.dtype)  # noqa: E731
-    block = KVCache(keys=tuple(map(empty, state.cache.keys)),
-                    values=tuple(map(empty, state.cache.values)),
-                    bias=jnp.full((b, length), NEG_INF, state.cache.bias.dtype))
-    n_next = cfg.num_patches[s + 1]
-    return state.replace(cache=state.cache.append(block),
-                         wanted=jnp.zeros((b, n_next), bool),
-                         scores=jnp.zeros((b, n_next), jnp.float32))
+    zeros = lambda dtype=jnp.int32: jnp.zeros((b,), dtype)  # noqa: E731
+    kv = next_wanted = next_scores = None
+    if s < cfg.num_scales - 1:
+      length = self._block_length(s)
+      empty = lambda x: jnp.zeros((b, length) + x.shape[2:], x.dtype)  # noqa: E731
+      kv = KVCache(keys=tuple(map(empty, cache.keys)), values=tuple(map(empty, cache.values)),
+                   bias=jnp.full((b, length), NEG_INF, cache.bias.dtype))
+      n_next = cfg.num_patches[s + 1]
+      next_wanted = jnp.zeros((b, n_next), bool)
+      next_scores = jnp.zeros((b, n_next), jnp.float32)
+    return _ScaleRows(kv=kv, boxes=jnp.zeros((b, 4), jnp.float32),
+                      signals={k: zeros(jnp.float32) for k in exit_heads.signals(cfg)},
+                      taken=zeros(), num_dropped=zeros(), capacity=zeros(),
+                      wanted_next=zeros(jnp.float32), next_wanted=next_wanted,
+                      next_scores=next_scores, ran=zeros(bool), rows_run=jnp.int32(0))
 
-  def _run_scale(self, apply, s: int, image: jax.Array, state: _State,
-                 rows: Optional[jax.Array], ok: Optional[jax.Array]) -> _State:
+  def _rows(self, s: int, image: jax.Array, state: _State, cache: KVCache,
+            rows: Optional[jax.Array], ok: Optional[jax.Array]) -> _ScaleRows:
     """Scale s for the batch rows `rows` [C] (`ok` [C]: a real row, else padding).
 
     rows None: every row in place, no gather or scatter (`ok` [B]: the rows whose
@@ -238,46 +277,39 @@ class ExitScan:
     b = state.wanted.shape[0]
     if rows is None:
       ok = jnp.ones((b,), bool) if ok is None else ok
-      def keep(new, old):  # Rows not kept hold their old values.
-        return jnp.where(ok.reshape((b,) + (1,) * (new.ndim - 1)), new.astype(old.dtype), old)
       take = lambda x: x  # noqa: E731
-      put = lambda full, sub: full.at[:, s].set(keep(sub, full[:, s]))  # noqa: E731
-      scatter = lambda full, sub: keep(sub, full)  # noqa: E731
+      def scatter(fill, sub):  # Rows not kept hold `fill`.
+        return jnp.where(ok.reshape((b,) + (1,) * (sub.ndim - 1)), sub.astype(fill.dtype), fill)
     else:
       target = jnp.where(ok, rows, b)  # Scatters to row b are dropped.
       take = lambda x: jnp.take(x, rows, axis=0)  # noqa: E731
-      put = lambda full, sub: full.at[target, s].set(sub, mode="drop")  # noqa: E731
-      def scatter(full, sub):
-        return full.at[target].set(sub.astype(full.dtype), mode="drop")
+      def scatter(fill, sub):
+        return fill.at[target].set(sub.astype(fill.dtype), mode="drop")
+    zeros_like = lambda sub, dtype=None: jnp.zeros((b,) + sub.shape[1:], dtype or sub.dtype)  # noqa: E731
+    put = lambda sub, dtype=jnp.float32: scatter(zeros_like(sub, dtype), sub)  # noqa: E731
     wanted = take(state.wanted) & ok[:, None]  # [C, N_s]
     scores = None if s == 0 else take(state.scores)
-    sub_cache = jax.tree.map(take, state.cache)
-    out = apply(s, take(image), wanted, scores, sub_cache,
-                method=ScanFormer.scan_scale_inference)
-    heads = apply(out.reg, method=ScanFormer.read_heads)
-    signals = early_exit.head_signals(heads.pred_iou, heads.halt_logit, heads.box_log_scale)
-    state = state.replace(
-        boxes=put(state.boxes, heads.boxes),
-        signals={k: put(v, signals[k]) for k, v in state.signals.items()},
-        taken=put(state.taken, out.taken.sum(-1, dtype=jnp.int32)),
-        num_dropped=put(state.num_dropped, out.num_dropped.astype(jnp.int32)),
-        capacity=put(state.capacity, out.capacity.astype(jnp.int32)))
+    out = self.apply(s, take(image), wanted, scores, jax.tree.map(take, cache),
+                     method=ScanFormer.scan_scale_inference)
+    heads = self.apply(out.reg, method=ScanFormer.read_heads)
+    result = _ScaleRows(
+        kv=None, boxes=put(heads.boxes), signals={k: put(v) for k, v in heads.signals.items()},
+        taken=put(out.taken.sum(-1, dtype=jnp.int32), jnp.int32),
+        num_dropped=put(out.num_dropped.astype(jnp.int32), jnp.int32),
+        capacity=put(out.capacity.astype(jnp.int32), jnp.int32),
+        wanted_next=jnp.zeros((b,), jnp.float32), next_wanted=None, next_scores=None,
+        ran=jnp.zeros((b,), bool), rows_run=jnp.int32(0))
     if s == cfg.num_scales - 1:
-      return state
+      return result
     next_wanted, next_scores = selection.wanted_children(cfg, s, out.taken,
                                                          out.selection_logits)
     length = self._block_length(s)
     chex.assert_equal(out.kv.bias.shape[1], length)
-    new_block = KVCache(
-        keys=tuple(scatter(jnp.zeros((b,) + k.shape[1:], c.dtype), k)
-                   for k, c in zip(out.kv.keys, state.cache.keys)),
-        values=tuple(scatter(jnp.zeros((b,) + v.shape[1:], c.dtype), v)
-                     for v, c in zip(out.kv.values, state.cache.values)),
-        bias=scatter(jnp.full((b, length), NEG_INF, state.cache.bias.dtype), out.kv.bias))
+    kv = KVCache(
+        keys=tuple(put(k, c.dtype) for k, c in zip(out.kv.keys, cache.keys)),
+        values=tuple(put(v, c.dtype) for v, c in zip(out.kv.values, cache.values)),
+        bias=scatter(jnp.full((b, length), NEG_INF, cache.bias.dtype), out.kv.bias))
     n_next = cfg.num_patches[s + 1]
-    fraction = next_wanted.sum(-1) / n_next  # [C]
-    return state.replace(
-        cache=state.cache.append(new_block),
-        wanted=scatter(jnp.zeros((b, n_next), bool), next_wanted),
-        scores=scatter(jnp.zeros((b, n_next), jnp.float32), next_scores),
-        wanted_next=put(state.wanted_next, fraction))
+    return result.replace(
+        kv=kv, wanted_next=put(next_wanted.sum(-1) / n_next),
+        next_wanted=put(next_wanted, bool), next_scores=put(next_scores))

@@ -41,8 +41,14 @@ path's hard Gumbel decisions and gets the dense path's gradients, exactly:
 The steps are public, so that other code can run a prefix of the scan (as
 PaliGemma's prefill_cache / extend_cache): `encode_text` returns the cache;
 `scan_scale_dense` / `scan_scale_sparse` run one scale against it and return a
-`ScaleOutput` whose `kv` the next scale appends; `__call__` is one loop per path.
+`ScaleOutput` whose `kv` the next scale appends. One loop (`scan.scan`) drives them
+for every path, each path's decisions a policy (scan.py).
 Call them with `model.apply(variables, ..., method=ScanFormer.encode_text)`.
+
+Parameters: `params["backbone"]` holds ViLT's (embeddings, layers, final norm: the
+tree `convert-vilt` writes, trained at the backbone learning rate); everything beside
+it is ScanFormer's own (REG, scale and constant tokens, selection and box heads,
+`exit_heads/<name>`), trained at the full rate (optim.py).
 """
 
 from __future__ import annotations
@@ -56,9 +62,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scanformer_jax import selection
+from scanformer_jax import exit_heads, scan, selection
 from scanformer_jax.config import ModelConfig
-from scanformer_jax.heads import BoxHead, BoxUncertaintyHead, HaltHead, IouHead, SelectionHead
+from scanformer_jax.heads import BoxHead, SelectionHead
 from scanformer_jax.kv_cache import KVCache
 from scanformer_jax.layers import (NEG_INF, EncoderLayer, PatchEmbed, TextEmbeddings, embed,
                                    interpolate_pos_grid, layer_norm, patchify,
@@ -68,35 +74,59 @@ from scanformer_jax.pyramid import build_pyramid
 MODES = ("sparse", "dense")
 TEXT_MODALITY, IMAGE_MODALITY = 0, 1
 
-# ScanFormer's top-level parameter names by group, declared once (`param_group` reads
-# it; optim, vilt and convert_vilt derive their lists from it). "backbone": ViLT's,
-# copied from a converted checkpoint by `vilt.init_scanformer_from_vilt` and trained at
-# the backbone learning rate. "new": ScanFormer's own, initialised fresh and trained at
-# the full rate (the exit heads iou_head, halt_head, uncertainty_head only when
-# switched on in the config). "layers_*" is layers_0, layers_1, ...
-PARAM_GROUPS = {
-    "backbone": ("text_embed", "patch_embed", "pos_embed", "modality_embed", "layers_*",
-                 "final_norm"),
-    "new": ("reg_tokens", "scale_embed", "const_tokens", "select_head", "box_head",
-            "iou_head", "halt_head", "uncertainty_head"),
-}
+BACKBONE = "backbone"  # params[BACKBONE]: ViLT's parameters (class Backbone).
 
 
-def _declares(entry: str, name: str) -> bool:
-  if entry.endswith("_*"):
-    return name.startswith(entry[:-1]) and name[len(entry) - 1:].isdigit()
-  return name == entry
+def merged_key_bias(num_replaced: jax.Array) -> jax.Array:
+  """Key bias of the merged constant token: log n for n replaced patches (n identical
+  keys weigh exp(q.k + log n)), NEG_INF when none is replaced. [B] int -> [B] float32."""
+  return jnp.where(num_replaced > 0,
+                   jnp.log(jnp.maximum(num_replaced, 1).astype(jnp.float32)), NEG_INF)
 
 
-def param_group(name: str) -> str:
-  """The group of a top-level parameter name; ValueError unless exactly one declares it."""
-  groups = [group for group, entries in PARAM_GROUPS.items()
-            if any(_declares(entry, name) for entry in entries)]
-  if len(groups) != 1:
-    raise ValueError(f"top-level parameter {name!r} is in {len(groups)} groups of "
-                     f"model.PARAM_GROUPS ({', '.join(groups) or 'none'}); every top-level "
-                     "name ScanFormer.setup creates must be declared in exactly one")
-  return groups[0]
+def encoder_layer_class(cfg: ModelConfig) -> type:
+  """EncoderLayer, rematerialised in the backward pass as `cfg.remat` says."""
+  if cfg.remat == "none":
+    return EncoderLayer
+  policy = (None if cfg.remat == "layer"
+            else jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  return nn.remat(EncoderLayer, policy=policy)
+
+
+class Backbone(nn.Module):
+  """ViLT's parameters, in the layout `convert-vilt` writes (`params["backbone"]`)."""
+
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    normal = nn.initializers.normal(cfg.initializer_range)
+    self.text_embed = TextEmbeddings(cfg)
+    self.patch_embed = PatchEmbed(cfg)
+    pos_init = normal
+    if cfg.pos_embed_init == "sincos":
+      pos_init = lambda *_: jnp.asarray(sincos_pos_grid(cfg.pos_grid_size, cfg.hidden_size))  # noqa: E731
+    self.pos_embed = self.param("pos_embed", pos_init, (1 + cfg.pos_grid_size ** 2,
+                                                        cfg.hidden_size))
+    self.modality_embed = embed(cfg, 2)
+    layer = encoder_layer_class(cfg)
+    self.layers = [layer(cfg) for _ in range(cfg.num_layers)]
+    self.final_norm = layer_norm(cfg)
+
+  def __call__(self):  # Not a forward: ScanFormer uses the parts (init needs no call).
+    raise TypeError("Backbone holds parameters; ScanFormer calls its parts")
+
+
+class ExitHeads(nn.Module):
+  """The configured exit heads (`params["exit_heads"][name]`, exit_heads.py)."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, reg: jax.Array) -> dict[str, jax.Array]:
+    """reg: [..., D] -> {head name: raw output [...] or [..., k]}."""
+    return {name: exit_heads.get(name).module(self.cfg, name=name)(reg)
+            for name in self.cfg.exit_heads}
 
 
 @flax.struct.dataclass
@@ -113,10 +143,9 @@ class ScaleOutput:
 @flax.struct.dataclass
 class HeadOutputs:
   """What the heads read from REG features `[..., D]` (`ScanFormer.read_heads`)."""
-  boxes: jax.Array                           # [..., 4] normalized (cx, cy, w, h)
-  pred_iou: Optional[jax.Array] = None       # [...] when cfg.iou_head
-  halt_logit: Optional[jax.Array] = None     # [...] when cfg.halt_head
-  box_log_scale: Optional[jax.Array] = None  # [..., 4] when cfg.uncertainty_head
+  boxes: jax.Array                 # [..., 4] normalized (cx, cy, w, h)
+  raw: dict[str, jax.Array]        # exit head name -> its raw output [...] / [..., k]
+  signals: dict[str, jax.Array]    # signal key (e.g. "halt_prob") -> [...]
 
 
 @flax.struct.dataclass
@@ -126,11 +155,17 @@ class ScanFormerOutput:
   taken: tuple[jax.Array, ...]             # per scale [B, N_s]: bool; float 0/1 if train
   num_dropped: jax.Array                   # [B, S] int32, wanted but over capacity
   reg_features: jax.Array                  # [B, S, D] float32, REG after the final LayerNorm
-  pred_iou: Optional[jax.Array] = None     # [B, S] when cfg.iou_head
-  halt_logit: Optional[jax.Array] = None   # [B, S] when cfg.halt_head
-  box_log_scale: Optional[jax.Array] = None  # [B, S, 4] when cfg.uncertainty_head
+  exit_heads: dict[str, jax.Array] = flax.struct.field(default_factory=dict)
+                                           # head name -> raw [B, S] / [B, S, k]
+  signals: dict[str, jax.Array] = flax.struct.field(default_factory=dict)
+                                           # signal key -> [B, S] (criteria read these)
   capacity: Optional[jax.Array] = None     # [B, S] int32, patch slots each scale ran with
                                            # (dense: every patch)
+
+  @property
+  def pred_iou(self) -> Optional[jax.Array]:
+    """[B, S], the IoU head's signal when the model has that head, else None."""
+    return self.signals.get("pred_iou")
 
 
 def capacity_group_rows(cfg: ModelConfig, batch: int) -> tuple[int, int]:
@@ -163,34 +198,21 @@ class ScanFormer(nn.Module):
     cfg = self.cfg
     d, s = cfg.hidden_size, cfg.num_scales
     normal = nn.initializers.normal(cfg.initializer_range)
-    # Backbone (ViLT parameter layout, see layers.py and vilt.py). Every top-level
-    # name created here is declared in PARAM_GROUPS.
-    self.text_embed = TextEmbeddings(cfg)
-    self.patch_embed = PatchEmbed(cfg)
-    pos_init = normal
-    if cfg.pos_embed_init == "sincos":
-      pos_init = lambda *_: jnp.asarray(sincos_pos_grid(cfg.pos_grid_size, d))  # noqa: E731
-    self.pos_embed = self.param("pos_embed", pos_init, (1 + cfg.pos_grid_size ** 2, d))
-    self.modality_embed = embed(cfg, 2)
-    self.layers = [EncoderLayer(cfg) for _ in range(cfg.num_layers)]
-    self.final_norm = layer_norm(cfg)
+    self.backbone = Backbone(cfg)
     # ScanFormer's own parameters.
     self.reg_tokens = self.param("reg_tokens", normal, (s, d))
     self.scale_embed = self.param("scale_embed", nn.initializers.zeros, (s, d))
     self.const_tokens = self.param("const_tokens", normal, (s, d))
     self.select_head = SelectionHead(cfg)
     self.box_head = BoxHead(cfg)
-    if cfg.iou_head:
-      self.iou_head = IouHead(cfg)
-    if cfg.halt_head:
-      self.halt_head = HaltHead(cfg)
-    if cfg.uncertainty_head:
-      self.uncertainty_head = BoxUncertaintyHead(cfg)
+    if cfg.exit_heads:
+      self.exit_heads = ExitHeads(cfg)
 
   # ---------------------------------------------------------------- embeddings
   def _embed_text(self, text_ids: jax.Array) -> jax.Array:
     """[B, L] -> [B, L, D]."""
-    return self.text_embed(text_ids) + self.modality_embed(jnp.array(TEXT_MODALITY))
+    backbone = self.backbone
+    return backbone.text_embed(text_ids) + backbone.modality_embed(jnp.array(TEXT_MODALITY))
 
   def _patch_tokens(self, image: jax.Array, s: int,
                     index: Optional[jax.Array] = None) -> jax.Array:
@@ -202,20 +224,21 @@ class ScanFormer(nn.Module):
     """
     cfg = self.cfg
     g, pg = cfg.grid_sizes[s], cfg.pos_grid_size
-    pos_grid = self.pos_embed[1:].reshape(pg, pg, cfg.hidden_size)
+    pos_grid = self.backbone.pos_embed[1:].reshape(pg, pg, cfg.hidden_size)
     pos = interpolate_pos_grid(pos_grid, g, g).reshape(g * g, cfg.hidden_size)
     patches = patchify(image, cfg.patch_size)  # [B, N, p*p*3]
     if index is not None:
       patches = jnp.take_along_axis(patches, index[..., None], axis=1)  # [B, C, p*p*3]
       pos = pos[index]  # [B, C, D]
-    x = self.patch_embed(patches)  # [B, N | C, D]
-    extra = pos + self.modality_embed(jnp.array(IMAGE_MODALITY)) + self.scale_embed[s]
+    x = self.backbone.patch_embed(patches)  # [B, N | C, D]
+    image_modality = self.backbone.modality_embed(jnp.array(IMAGE_MODALITY))
+    extra = pos + image_modality + self.scale_embed[s]
     return x + extra.astype(x.dtype)
 
   def _reg_token(self, s: int, batch: int) -> jax.Array:
     """[B, 1, D]: REG_s, placed like ViLT's image [CLS] (its position, image modality)."""
-    token = (self.reg_tokens[s] + self.pos_embed[0]
-             + self.modality_embed(jnp.array(IMAGE_MODALITY)).astype(jnp.float32))
+    token = (self.reg_tokens[s] + self.backbone.pos_embed[0]
+             + self.backbone.modality_embed(jnp.array(IMAGE_MODALITY)).astype(jnp.float32))
     token = token.astype(self.cfg.compute_dtype)
     return jnp.broadcast_to(token, (batch, 1, self.cfg.hidden_size))
 
@@ -263,13 +286,13 @@ class ScanFormer(nn.Module):
     full_bias = jnp.concatenate([cache.bias, bias], axis=1)[:, None, None, :]
     x, keys, values = tokens, [], []
     logits = None
-    for index, layer in enumerate(self.layers):
+    for index, layer in enumerate(self.backbone.layers):
       x, (k, v) = layer(x, full_bias, past=cache.layer(index))
       keys.append(k)
       values.append(v)
       if index == self.cfg.encoder1_layers - 1:
         logits = self.select_head(x[:, 1:])
-    reg = self.final_norm(x[:, 0]).astype(jnp.float32)
+    reg = self.backbone.final_norm(x[:, 0]).astype(jnp.float32)
     return reg, logits, KVCache.start(keys, values, bias)
 
   # ------------------------------------------------------------------- the steps
@@ -280,12 +303,13 @@ class ScanFormer(nn.Module):
     their losses train the heads only (the grounding model is unchanged by them).
     """
     cfg = self.cfg
-    exit_reg = jax.lax.stop_gradient(reg) if cfg.exit_heads_stop_gradient else reg
-    return HeadOutputs(
-        boxes=self.box_head(reg),
-        pred_iou=self.iou_head(exit_reg) if cfg.iou_head else None,
-        halt_logit=self.halt_head(exit_reg) if cfg.halt_head else None,
-        box_log_scale=self.uncertainty_head(exit_reg) if cfg.uncertainty_head else None)
+    raw, signals = {}, {}
+    if cfg.exit_heads:
+      exit_reg = jax.lax.stop_gradient(reg) if cfg.exit_heads_stop_gradient else reg
+      raw = self.exit_heads(exit_reg)
+      signals = {exit_heads.get(name).signal: exit_heads.get(name).to_signal(out)
+                 for name, out in raw.items()}
+    return HeadOutputs(boxes=self.box_head(reg), raw=raw, signals=signals)
 
   def encode_text(self, text_ids: jax.Array, text_mask: jax.Array) -> KVCache:
     """Text [B, L] (mask [B, L]) through every layer, attending to itself only.
@@ -297,7 +321,7 @@ class ScanFormer(nn.Module):
     x = self._embed_text(text_ids)
     bias = jnp.where(text_mask.astype(bool), 0.0, NEG_INF).astype(jnp.float32)  # [B, L]
     keys, values = [], []
-    for layer in self.layers:
+    for layer in self.backbone.layers:
       x, (k, v) = layer(x, bias[:, None, None, :])
       keys.append(k)
       values.append(v)
@@ -338,24 +362,33 @@ class ScanFormer(nn.Module):
     capacity = cfg.capacities[s] if capacity is None else capacity
     slots = selection.fill_slots(wanted, scores, capacity)
     patches = self._patch_tokens(image.astype(cfg.compute_dtype), s, slots.index)  # [B, C, D]
-    parts = [self._reg_token(s, b), patches]
+    merged = jnp.broadcast_to(self._const_token(s), (b, 1, cfg.hidden_size))  # [B, 1, D]
+    return self._sparse_block(s, slots, patches, merged, cache).replace(
+        taken=slots.taken, capacity=jnp.full((b,), capacity, jnp.int32))
+
+  def _sparse_block(self, s: int, slots: selection.Slots, slot_x: jax.Array,
+                    merged: jax.Array, cache: KVCache) -> ScaleOutput:
+    """The sparse block of scale s, `[REG_s | slots | merged C_s]`, through every layer.
+
+    slot_x: [B, C, D] inputs of the slots (padding slots get key bias NEG_INF); merged:
+    [B, 1, D] the input of the one merged token, whose key carries `merged_key_bias`
+    (no merged token at scale 0, where every patch is taken). Returns the scale's
+    output with `taken` = slots.taken; selection logits on the full grid, a replaced
+    patch's logit being the merged token's.
+    """
+    b, n = slots.taken.shape
+    parts = [self._reg_token(s, b), slot_x]
     bias_parts = [jnp.zeros((b, 1)), jnp.where(slots.valid, 0.0, NEG_INF)]
     if s > 0:
-      num_replaced = n - slots.taken.sum(axis=1)  # [B]
-      merged_bias = jnp.where(num_replaced > 0,
-                              jnp.log(jnp.maximum(num_replaced, 1).astype(jnp.float32)),
-                              NEG_INF)
-      parts.append(jnp.broadcast_to(self._const_token(s), (b, 1, cfg.hidden_size)))
-      bias_parts.append(merged_bias[:, None])
+      parts.append(merged)
+      bias_parts.append(merged_key_bias(n - slots.taken.sum(axis=1))[:, None])
     block = jnp.concatenate(parts, axis=1)
     bias = jnp.concatenate(bias_parts, axis=1).astype(jnp.float32)
     reg, head_logits, kv = self._encode_block(block, bias, cache)
-    # Logits on the full grid; a replaced patch's logit is the merged token's.
-    slot_logits = head_logits[:, :patches.shape[1]]
+    slot_logits = head_logits[:, :slot_x.shape[1]]
     logits = slot_logits if s == 0 else slots.to_grid(slot_logits, head_logits[:, -1:])
     return ScaleOutput(reg=reg, selection_logits=logits, taken=slots.taken,
-                       num_dropped=slots.num_dropped, kv=kv,
-                       capacity=jnp.full((b,), capacity, jnp.int32))
+                       num_dropped=slots.num_dropped, kv=kv)
 
   def scan_scale_inference(self, s: int, image: jax.Array, wanted: jax.Array,
                            scores: Optional[jax.Array], cache: KVCache) -> ScaleOutput:
@@ -430,12 +463,14 @@ class ScanFormer(nn.Module):
     return nn.switch(index, [branch(c) for c in buckets], self, image, wanted, scores, cache)
 
   def scan_scale_sparse_train(self, s: int, image: jax.Array, mask: jax.Array,
-                              scores: Optional[jax.Array], cache: KVCache) -> ScaleOutput:
-    """Scale s of sparse training: the Gumbel-taken patches in `capacity[s]` slots.
+                              scores: Optional[jax.Array], cache: KVCache,
+                              slots: Optional[int] = None) -> ScaleOutput:
+    """Scale s of sparse training: the patches the training rule took, in `slots`
+    static slots (default `cfg.capacities[s]`; the trainer passes `train.slots`).
 
-    image: [B, r_s, r_s, 3]; mask: [B, N_s] float, the hard straight-through Gumbel
-    mask (as the dense path's); scores: [B, N_s] priorities when more are taken than
-    fit (None at full capacity). Same block layout as `scan_scale_sparse`, inputs from
+    image: [B, r_s, r_s, 3]; mask: [B, N_s] float, the hard straight-through decisions
+    (as the dense path's); scores: [B, N_s] priorities when more are taken than fit
+    (None when every patch fits). Same block as `scan_scale_sparse`, inputs from
     `_straight_through_inputs`. The output's `taken` is `mask` with the patches that
     did not fit set to 0 (float, the gradient path), their count in `num_dropped`.
     """
@@ -443,99 +478,26 @@ class ScanFormer(nn.Module):
     b, n = mask.shape
     chex.assert_shape(image, (b, cfg.image_sizes[s], cfg.image_sizes[s], 3))
     chex.assert_equal(n, cfg.num_patches[s])
+    slots = cfg.capacities[s] if slots is None else slots
     wanted = mask > 0.5
-    slots = selection.fill_slots(wanted, scores, cfg.capacities[s])
-    kept = mask * (slots.taken | ~wanted).astype(mask.dtype)  # Over capacity: 0, no gradient.
-    slot_x, merged = self._straight_through_inputs(s, image, kept, slots)
-    parts = [self._reg_token(s, b), slot_x]
-    bias_parts = [jnp.zeros((b, 1)), jnp.where(slots.valid, 0.0, NEG_INF)]
-    if s > 0:
-      num_replaced = n - slots.taken.sum(axis=1)  # [B]
-      merged_bias = jnp.where(num_replaced > 0,
-                              jnp.log(jnp.maximum(num_replaced, 1).astype(jnp.float32)),
-                              NEG_INF)
-      parts.append(merged)
-      bias_parts.append(merged_bias[:, None])
-    block = jnp.concatenate(parts, axis=1)
-    bias = jnp.concatenate(bias_parts, axis=1).astype(jnp.float32)
-    reg, head_logits, kv = self._encode_block(block, bias, cache)
-    slot_logits = head_logits[:, :slot_x.shape[1]]
-    logits = slot_logits if s == 0 else slots.to_grid(slot_logits, head_logits[:, -1:])
-    return ScaleOutput(reg=reg, selection_logits=logits, taken=kept,
-                       num_dropped=slots.num_dropped, kv=kv,
-                       capacity=jnp.full((b,), cfg.capacities[s], jnp.int32))
+    filled = selection.fill_slots(wanted, scores, slots)
+    kept = mask * (filled.taken | ~wanted).astype(mask.dtype)  # Over capacity: 0, no gradient.
+    slot_x, merged = self._straight_through_inputs(s, image, kept, filled)
+    out = self._sparse_block(s, filled, slot_x, merged, cache)
+    return out.replace(taken=kept, capacity=jnp.full((b,), slots, jnp.int32))
 
-  # ------------------------------------------------------------------- the paths
-  def _scan_dense(self, images, cache: KVCache, train: bool,
-                  force_taken: Optional[tuple[jax.Array, ...]]) -> list[ScaleOutput]:
-    """The dense scan of pyramid levels `images` (scales 0.., a prefix allowed)."""
-    cfg = self.cfg
-    gumbel_rng = self.make_rng("gumbel") if train else None
-    mask = jnp.ones((images[0].shape[0], cfg.num_patches[0]), jnp.float32)  # Scale 0: all.
-    outs = []
-    for s, image in enumerate(images):
-      if force_taken is not None:
-        mask = force_taken[s].astype(jnp.float32)
-      out = self.scan_scale_dense(s, image, mask, cache)
-      outs.append(out if train else out.replace(taken=mask > 0.5))
-      if s == len(images) - 1:  # The last scale's keys/values are never attended to.
-        break
-      cache = cache.append(out.kv)
-      if train:
-        decide = selection.hard_gumbel_sigmoid(
-            out.selection_logits, jax.random.fold_in(gumbel_rng, s), cfg.tau)
-        mask = selection.upsample_to_children(mask * decide, cfg.grid_sizes[s])
-      else:
-        wanted, _ = selection.wanted_children(cfg, s, mask > 0.5, out.selection_logits)
-        mask = wanted.astype(jnp.float32)
-    return outs
-
-  def _scan_sparse(self, images, cache: KVCache) -> list[ScaleOutput]:
-    """The sparse scan of pyramid levels `images` (scales 0.., a prefix allowed)."""
-    cfg = self.cfg
-    wanted = jnp.ones((images[0].shape[0], cfg.num_patches[0]), bool)  # Scale 0: all.
-    scores = None
-    outs = []
-    for s, image in enumerate(images):
-      out = self.scan_scale_inference(s, image, wanted, scores, cache)
-      outs.append(out)
-      if s == len(images) - 1:  # The last scale's keys/values are never attended to.
-        break
-      cache = cache.append(out.kv)
-      wanted, scores = selection.wanted_children(cfg, s, out.taken, out.selection_logits)
-    return outs
-
-  def _scan_sparse_train(self, images, cache: KVCache) -> list[ScaleOutput]:
-    """Sparse training: the decisions of `_scan_dense` (same rng folding, so the same
-    noise takes the same patches), in the training capacities `cfg.capacities`."""
-    cfg = self.cfg
-    gumbel_rng = self.make_rng("gumbel")
-    mask = jnp.ones((images[0].shape[0], cfg.num_patches[0]), jnp.float32)  # Scale 0: all.
-    scores = None
-    outs = []
-    for s, image in enumerate(images):
-      out = self.scan_scale_sparse_train(s, image, mask, scores, cache)
-      outs.append(out)
-      if s == len(images) - 1:  # The last scale's keys/values are never attended to.
-        break
-      cache = cache.append(out.kv)
-      decide = selection.hard_gumbel_sigmoid(
-          out.selection_logits, jax.random.fold_in(gumbel_rng, s), cfg.tau)
-      grid = cfg.grid_sizes[s]
-      mask = selection.upsample_to_children(out.taken * decide, grid)
-      # Over capacity, the children of the lowest parent logits go first (as at inference).
-      scores = selection.upsample_to_children(out.selection_logits.astype(jnp.float32), grid)
-    return outs
-
+  # ------------------------------------------------------------------- the forward
   def __call__(self, image: jax.Array, text_ids: jax.Array, text_mask: jax.Array,
                mode: str = "sparse", train: bool = False,
-               force_taken: Optional[tuple[jax.Array, ...]] = None) -> ScanFormerOutput:
+               force_taken: Optional[tuple[jax.Array, ...]] = None,
+               slots: Optional[tuple[int, ...]] = None) -> ScanFormerOutput:
     """Scans `image` [B, R, R, 3] (R = finest size) for `text_ids` [B, L].
 
-    mode: "sparse" or "dense". train=True samples hard Gumbel decisions (rng
-    "gumbel"); with mode="sparse" the taken patches fill `cfg.capacities` slots
-    (sparse training, module docstring). force_taken (dense only): per-scale
-    [B, N_s] masks used instead of the model's own decisions, e.g. to replay a scan.
+    mode: "sparse" or "dense". train=True takes the training rule's hard decisions
+    (rng "gumbel"); with mode="sparse" the taken patches fill `slots` static slots per
+    scale (default `cfg.capacities`; sparse training, module docstring). force_taken
+    (dense only): per-scale [B, N_s] masks used instead of the model's own decisions,
+    e.g. to replay a scan.
     """
     cfg = self.cfg
     if mode not in MODES:
@@ -548,27 +510,27 @@ class ScanFormer(nn.Module):
 
     cache = self.encode_text(text_ids, text_mask)
     images = build_pyramid(image.astype(jnp.float32), cfg.image_sizes)
+    rng = self.make_rng("gumbel") if train else None
     if mode == "dense":
-      scales = self._scan_dense(images, cache, train, force_taken)
+      policy = scan.DensePolicy(self, rng, force_taken)
     elif train:
-      scales = self._scan_sparse_train(images, cache)
+      policy = scan.SparseTrainPolicy(self, rng, cfg.capacities if slots is None else slots)
     else:
-      scales = self._scan_sparse(images, cache)
+      policy = scan.SparsePolicy(self)
+    scales, _ = scan.scan(policy, images, cache)
 
     reg_features = jnp.stack([out.reg for out in scales], axis=1)  # [B, S, D]
     heads = self.read_heads(reg_features)
-    boxes = heads.boxes                                             # [B, S, 4]
-    chex.assert_shape(boxes, (b, cfg.num_scales, 4))
+    chex.assert_shape(heads.boxes, (b, cfg.num_scales, 4))
     if mode == "dense":  # Every patch of every scale is a token.
       capacity = jnp.broadcast_to(jnp.array(cfg.num_patches, jnp.int32), (b, cfg.num_scales))
     else:
       capacity = jnp.stack([out.capacity for out in scales], axis=1)  # [B, S]
     return ScanFormerOutput(
-        boxes=boxes, selection_logits=tuple(out.selection_logits for out in scales),
+        boxes=heads.boxes, selection_logits=tuple(out.selection_logits for out in scales),
         taken=tuple(out.taken for out in scales),
         num_dropped=jnp.stack([out.num_dropped for out in scales], axis=1),
-        reg_features=reg_features, pred_iou=heads.pred_iou, halt_logit=heads.halt_logit,
-        box_log_scale=heads.box_log_scale,
+        reg_features=reg_features, exit_heads=heads.raw, signals=heads.signals,
         capacity=capacity)
 
   def block_causal_reference(self, image: jax.Array, text_ids: jax.Array,
@@ -597,7 +559,7 @@ class ScanFormer(nn.Module):
     block = jnp.concatenate(block_ids)
     causal = jnp.where(block[None, :] <= block[:, None], 0.0, NEG_INF)  # [T, T]
     bias = causal[None, None] + jnp.concatenate(key_bias, axis=1)[:, None, None, :]
-    for layer in self.layers:
+    for layer in self.backbone.layers:
       x, _ = layer(x, bias.astype(jnp.float32))
     regs = x[:, jnp.array(reg_positions)]  # [B, S, D]
-    return self.final_norm(regs).astype(jnp.float32)
+    return self.backbone.final_norm(regs).astype(jnp.float32)

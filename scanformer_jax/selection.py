@@ -7,7 +7,9 @@ in row-major patch order.
 
 Inference selection is a rule from `RULES`, named by `ModelConfig.selection_rule`.
 A rule sees the children that may be taken and their parents' logits and returns
-the children it wants; a new one is a function registered here with `@rule("name")`.
+the children it wants; a new one is a function registered with `@rule("name")`.
+Training decisions are a rule from `TRAIN_RULES` (`ModelConfig.train_select_rule`,
+default hard Gumbel-sigmoid), registered with `@train_rule("name")`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ from scanformer_jax.layers import NEG_INF
 # child's parent logit. A rule must want candidates only (wanted_children enforces it).
 SelectionRule = Callable[[jax.Array, jax.Array, ModelConfig, int], jax.Array]
 RULES: dict[str, SelectionRule] = {}
+# (logits [B, N] float32, rng, cfg, scale) -> decisions [B, N] float32, exactly 0 or 1
+# in value with a straight-through gradient to the logits: "take this patch's
+# children?" for the N patches of `scale` during training (`model.train_select_rule`).
+TrainRule = Callable[[jax.Array, jax.Array, ModelConfig, int], jax.Array]
+TRAIN_RULES: dict[str, TrainRule] = {}
 
 
 def upsample_to_children(x: jax.Array, grid: int) -> jax.Array:
@@ -80,14 +87,42 @@ def topk_mask(candidates: jax.Array, scores: jax.Array, k: int) -> jax.Array:
   return jax.vmap(lambda c, x: _row_topk_mask(c, x, k))(candidates, scores)
 
 
-def rule(name: str) -> Callable[[SelectionRule], SelectionRule]:
-  """Decorator: registers a selection rule under `name` (a `select_rule` value)."""
-  def register(fn: SelectionRule) -> SelectionRule:
-    if name in RULES:
-      raise ValueError(f"selection rule {name!r} is already registered")
-    RULES[name] = fn
-    return fn
-  return register
+def _registrar(table: dict, what: str):
+  """`@decorator("name")` that adds a function to `table` (each name only once)."""
+  def decorator(name: str):
+    def register(fn):
+      if name in table:
+        raise ValueError(f"{what} {name!r} is already registered")
+      table[name] = fn
+      return fn
+    return register
+  return decorator
+
+
+# `@rule("name")`: a selection rule (a `select_rule` value).
+rule = _registrar(RULES, "selection rule")
+# `@train_rule("name")`: a training decision rule (a `train_select_rule` value).
+train_rule = _registrar(TRAIN_RULES, "training selection rule")
+
+
+@train_rule("gumbel")
+def gumbel_rule(logits, rng, cfg, scale):
+  """Hard Gumbel-sigmoid decisions at temperature `cfg.tau` (DESIGN.md, Selection)."""
+  del scale
+  return hard_gumbel_sigmoid(logits, rng, cfg.tau)
+
+
+def train_decisions(cfg: ModelConfig, scale: int, logits: jax.Array, rng: jax.Array
+                    ) -> jax.Array:
+  """`cfg.train_select_rule`'s decisions [B, N_s] for the patches of `scale`."""
+  name = cfg.train_select_rule
+  if name not in TRAIN_RULES:
+    raise ValueError(f"train_select_rule {name!r} is not a registered training rule "
+                     f"({', '.join(sorted(TRAIN_RULES))}); register it with "
+                     "@selection.train_rule")
+  decide = TRAIN_RULES[name](logits, rng, cfg, scale)
+  chex.assert_equal_shape([decide, logits])
+  return decide
 
 
 @rule("threshold")

@@ -1,4 +1,4 @@
-"""Capacity buckets, calibration and the as-run FLOPs of a bucketed scan (issue 16).
+"""Capacity buckets, calibration and the as-run FLOPs of a bucketed scan.
 
 The bucketed scan must give the full-capacity scan's outputs whichever bucket a batch
 lands in, compile once for all of them, and report the bucket it ran with.

@@ -84,7 +84,7 @@ def test_eval_gflops_as_run_match_compiled_eval_step():
 
 def test_sparse_flops_as_run_without_capacity_exceeds_dense():
   """capacity None slots every patch and adds the merged tokens: no saving as run
-  (issue 16: 69.85 vs 69.47 GFLOPs for vilt_b32 at 40 text tokens)."""
+  (69.85 vs 69.47 GFLOPs for vilt_b32 at 40 text tokens)."""
   cfg = ModelConfig.vilt_b32()
   assert flops.sparse_flops_as_run(cfg, 40) / 1e9 == pytest.approx(69.854, abs=1e-3)
   assert flops.dense_flops(cfg, 40) / 1e9 == pytest.approx(69.474, abs=1e-3)

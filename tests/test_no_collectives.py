@@ -1,4 +1,4 @@
-"""Data-parallel sparse eval needs no collectives (issue 16).
+"""Data-parallel sparse eval needs no collectives.
 
 With the batch sharded over 4 faked CPU devices and the parameters replicated, the
 compiled programs of `tiny()` must not move data between devices: the eval step at a
@@ -23,7 +23,7 @@ from scanformer_jax.eval_step import EvalStep
 from scanformer_jax.exit_scan import ExitScan
 from scanformer_jax import early_exit
 assert jax.device_count() == 4, jax.devices()
-cfg = ModelConfig.tiny(capacity=(4, 8, 16), iou_head=True)
+cfg = ModelConfig.tiny(capacity=(4, 8, 16), exit_heads=("iou",))
 mesh_cfg = MeshConfig(data=4)
 mesh = sharding.make_mesh(mesh_cfg)
 abstract = train_state.abstract_params(cfg)

@@ -22,7 +22,7 @@ from scanformer_jax.pyramid import build_pyramid
 
 CFG = ModelConfig(hidden_size=32, num_heads=2, mlp_dim=64, num_layers=2, encoder1_layers=1,
                   image_sizes=(16, 32, 64), patch_size=8, pos_grid_size=4, max_text_len=6,
-                  vocab_size=40, box_head_layers=2, iou_head=True)  # 4, 16, 64 patches
+                  vocab_size=40, box_head_layers=2, exit_heads=("iou",))  # 4, 16, 64 patches
 LOSS = LossConfig(target_ratio=(1.0, 0.5, 0.25), select_weight=1.0)
 B, L = 4, 6
 # Below what Gumbel takes at random init (about half the children of taken parents):
@@ -77,7 +77,7 @@ def _dense_replay(module, image, text_ids, text_mask, sparse_taken):
                           selection_logits=tuple(o.selection_logits for o in outs),
                           taken=tuple(o.taken for o in outs),
                           num_dropped=jnp.zeros((image.shape[0], cfg.num_scales), jnp.int32),
-                          reg_features=reg, pred_iou=heads.pred_iou)
+                          reg_features=reg, exit_heads=heads.raw, signals=heads.signals)
 
 
 def _loss_and_grads(cfg, params, batch, rng, run):
@@ -115,8 +115,12 @@ def _assert_grads_close(actual, expected):
 
 def _assert_nonzero(grads):
   """The test can fail: the gradients it compares reach the parts under test."""
-  for name in ("const_tokens", "select_head", "patch_embed", "iou_head", "layers_0"):
-    assert max(float(np.abs(x).max()) for x in jax.tree.leaves(grads[name])) > 0, name
+  backbone = grads["backbone"]
+  for name, tree in (("const_tokens", grads["const_tokens"]), ("select_head", grads["select_head"]),
+                     ("patch_embed", backbone["patch_embed"]),
+                     ("exit_heads/iou", grads["exit_heads"]["iou"]),
+                     ("layers_0", backbone["layers_0"])):
+    assert max(float(np.abs(x).max()) for x in jax.tree.leaves(tree)) > 0, name
   const = np.asarray(grads["const_tokens"])  # [S, D]: C_s is the input of replaced patches
   assert np.all(np.abs(const[1:]).max(axis=1) > 0)
 
@@ -170,7 +174,7 @@ def test_small_capacity_equals_dense_replay(params):
 def _jitted_step(path, select_warmup_steps=0, capacity=None):
   config = ExperimentConfig(
       model=CFG, loss=LOSS, optim=OptimConfig(learning_rate=1e-3, warmup_steps=1),
-      train=TrainConfig(num_steps=10, batch_size=B, path=path, capacity=capacity,
+      train=TrainConfig(num_steps=10, batch_size=B, path=path, slots=capacity,
                         select_warmup_steps=select_warmup_steps))
   mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
   tx, schedules = optim.make_optimizer(config.optim, config.train.num_steps)
@@ -198,22 +202,22 @@ def test_sparse_step_compiles_once_and_reports_drops():
 
 def test_default_capacity_from_targets():
   model = ModelConfig.vilt_b32()  # 16, 64, 256 patches
-  assert TrainConfig().sparse_capacity(model, LossConfig(target_ratio=(1.0, 0.5, 0.25))) == (
+  assert TrainConfig().sparse_slots(model, LossConfig(target_ratio=(1.0, 0.5, 0.25))) == (
       16, 48, 96)  # ceil(1.5 * 0.5 * 64) = 48; ceil(1.5 * 0.25 * 256) = 96
-  assert TrainConfig().sparse_capacity(model, LossConfig(target_ratio=(1.0, 0.9, 0.1))) == (
+  assert TrainConfig().sparse_slots(model, LossConfig(target_ratio=(1.0, 0.9, 0.1))) == (
       16, 64, 40)  # capped at N_1; 38.4 -> 39 -> 40 (a multiple of 8)
-  with pytest.raises(ValueError, match=r"train.capacity\[0\] must be 16"):
-    TrainConfig(capacity=(8, 16, 16)).sparse_capacity(model, LossConfig())
+  with pytest.raises(ValueError, match=r"train.slots\[0\] must be 16"):
+    TrainConfig(slots=(8, 16, 16)).sparse_slots(model, LossConfig())
   with pytest.raises(ValueError, match="one entry per scale"):
-    TrainConfig(capacity=(16, 16)).sparse_capacity(model, LossConfig())
+    TrainConfig(slots=(16, 16)).sparse_slots(model, LossConfig())
   with pytest.raises(ValueError, match="path must be dense or sparse"):
     TrainConfig(path="ragged")
 
 
 def test_bad_capacity_is_a_user_error():
   tx, schedules = optim.make_optimizer(OptimConfig(), 10)
-  bad = dataclasses.replace(TrainConfig(), path="sparse", capacity=(4, 99, 12))
-  with pytest.raises(UserError, match=r"train.capacity\[1\]=99 outside \[1, 16\]"):
+  bad = dataclasses.replace(TrainConfig(), path="sparse", slots=(4, 99, 12))
+  with pytest.raises(UserError, match=r"train.slots\[1\]=99 outside \[1, 16\]"):
     train_step.make_train_step(CFG, LOSS, tx, schedules, bad)
 
 
