@@ -24,7 +24,6 @@ from flax import traverse_util
 from scanformer_jax import vilt
 from scanformer_jax.config import ModelConfig
 from scanformer_jax.errors import UserError
-from scanformer_jax.model import PARAM_GROUPS
 from scanformer_jax.weights_io import (WeightsError, read_safetensors, tensors_to_numpy,
                                        torch_load)
 
@@ -360,8 +359,8 @@ def report(cfg: ModelConfig, mapped, skipped, notes) -> str:
   else:
     lines.append("skipped nothing")
   lines.append("kept for vilt_forward, unused by ScanFormer: " + ", ".join(vilt.VILT_ONLY_GROUPS))
-  lines.append("ScanFormer initialises fresh: " + ", ".join(PARAM_GROUPS["new"])
-               + " (those its config enables)")
+  lines.append("ScanFormer initialises fresh everything beside params['backbone'] (REG, "
+               "scale and constant tokens, selection, box and exit heads)")
   lines += [f"note: {n}" for n in notes]
   return "\n".join(lines)
 

@@ -1,9 +1,10 @@
 """Optimizer: global-norm clipping, then AdamW with warmup + cosine decay, with a
 lower learning rate for the (pretrained) backbone than for ScanFormer's new parts.
 
-The two groups are `model.PARAM_GROUPS`: "new" (what ScanFormer adds to ViLT) and
-"backbone"; a top-level parameter in neither is an error, not a silent default.
-Weight decay applies to matrices only (not biases, norms, vectors).
+The groups follow the parameter tree: `params["backbone"]` (ViLT's, model.Backbone)
+trains at `backbone_learning_rate`; everything beside it (what ScanFormer adds: REG,
+scale and constant tokens, the heads, any exit head a plugin registers) at
+`learning_rate`. Weight decay applies to matrices only (not biases, norms, vectors).
 """
 
 from __future__ import annotations
@@ -14,14 +15,18 @@ import jax
 import optax
 
 from scanformer_jax.config import OptimConfig
-from scanformer_jax.model import PARAM_GROUPS, param_group
+from scanformer_jax.model import BACKBONE
+
+
+GROUPS = ("new", BACKBONE)
 
 
 def param_labels(params: Any) -> Any:
   """Same tree as `params` with its group ("new" or "backbone") at every leaf."""
   if not isinstance(params, dict) and not hasattr(params, "items"):
     raise TypeError("params must be a dict keyed by top-level module name")
-  return {name: jax.tree.map(lambda _, group=param_group(name): group, subtree)
+  return {name: jax.tree.map(lambda _, group=(BACKBONE if name == BACKBONE else "new"): group,
+                             subtree)
           for name, subtree in params.items()}
 
 
@@ -52,8 +57,7 @@ def make_optimizer(cfg: OptimConfig, num_steps: int
   parts = []
   if cfg.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
-  learning_rates = {"new": schedules["lr"], "backbone": schedules["lr_backbone"]}
-  assert set(learning_rates) == set(PARAM_GROUPS), sorted(PARAM_GROUPS)
+  learning_rates = {"new": schedules["lr"], BACKBONE: schedules["lr_backbone"]}
   parts.append(optax.multi_transform(
       {group: adamw(lr) for group, lr in learning_rates.items()}, param_labels))
   return optax.chain(*parts), schedules

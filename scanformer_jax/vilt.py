@@ -29,11 +29,10 @@ from scanformer_jax import config_io
 from scanformer_jax.config import ModelConfig
 from scanformer_jax.layers import (NEG_INF, EncoderLayer, PatchEmbed, TextEmbeddings, dense,
                                    embed, final_norm, patchify)
-from scanformer_jax.model import param_group
+from scanformer_jax.model import BACKBONE
 
-# Top-level parameter names shared with ScanFormer (copied by `init_from`) are the
-# "backbone" group of `model.PARAM_GROUPS`. Present in converted checkpoints, unused
-# by ScanFormer:
+# A converted ViLT tree is ScanFormer's `params["backbone"]` (copied by `init_from`),
+# plus these entries, present in converted checkpoints and unused by ScanFormer:
 VILT_ONLY_GROUPS = ("cls_token", "pooler")
 # ModelConfig fields that fix the backbone's parameter shapes and numerics.
 BACKBONE_FIELDS = ("vocab_size", "max_text_len", "type_vocab_size", "hidden_size", "num_layers",
@@ -299,8 +298,7 @@ def init_scanformer_from_vilt(
   scanformer_params: ScanFormer's params (bare tree or `{'params': tree}`);
   converted: a `convert-vilt` output directory, a `(params, cfg)` pair, or a bare
   ViLT params tree (then only shapes are checked); cfg: the training ModelConfig.
-  Every tensor of the "backbone" group (`model.PARAM_GROUPS`) is copied; the "new"
-  ones keep their init, except that `reg_from_cls` (`train.init_reg_from_vilt_cls`)
+  Every tensor under `params["backbone"]` is copied; the others keep their init, except that `reg_from_cls` (`train.init_reg_from_vilt_cls`)
   starts every REG_s from ViLT's pretrained image [CLS] token: REG_s enters the encoder
   where ViLT's [CLS] does (its position and modality embeddings), so each scale's REG
   begins as the token ViLT pretrained to summarise an image with its text.
@@ -330,20 +328,21 @@ def init_scanformer_from_vilt(
   vilt_flat = traverse_util.flatten_dict(dict(unwrap(vilt_params)))
   out, copied, fresh, errors = {}, [], set(), []
   for path, value in target.items():
-    if param_group(path[0]) != "backbone":
+    if path[0] != BACKBONE:
       out[path] = value
       fresh.add(path[0])
       continue
-    name = "/".join(path)
-    if path not in vilt_flat:
+    vilt_path = path[1:]  # params["backbone"] is the converted ViLT tree.
+    name = "/".join(vilt_path)
+    if vilt_path not in vilt_flat:
       errors.append(f"missing in the converted ViLT: {name} {tuple(np.shape(value))}")
       continue
-    src = vilt_flat[path]
+    src = vilt_flat[vilt_path]
     if np.shape(src) != np.shape(value):
       hint = ""
-      if path[0] == "pos_embed":
+      if vilt_path[0] == "pos_embed":
         hint = " (ViLT position grid: pos_grid_size must match the checkpoint)"
-      elif path[:2] == ("text_embed", "position"):
+      elif vilt_path[:2] == ("text_embed", "position"):
         hint = " (text positions: max_text_len must match the checkpoint)"
       errors.append(f"shape mismatch for {name}: ScanFormer {tuple(np.shape(value))} vs "
                     f"ViLT {tuple(np.shape(src))}{hint}")
@@ -369,9 +368,10 @@ def init_scanformer_from_vilt(
         fresh.discard("reg_tokens")
   if errors:
     raise ValueError(f"init_from {source}: cannot load ViLT weights: " + "; ".join(errors))
-  used = {p[0] for p in target} | ({"cls_token"} if reg_from_cls else set())
+  used = {p[1] for p in target if p[0] == BACKBONE} | ({"cls_token"} if reg_from_cls else set())
   unused = sorted({p[0] for p in vilt_flat} - used)
-  groups = sorted({p[0] for p in copied}, key=lambda n: (n.startswith("layers_"), n))
+  groups = sorted({p[1] if p[0] == BACKBONE else p[0] for p in copied},
+                  key=lambda n: (n.startswith("layers_"), n))
   layers = [g for g in groups if g.startswith("layers_")]
   shown = [g for g in groups if not g.startswith("layers_")]
   if layers:
