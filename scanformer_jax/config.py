@@ -44,6 +44,20 @@ def _check_numbers(section: str, config: Any, low: float = 0.0, **ranges) -> Non
           _check_number(f"{section}.{field.name}[{i}]", v, low)
 
 
+REMAT_MODES = ("none", "layer", "dots")
+
+# Config keys that were renamed: the old key is refused with one line naming the new.
+RENAMED_KEYS = {
+    "train.capacity": "train.slots",
+    "model.iou_head": "model.exit_heads (e.g. model.exit_heads='(\"iou\",)')",
+    "model.halt_head": "model.exit_heads (e.g. model.exit_heads='(\"halt\",)')",
+    "model.uncertainty_head": "model.exit_heads (e.g. model.exit_heads='(\"uncertainty\",)')",
+    "loss.iou_weight": "loss.exit_head_weights (e.g. '((\"iou\", 1.0),)')",
+    "loss.halt_weight": "loss.exit_head_weights (e.g. '((\"halt\", 1.0),)')",
+    "loss.uncertainty_weight": "loss.exit_head_weights (e.g. '((\"uncertainty\", 1.0),)')",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """ScanFormer architecture (DESIGN.md section 2).
@@ -97,13 +111,14 @@ class ModelConfig:
   tau: float = 1.0
   # Box head MLP depth (hidden layers of width hidden_size, then 4 outputs).
   box_head_layers: int = 3
-  # Early-exit heads on each REG_s (early_exit.py criteria read them), all off by
-  # default: the IoU head predicts the IoU of the scale's box (DESIGN.md section 4);
-  # the halting head the probability that the box is already correct (IoU >= 0.5);
-  # the uncertainty head a Laplace scale per box coordinate.
-  iou_head: bool = False
-  halt_head: bool = False
-  uncertainty_head: bool = False
+  # Training selection rule, a name registered with `@selection.train_rule`: hard
+  # 0/1 decisions with a straight-through gradient ("gumbel": hard Gumbel-sigmoid).
+  train_select_rule: str = "gumbel"
+  # Early-exit heads on each REG_s, by name (exit_heads.py registry; early_exit.py
+  # criteria read their signals), none by default: "iou" predicts the IoU of the
+  # scale's box (DESIGN.md section 4), "halt" the probability that the box is already
+  # correct (IoU >= 0.5), "uncertainty" a Laplace scale per box coordinate.
+  exit_heads: tuple[str, ...] = ()
   # The exit heads read stop_gradient(REG): their losses train only the heads, so
   # switching a head on does not change the grounding model (tests/test_exit_heads.py).
   exit_heads_stop_gradient: bool = True
@@ -114,6 +129,10 @@ class ModelConfig:
   # "sincos" (2-D sin-cos, a strong position signal from step 0: much faster when
   # training from scratch; irrelevant when ViLT weights are loaded).
   pos_embed_init: str = "normal"
+  # Rematerialisation of the encoder layers in the backward pass: "none" (save every
+  # activation), "layer" (save each layer's input only, recompute the rest) or "dots"
+  # (save matmul outputs only). Same values and gradients; less memory, more compute.
+  remat: str = "none"
 
   def __post_init__(self):
     sizes = self.image_sizes
@@ -130,6 +149,10 @@ class ModelConfig:
       raise ValueError("encoder1_layers must be in [1, num_layers]")
     if self.pos_embed_init not in ("normal", "sincos"):
       raise ValueError(f"pos_embed_init must be normal or sincos, got {self.pos_embed_init}")
+    if self.remat not in REMAT_MODES:
+      raise ValueError(f"remat must be one of {REMAT_MODES}, got {self.remat!r}")
+    if len(set(self.exit_heads)) != len(self.exit_heads):
+      raise ValueError(f"exit_heads names a head twice: {self.exit_heads}")
     if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype}")
     for name in ("capacity", "select_topk"):
@@ -270,13 +293,9 @@ class LossConfig:
   # exact targets are not verified here.
   target_ratio: tuple[float, ...] = (1.0, 0.5, 0.25)
   ratio_weight: float = 2.0
-  # L1 between the IoU head's prediction and the stop-gradient true IoU.
-  iou_weight: float = 1.0
-  # Halting head (model.halt_head): binary cross-entropy against "IoU_s >= 0.5".
-  halt_weight: float = 1.0
-  # Uncertainty head (model.uncertainty_head): Laplace NLL of the stop-gradient box
-  # coordinates, log(2 b) + |x - gt| / b per coordinate.
-  uncertainty_weight: float = 1.0
+  # Weights of the exit heads' loss terms by head name, e.g. (("halt", 2.0),); a head
+  # not named here weighs its registry entry's `weight` (1 for the built-in heads).
+  exit_head_weights: tuple[tuple[str, float], ...] = ()
   # Auxiliary, not in DESIGN.md's objective (0 = that objective): binary cross-entropy
   # teaching each scale's selection logits which patches overlap the ground-truth
   # box. A dense grounding signal that speeds up training from scratch and makes
@@ -285,6 +304,16 @@ class LossConfig:
 
   def __post_init__(self):
     _check_numbers("loss", self)
+    for i, pair in enumerate(self.exit_head_weights):
+      if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+          or not isinstance(pair[0], str)):
+        raise UserError(f"loss.exit_head_weights[{i}]={pair!r} must be a (head name, weight) "
+                        "pair")
+      _check_number(f"loss.exit_head_weights[{i}]", pair[1])
+
+  def exit_head_weight(self, name: str, default: float) -> float:
+    """The loss weight of exit head `name` (`default`: its registry entry's)."""
+    return dict(self.exit_head_weights).get(name, default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,24 +362,24 @@ class TrainConfig:
   # or gradient: the run has diverged. 0: never stop.
   max_consecutive_skipped: int = 10
   # The training forward: "dense" (every patch a token) or "sparse" (the Gumbel-taken
-  # patches in `capacity` slots plus one merged token: the same loss and gradients
+  # patches in `slots` slots plus one merged token: the same loss and gradients
   # for a cost that falls with the patches kept; model.py says why they are equal).
   path: str = "dense"
   # Sparse path: static slots per scale (scale 0: every patch). Patches taken beyond
   # them are replaced, lowest parent logits first, and counted (metric dropped_s<k>).
   # None: ceil(1.5 * loss.target_ratio[s] * N_s) rounded up to a multiple of 8,
-  # at most N_s (`sparse_capacity`).
-  capacity: Optional[tuple[int, ...]] = None
+  # at most N_s (`sparse_slots`).
+  slots: Optional[tuple[int, ...]] = None
 
   def __post_init__(self):
     _check_numbers("train", self, num_steps=(1,), batch_size=(1,), log_every=(1,))
     if self.path not in ("dense", "sparse"):
       raise ValueError(f"path must be dense or sparse, got {self.path!r}")
 
-  def sparse_capacity(self, model: ModelConfig, loss: LossConfig) -> tuple[int, ...]:
-    """The sparse path's slots per scale: `capacity`, or the default from the targets."""
-    if self.capacity is not None:
-      capacity = tuple(self.capacity)
+  def sparse_slots(self, model: ModelConfig, loss: LossConfig) -> tuple[int, ...]:
+    """The sparse path's slots per scale: `slots`, or the default from the targets."""
+    if self.slots is not None:
+      capacity = tuple(self.slots)
     else:
       if len(loss.target_ratio) != model.num_scales:
         raise ValueError(f"loss.target_ratio needs {model.num_scales} entries, "
@@ -359,14 +388,14 @@ class TrainConfig:
                        for ratio, n in zip(loss.target_ratio, model.num_patches))
       capacity = (model.num_patches[0],) + capacity[1:]
     if len(capacity) != model.num_scales:
-      raise ValueError(f"train.capacity needs one entry per scale ({model.num_scales}), "
+      raise ValueError(f"train.slots needs one entry per scale ({model.num_scales}), "
                        f"got {capacity}")
     for s, (count, total) in enumerate(zip(capacity, model.num_patches)):
       if not 1 <= count <= total:
-        raise ValueError(f"train.capacity[{s}]={count} outside [1, {total}] (the patches "
+        raise ValueError(f"train.slots[{s}]={count} outside [1, {total}] (the patches "
                          f"of scale {s})")
     if capacity[0] != model.num_patches[0]:
-      raise ValueError(f"train.capacity[0] must be {model.num_patches[0]}: scale 0 takes "
+      raise ValueError(f"train.slots[0] must be {model.num_patches[0]}: scale 0 takes "
                        "every patch")
     return capacity
 
@@ -378,7 +407,7 @@ class EvalConfig:
   # Evaluate the validation split(s) every K training steps (0: only via `eval`).
   every_steps: int = 0
   # Early-exit criterion reported next to the full scan, by name (early_exit.py
-  # registry), e.g. "iou_head:0.8" (needs model.iou_head) or "last_scale"; None: no
+  # registry), e.g. "iou_head:0.8" (needs the "iou" exit head) or "last_scale"; None: no
   # early-exit report.
   exit_criterion: Optional[str] = None
   # The exit-aware scan (exit_scan.py, `eval --exit-sweep`): after each scale the
@@ -447,6 +476,10 @@ class ExperimentConfig:
   eval: EvalConfig = EvalConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
   mesh: MeshConfig = MeshConfig()
+  # Python files or module names imported before the run (plugins.py): they register
+  # criteria, selection rules, exit heads and datasets. Saved in config.json, so every
+  # later command on the workdir imports them again.
+  plugins: tuple[str, ...] = ()
 
   def replace(self, **changes) -> "ExperimentConfig":
     return dataclasses.replace(self, **changes)

@@ -20,7 +20,8 @@ import types
 import typing
 from typing import Any, Sequence, Union
 
-from scanformer_jax.config import ExperimentConfig, ModelConfig
+from scanformer_jax import exit_heads, plugins, selection
+from scanformer_jax.config import RENAMED_KEYS, ExperimentConfig, ModelConfig
 from scanformer_jax.errors import UserError
 
 
@@ -56,10 +57,15 @@ def load_config_file(path: str) -> ExperimentConfig:
     config = module.get_config()
   except (ValueError, UserError) as e:  # A section's validation (config.py).
     raise UserError(f"{path}: invalid config: {e}") from None
+  if isinstance(config, ExperimentConfig) and config.plugins:
+    # Plugin files named relative to the config file; recorded absolute in config.json.
+    here = os.path.dirname(os.path.abspath(path))
+    config = config.replace(plugins=tuple(plugins.resolve(p, here) for p in config.plugins))
+    plugins.load_all(config.plugins)
   if not isinstance(config, ExperimentConfig):
     raise UserError(f"{path}: get_config() must return an ExperimentConfig, "
                     f"got {type(config).__name__}")
-  return config
+  return check_registered(config, path)
 
 
 # ----------------------------------------------------------------------------------
@@ -96,6 +102,10 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
       value = [_parse_literal(v.strip()) for v in value.split(",") if v.strip()]
     elif not isinstance(value, (list, tuple)):
       value = [value]
+    if len(args) >= 2 and args[-1] is not Ellipsis:  # A fixed-length pair, triple, ...
+      if len(value) != len(args):
+        raise UserError(f"{key} expects {len(args)} values, got {value!r}")
+      return tuple(coerce(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, args)))
     elem = args[0] if args else Any
     return tuple(coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value))
   if tp is bool:
@@ -126,7 +136,32 @@ def _field_types(cls) -> dict[str, Any]:
 
 
 def _section_names(config: ExperimentConfig) -> list[str]:
-  return [f.name for f in dataclasses.fields(config)]
+  """The config's sections (`model`, `data`, ...): its dataclass-valued fields."""
+  return [f.name for f in dataclasses.fields(config)
+          if dataclasses.is_dataclass(getattr(config, f.name))]
+
+
+def _refuse_renamed(key: str) -> None:
+  if key in RENAMED_KEYS:
+    raise UserError(f"config key {key} was renamed: use {RENAMED_KEYS[key]}")
+
+
+def check_registered(config: ExperimentConfig, where: str = "config") -> ExperimentConfig:
+  """UserError unless every registry name the config uses is registered (after its
+  plugins are imported): exit heads, selection rules."""
+  model = config.model
+  for name in model.exit_heads:
+    if name not in exit_heads.names():
+      raise UserError(f"{where}: model.exit_heads names {name!r}, not a registered exit head "
+                      f"({', '.join(exit_heads.names())}); a plugin registers more: "
+                      "--plugin FILE")
+  for key, value, known in (("select_rule", model.selection_rule, selection.RULES),
+                            ("train_select_rule", model.train_select_rule,
+                             selection.TRAIN_RULES)):
+    if value not in known:
+      raise UserError(f"{where}: model.{key}={value!r} is not a registered rule "
+                      f"({', '.join(sorted(known))}); a plugin registers more: --plugin FILE")
+  return config
 
 
 def _did_you_mean(word: str, choices: Sequence[str]) -> str:
@@ -147,6 +182,7 @@ def apply_overrides(config: ExperimentConfig, overrides: Sequence[str]) -> Exper
     key = key.strip()
     if not sep:
       raise UserError(f"--set expects key=value, got {item!r}")
+    _refuse_renamed(key)
     section_name, dot, field_name = key.partition(".")
     if not dot or section_name not in _section_names(config):
       sections = _section_names(config)
@@ -167,7 +203,7 @@ def apply_overrides(config: ExperimentConfig, overrides: Sequence[str]) -> Exper
       keys = ", ".join(f"{section_name}.{name}" for name in fields)
       raise UserError(f"invalid value for {keys}: {e}") from None
     config = dataclasses.replace(config, **{section_name: section})
-  return config
+  return check_registered(config, "--set")
 
 
 # ----------------------------------------------------------------------------------
@@ -185,6 +221,7 @@ def _section_from_dict(cls, values: dict[str, Any], where: str, name: str):
                     f"{type(values).__name__}")
   kwargs = {}
   for key, value in values.items():
+    _refuse_renamed(f"{name}.{key}")
     if key not in field_types:
       guess = _did_you_mean(key, list(field_types))
       raise UserError(f"{where}: unknown key {name}.{key}{guess}")
@@ -202,11 +239,15 @@ def from_dict(data: dict[str, Any], where: str = "config.json") -> ExperimentCon
   if not isinstance(data, dict):
     raise UserError(f"{where}: expected an object of config sections, got a "
                     f"{type(data).__name__}")
+  plugin_specs = coerce(data.get("plugins", ()), hints["plugins"], "plugins")
+  plugins.load_all(plugin_specs)  # Before the sections: they may name what plugins register.
   for name, values in data.items():
+    if name == "plugins":
+      continue
     if name not in hints:
       raise UserError(f"{where}: unknown section {name!r}{_did_you_mean(name, list(hints))}")
     sections[name] = _section_from_dict(hints[name], values, where, name)
-  return ExperimentConfig(**sections)
+  return check_registered(ExperimentConfig(plugins=plugin_specs, **sections), where)
 
 
 def model_config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
@@ -245,7 +286,8 @@ def load_json(path: str) -> ExperimentConfig:
 def flat_items(config: ExperimentConfig) -> list[tuple[str, Any]]:
   """`[("train.num_steps", 100), ...]`: every leaf key, for docs and logging."""
   out = []
-  for section in dataclasses.fields(config):
-    for key, value in dataclasses.asdict(getattr(config, section.name)).items():
-      out.append((f"{section.name}.{key}", value))
+  for section in _section_names(config):
+    for key, value in dataclasses.asdict(getattr(config, section)).items():
+      out.append((f"{section}.{key}", value))
+  out.append(("plugins", config.plugins))
   return out

@@ -227,8 +227,8 @@ def evaluate_batches(cfg: ModelConfig, params: Any, step: EvalStep,
 def parse_criterion(spec: str, cfg: ModelConfig) -> early_exit.ExitCriterion:
   """The registry's criterion for `spec`, checked against the model's outputs up front.
 
-  A criterion that cannot run on this model (e.g. `iou_head:...` without
-  `model.iou_head`) is a UserError now, not after an evaluation (or hours of training).
+  A criterion that cannot run on this model (e.g. `iou_head:...` without the "iou"
+  exit head) is a UserError now, not after an evaluation (or hours of training).
   """
   s = cfg.num_scales
   probe = {"boxes": np.zeros((1, s, 4), np.float32), "taken": np.zeros((1, s), np.int32),

@@ -1,7 +1,7 @@
 """One optimizer step: hard Gumbel selection, loss, guarded update.
 
 `train.path` picks the forward: "dense" (every patch a token) or "sparse" (the
-taken patches in `train.sparse_capacity` slots; the same loss and gradients, model.py
+taken patches in `train.sparse_slots` slots; the same loss and gradients, model.py
 says why). The sparse step reports `dropped_s<k>`: patches of scale k in the batch
 that Gumbel took but the capacity could not hold (replaced instead).
 
@@ -43,10 +43,9 @@ def make_train_step(cfg: ModelConfig, loss_cfg: LossConfig, tx: optax.GradientTr
   sparse = train_cfg.path == "sparse"
   if sparse:
     try:
-      capacity = train_cfg.sparse_capacity(cfg, loss_cfg)
+      slots = train_cfg.sparse_slots(cfg, loss_cfg)
     except ValueError as e:
       raise UserError(f"train.path=sparse: {e}") from None
-    sparse_model = ScanFormer(cfg.replace(capacity=capacity))
 
   def loss_fn(params, batch, rng, take_all):
     inputs = (batch["image"], batch["text_ids"], batch["text_mask"])
@@ -54,8 +53,8 @@ def make_train_step(cfg: ModelConfig, loss_cfg: LossConfig, tx: optax.GradientTr
 
     def gumbel_scan():
       if sparse:
-        return sparse_model.apply({"params": params}, *inputs, mode="sparse", train=True,
-                                  rngs={"gumbel": rng})
+        return dense_model.apply({"params": params}, *inputs, mode="sparse", train=True,
+                                 rngs={"gumbel": rng}, slots=slots)
       return dense_model.apply({"params": params}, *inputs, mode="dense", train=True,
                                rngs={"gumbel": rng})
 

@@ -162,7 +162,7 @@ def test_overrides_validate_once_after_all_of_them():
 
 
 def test_model_config_json_codec_round_trip():
-  cfg = ModelConfig.tiny(capacity=(4, 8, 16), iou_head=True)
+  cfg = ModelConfig.tiny(capacity=(4, 8, 16), exit_heads=("iou",))
   assert config_io.model_config_from_dict(config_io.model_config_to_dict(cfg)) == cfg
   with pytest.raises(UserError, match="unknown key model.bogus"):
     config_io.model_config_from_dict({"bogus": 1})

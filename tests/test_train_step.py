@@ -86,7 +86,7 @@ def test_sparse_path_skips_a_nan_batch_and_reports_drops(setup):
   """train.path=sparse keeps the guard: a non-finite batch changes nothing, then it trains."""
   config, mesh, _, _ = setup
   # Capacity 4 of 16 at scale 1: random-init Gumbel takes about 8, so some are dropped.
-  config = config.replace(train=dataclasses.replace(config.train, capacity=(4, 4)))
+  config = config.replace(train=dataclasses.replace(config.train, slots=(4, 4)))
   step, state = _step_and_state(config, mesh, path="sparse")
   before = jax.tree.map(np.asarray, state.params)
   bad = _batch(config)

@@ -128,4 +128,4 @@ def test_eval_exit_sweep_refuses_a_criterion_the_model_cannot_run(trained, tmp_p
   assert eval_cmd.main(["--workdir", str(workdir), "--split", "validation", "--no-progress",
                         "--exit-sweep", str(tmp_path), "--exit-criteria", "iou_head:0.7"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and "needs the IoU head" in err[0] and "model.iou_head" in err[0], err
+  assert len(err) == 1 and "needs the 'iou' exit head" in err[0] and "model.exit_heads" in err[0], err

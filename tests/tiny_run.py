@@ -26,7 +26,7 @@ def tiny_run(tmp_path_factory) -> Path:
   config = config_io.load_config_file(train_helpers.FAKE_CONFIG)
   config = config_io.apply_overrides(config, [
       "data.dataset=synthetic/tiny", f"data.data_dir={data_dir}", "data.augment=false",
-      f"train.num_steps={STEPS}", f"checkpoint.every_steps={STEPS}", "model.iou_head=true",
+      f"train.num_steps={STEPS}", f"checkpoint.every_steps={STEPS}", "model.exit_heads=iou",
       "eval.batch_size=8", "train.log_every=1"])
   trainer.train(config, str(workdir), progress=False)
   return workdir

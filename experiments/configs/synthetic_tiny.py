@@ -42,7 +42,7 @@ def get_config() -> C.ExperimentConfig:
       initializer_range=0.09, pos_embed_init="sincos",
       # The exit heads for the early-exit curve (`eval --exit-sweep`). They read
       # stop_gradient(REG): the grounding model trains exactly as without them.
-      iou_head=True, halt_head=True, uncertainty_head=True)
+      exit_heads=("iou", "halt", "uncertainty"))
   return C.ExperimentConfig(
       model=model,
       # No augmentation: ~3 epochs of 20k expressions do not overfit, and the

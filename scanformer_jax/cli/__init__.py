@@ -31,9 +31,12 @@ def version() -> str:
 
 
 def _usage() -> str:
-  lines = ["usage: scanformer [--version] <command> [options]", "", "commands:"]
+  lines = ["usage: scanformer [--version] <command> [--plugin PATH_OR_MODULE] [options]", "",
+           "commands:"]
   lines += [f"  {name:<13} {doc}" for name, (_, doc) in SUBCOMMANDS.items()]
-  lines += ["", "Run `scanformer <command> --help` for a command's options."]
+  lines += ["", "Run `scanformer <command> --help` for a command's options. --plugin (any",
+            "command, repeatable) imports a file or module that registers criteria, rules,",
+            "exit heads or datasets first."]
   return "\n".join(lines)
 
 
@@ -49,6 +52,16 @@ def main(argv: list[str] | None = None) -> int:
   if name not in SUBCOMMANDS:
     print(f"scanformer: error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
     return 2
+  from scanformer_jax import plugins  # pylint: disable=g-import-not-at-top
+  from scanformer_jax.cli import common  # pylint: disable=g-import-not-at-top
+  from scanformer_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  try:
+    rest, specs = common.take_plugin_args(rest)
+    plugins.load_all(specs)
+  except UserError as e:
+    print(f"scanformer {name}: error: {e}", file=sys.stderr)
+    return 2
+  common.CLI_PLUGINS[:] = specs
   module = importlib.import_module(f"{__name__}.{SUBCOMMANDS[name][0]}")
   return int(module.main(rest) or 0)
 

@@ -51,8 +51,8 @@ def setup_logging(verbose: bool = False) -> None:
 def run(prog: str, body: Callable[[], int], verbose: bool = False) -> int:
   """Runs a command's body: a `UserError` becomes one line on stderr and exit code 2.
 
-  With `verbose` the traceback is printed first (issue 17). Any other exception is a
-  bug and propagates with its traceback.
+  With `verbose` the traceback is printed first. Any other exception is a bug and
+  propagates with its traceback.
   """
   try:
     return int(body() or 0)
@@ -66,9 +66,36 @@ def run(prog: str, body: Callable[[], int], verbose: bool = False) -> int:
     return 130
 
 
+# Plugins named with --plugin on the command line (`scanformer` loads them before the
+# subcommand runs; `resolve_config` records them in the run's config).
+CLI_PLUGINS: list[str] = []
+
+
+def take_plugin_args(argv: list[str]) -> tuple[list[str], list[str]]:
+  """(argv without `--plugin X` / `--plugin=X`, the plugin specs), in order."""
+  rest, specs = [], []
+  args = iter(argv)
+  for arg in args:
+    if arg == "--plugin":
+      spec = next(args, None)
+      if spec is None:
+        raise UserError("--plugin needs a python file or module name")
+      specs.append(spec)
+    elif arg.startswith("--plugin="):
+      specs.append(arg.partition("=")[2])
+    else:
+      rest.append(arg)
+  return rest, specs
+
+
 def add_verbose_arg(parser: argparse.ArgumentParser) -> None:
+  """--verbose, and --plugin (documented here; `scanformer` consumes it first)."""
   parser.add_argument("-v", "--verbose", action="store_true",
                       help="debug logging; tracebacks for errors")
+  parser.add_argument("--plugin", metavar="PATH_OR_MODULE", action="append", default=[],
+                      help="a python file or module to import first: it registers exit "
+                           "criteria, selection rules, exit heads or datasets (repeatable; "
+                           "a training run records it in config.json)")
 
 
 def add_workdir_args(parser: argparse.ArgumentParser, config_required: bool = False) -> None:
@@ -86,8 +113,12 @@ def add_workdir_args(parser: argparse.ArgumentParser, config_required: bool = Fa
 def resolve_config(config_path: Optional[str], workdir: str, overrides: list[str]):
   """The config file (or the workdir's config.json) with `--set` overrides applied."""
   from scanformer_jax import config_io, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from scanformer_jax import plugins  # pylint: disable=g-import-not-at-top
   if config_path:
     config = config_io.load_config_file(config_path)
   else:
     config = workdir_lib.load_config(workdir)
+  if CLI_PLUGINS:
+    named = tuple(plugins.resolve(spec) for spec in CLI_PLUGINS)
+    config = config.replace(plugins=tuple(dict.fromkeys(config.plugins + named)))
   return config_io.apply_overrides(config, overrides)
