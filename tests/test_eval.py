@@ -102,7 +102,7 @@ def test_iou_head_threshold_exit():
   outputs = {"boxes": np.zeros((3, 3, 4)),
              "pred_iou": np.array([[0.7, 0.9, 0.9], [0.1, 0.6, 0.2], [0.1, 0.2, 0.3]])}
   np.testing.assert_array_equal(criterion.exit_scale(outputs), [0, 1, 2])
-  np.testing.assert_array_equal(early_exit.LastScale().exit_scale(outputs), [2, 2, 2])
+  np.testing.assert_array_equal(early_exit.LastScaleCriterion().exit_scale(outputs), [2, 2, 2])
   with pytest.raises(ValueError, match="IoU head"):
     criterion.exit_scale({"boxes": np.zeros((1, 3, 4))})
 
@@ -123,7 +123,7 @@ def test_a_retrace_is_caught(rigged):
 
 def test_criteria_registry_parses_names():
   assert early_exit.parse("iou_head:0.7") == early_exit.IouHeadCriterion(0.7)
-  assert early_exit.parse("last_scale") == early_exit.LastScale()
+  assert early_exit.parse("last_scale") == early_exit.LastScaleCriterion()
   assert {"iou_head", "last_scale"} <= set(early_exit.names())
   assert early_exit.parse("iou_head:0.7").spec == "iou_head:0.7"
   for bad, message in (("nope:1", "unknown exit criterion 'nope'"),
@@ -143,7 +143,7 @@ def test_criteria_never_see_the_true_iou(rigged):
 
     def exit_scale(self, outputs):
       seen.append(set(outputs))
-      return early_exit.LastScale().exit_scale(outputs)
+      return early_exit.LastScaleCriterion().exit_scale(outputs)
 
   batches, _ = _batches(config, num_batches=1, batch=8)
   metrics, _ = evaluate.collect(cfg, params, step, batches, mesh, progress=False)
