@@ -105,7 +105,7 @@ def _calibrated_evals(workdir: str, gallery_dir: Optional[str], common: list[str
 def exit_rows(sweep: dict) -> list[tuple]:
   """The early-exit curve's summary: each criterion's operating point (Acc@0.5 within
   0.01 of no exit, fewest GFLOPs) and, for the cheapest one, the share of its GFLOPs
-  saving that the real exit path realises in wall-clock (issue 13)."""
+  saving that the real exit path realises in wall-clock."""
   base, oracle = sweep["no_exit"], sweep["oracle"]
   rows = [("early exit: no exit / oracle",
            f"acc {base['acc@0.5']:.4f} at {base['gflops']:.4f} GFLOPs / "
@@ -129,7 +129,7 @@ def exit_rows(sweep: dict) -> list[tuple]:
 def speedup_row(throughput: dict) -> tuple:
   """Measured grouped-sparse vs dense eval samples/s (`bench --throughput`: the
   compiled steps on the same device batches, alternating passes) next to the
-  kept-FLOPs ratio (issue 16)."""
+  kept-FLOPs ratio."""
   modes = throughput["modes"]
   grouped, bucketed, dense = modes["grouped"], modes["bucketed"], modes["dense"]
   ratio = throughput["kept_flops_ratio"]
