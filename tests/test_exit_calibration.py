@@ -81,7 +81,8 @@ def test_calibrate_cli_then_run_the_calibrated_criterion(workdir, tmp_path, caps
   assert len(err) == 1 and "--exit-calibrate" in err[0], err
   assert eval_cmd.main(["--workdir", str(workdir), "--no-progress", "--exit-calibrate",
                         "--split", "validation", "--report-split", "test", "--risk", "0.5",
-                        "--delta", "0.5", "--exit-criteria", "iou_head,box_stability"]) == 0
+                        "--delta", "0.5", "--exit-criteria", "iou_head,box_stability",
+                        "--no-timing"]) == 0
   out = capsys.readouterr().out
   saved = json.load(open(workdir / "exit_calibration.json"))
   assert saved["split"] == "validation" and saved["report"]["split"] == "test"
@@ -91,8 +92,7 @@ def test_calibrate_cli_then_run_the_calibrated_criterion(workdir, tmp_path, caps
   assert entry["threshold"] is not None, entry  # Risk 0.5 at n 24: something passes.
   held = saved["report"]["criteria"]["iou_head"]
   assert held["realised_risk"]["count"] == 24 and held["spec"] == entry["spec"]
-  assert held["exit_scale_agreement"] == 1.0 and held["speedup_spread"]["n"] == 7
-  assert saved["report"]["no_exit_over_plain"]["n"] == 7
+  assert "speedup_spread" not in held  # --no-timing (the sweep's test times the exit path).
   assert "reported on test" in out and entry["spec"] in out
 
   report_path = tmp_path / "eval.json"
