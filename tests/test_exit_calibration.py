@@ -85,6 +85,7 @@ def test_calibrate_cli_then_run_the_calibrated_criterion(workdir, tmp_path, caps
                         "--no-timing"]) == 0
   out = capsys.readouterr().out
   saved = json.load(open(workdir / "exit_calibration.json"))
+  assert saved["chosen_on"] == "validation" and saved["reported_on"] == "test"
   assert saved["split"] == "validation" and saved["report"]["split"] == "test"
   assert saved["eps"] == 0.5 and saved["delta"] == 0.5 and saved["count"] == 24
   assert set(saved["criteria"]) == {"iou_head", "box_stability"}

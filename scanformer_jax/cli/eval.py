@@ -116,7 +116,7 @@ def _check_gallery_args(args, splits: list[str]) -> None:
   if args.exit_sweep and (args.gallery or args.mode != "sparse"):
     raise UserError("--exit-sweep runs alone: drop --gallery / --mode")
   if args.exit_criteria and not args.exit_sweep:
-    raise UserError("--exit-criteria needs --exit-sweep DIR")
+    raise UserError("--exit-criteria needs --exit-sweep DIR or --exit-calibrate")
   if args.gallery and len(splits) != 1:
     raise UserError(f"--gallery shows one split, got {', '.join(splits)}: add --split NAME")
   if args.gallery and args.gallery_size < 1:
@@ -231,7 +231,7 @@ def _exit_calibrate(args, config, run, split: str) -> int:
           entry.update(speedup_spread=spread, speedup=spread["median"],
                        realised=spread["median"] / entry["gflops_ratio"],
                        exit_scale_agreement=measured[entry["spec"]]["exit_scale_agreement"])
-    result["report"] = held
+    result.update(report=held, reported_on=args.report_split)
   if jax.process_index() == 0:
     clean, _ = strict_json(result)
     path = exit_calibration.write(clean, args.workdir)
