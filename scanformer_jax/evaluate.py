@@ -21,18 +21,17 @@ import itertools
 import time
 from typing import Any, Iterable, Optional, Sequence
 
-import jax
 import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
 from data_pipelines.contract import DEVICE_KEYS
 from scanformer_jax import capacity, data_source, early_exit, flops, sharding as sharding_lib
-from scanformer_jax.timing import best_pass
 from scanformer_jax.config import ExperimentConfig, ModelConfig
 from scanformer_jax.errors import UserError
 from scanformer_jax.eval_step import EvalStep
 from scanformer_jax.metrics import RecMetrics
+from scanformer_jax.timing import best_pass
 
 
 def blank_expressions(batch: dict) -> dict:

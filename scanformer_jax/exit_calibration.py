@@ -141,8 +141,8 @@ def calibrate(cfg, metrics, split: str, grids: dict[str, list[float]], eps: floa
   if not 0 < eps < 1 or not 0 < delta < 1:
     raise UserError(f"--risk {eps} and --delta {delta} must lie in (0, 1)")
   n = metrics.count
-  out = {"split": split, "chosen_on": split, "count": n, "eps": eps, "delta": delta, "guarantee": guarantee,
-         "loss": loss, "margin": margin if loss == "iou_drop" else None,
+  out = {"split": split, "chosen_on": split, "count": n, "eps": eps, "delta": delta,
+         "guarantee": guarantee, "loss": loss, "margin": margin if loss == "iou_drop" else None,
          "p_value": p_value if guarantee == "high-probability" else None,
          "iou_threshold": metrics.iou_threshold, "criteria": {}}
   bound = (f"{loss} <= {eps:g}" + (f" at delta {delta:g}" if guarantee == "high-probability"

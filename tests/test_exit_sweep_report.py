@@ -1,10 +1,22 @@
 """The sweep's report on the host: operating points chosen on one split and reported
 on another, the speed statistic each line names, and the plot's error bars."""
 
+import importlib.util
+
 import numpy as np
 from PIL import Image
 
+import train_helpers
 from scanformer_jax import exit_sweep, timing
+
+
+def run_demo():
+  """experiments/run_demo.py as a module (its table rows are plain functions)."""
+  spec = importlib.util.spec_from_file_location(
+      "run_demo", str(train_helpers.ROOT / "experiments" / "run_demo.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def _point(spec, acc, gflops, exit_scale=1.0, **extra):
@@ -48,7 +60,37 @@ def test_points_are_chosen_on_one_split_and_reported_on_the_other(tmp_path):
   assert "chosen on validation (10 expressions), reported on test (10)" in text
   assert f"speedup {timing.format_spread(speed)} = median of paired ratios" in text
   assert "0.91x (IQR" in text  # The exit machinery's cost at no exit.
+  rows = run_demo().exit_rows(result)
+  assert rows[0][0] == "early exit (chosen on validation, reported on test): no exit / oracle"
+  assert "speedup 2.00x median of 3 paired ratios (IQR 1.75-2.10" in rows[1][1]
+  assert rows[-1][1].startswith("0.91x median of 3 paired ratios")
   path = tmp_path / "sweep.png"
   exit_sweep.plot_sweep(result, str(path))
   with Image.open(path) as image:
     assert image.size[0] > 1000  # Two panels: GFLOPs and measured speedup.
+
+
+def test_demo_rows_of_a_calibration():
+  """The demo's table rows: the chosen threshold's held-out risk with its interval and
+  the paired speedup, and the no-exit fallback's message."""
+  speed = timing.paired_ratios([2.0, 2.0, 2.0], [1.0, 1.0, 1.0])
+  calibration = {
+      "split": "validation", "eps": 0.01, "delta": 0.1, "loss": "acc_drop",
+      "criteria": {"halt_head": {"threshold": 0.99, "spec": "halt_head:0.99"},
+                   "iou_head": {"threshold": None, "spec": "last_scale",
+                                "message": "no threshold of iou_head meets ..."}},
+      "report": {"split": "test", "no_exit_over_plain": speed, "criteria": {
+          "halt_head": {"spec": "halt_head:0.99", "gflops_saved": 0.25, "speedup": 2.0,
+                        "speedup_spread": speed, "realised": 1.5,
+                        "realised_risk": {"risk": 0.004, "losses": 4, "count": 1000,
+                                          "interval": [0.0011, 0.0102]}},
+          "iou_head": {"spec": "last_scale"}}}}
+  rows = run_demo().calibrated_exit_rows(calibration)
+  label, text, target, ok = rows[0]
+  assert label == "calibrated exit halt_head (validation -> test)"
+  assert text == ("halt_head:0.99: acc_drop 0.0040 (4/1000, 95% CI 0.0011-0.0102), GFLOPs "
+                  "saved 25.0%, speedup 2.00x median of 3 paired ratios (IQR 2.00-2.00, "
+                  "range 2.00-2.00), realised 1.50")
+  assert target == "risk <= 0.01 w.p. 0.9" and ok is True
+  assert rows[1][1] == "no threshold of iou_head meets ..." and rows[1][3] is None
+  assert rows[2][1].startswith("2.00x median of 3 paired ratios")
