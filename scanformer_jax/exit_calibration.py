@@ -158,8 +158,8 @@ def calibrate(cfg, metrics, split: str, grids: dict[str, list[float]], eps: floa
       entry.update(threshold=None, spec="last_scale", message=(
           f"no threshold of {name} meets {bound} on {n} samples; the safest "
           f"({name}:{grid[0]:g}) has {safest:.3g}: no exit"))
-      need = risk_control.min_samples(eps, delta)
-      if guarantee == "high-probability" and need and n < need:
+      need = risk_control.min_samples(eps, delta, guarantee)
+      if need and n < need:
         entry["message"] += f" (even a zero loss needs {need} samples)"
     else:
       threshold = grid[index]

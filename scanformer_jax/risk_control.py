@@ -200,9 +200,13 @@ def realised_risk(losses, alpha: float = 0.05) -> dict:
           "interval": [lower, upper], "interval_level": 1 - alpha}
 
 
-def min_samples(eps: float, delta: float) -> Optional[int]:
-  """Fewest calibration samples with which a zero-loss threshold passes the
-  Hoeffding-Bentkus test ((1 - eps)^n <= delta): the message when none can."""
+def min_samples(eps: float, delta: float, guarantee: str = "high-probability"
+                ) -> Optional[int]:
+  """Fewest calibration samples with which a zero-loss threshold can pass: the
+  Hoeffding-Bentkus test needs (1 - eps)^n <= delta, conformal risk control
+  1 / (n + 1) <= eps (the message when none can)."""
   if not 0 < eps < 1 or not 0 < delta < 1:
     return None
+  if guarantee == "expectation":
+    return int(math.ceil(1 / eps - 1 - 1e-9))
   return int(math.ceil(math.log(delta) / math.log1p(-eps)))

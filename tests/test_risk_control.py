@@ -39,6 +39,7 @@ def test_hoeffding_bentkus_p_value_by_hand():
   assert rc.hoeffding_bentkus_p_value(0.0, 230, 0.01) < 0.1 < rc.hoeffding_bentkus_p_value(
       0.0, 229, 0.01)
   assert rc.min_samples(0.01, 0.1) == 230
+  assert rc.min_samples(0.01, 0.1, "expectation") == 99  # 1 / (99 + 1) <= 0.01.
   # risk_hat 0.1 of 10 at eps 0.2: exp(-10 KL(0.1 || 0.2)) vs e P(Bin(10, 0.2) <= 1).
   kl = 0.1 * math.log(0.1 / 0.2) + 0.9 * math.log(0.9 / 0.8)
   bentkus = math.e * (0.8 ** 10 + 10 * 0.2 * 0.8 ** 9)
