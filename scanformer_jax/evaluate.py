@@ -1,6 +1,6 @@
 """Evaluate parameters on one split: sparse (or dense) scan, batched, every expression once.
 
-Returns the report of issues 4 and 16 (`acc@0.5`, `acc@0.5_per_scale`, `mean_iou`,
+Returns the split's report (`acc@0.5`, `acc@0.5_per_scale`, `mean_iou`,
 `keep_ratio`, `num_dropped`, `patches_dropped`, `overflow_fraction`, `capacity_used`,
 `gflops_as_run`, `gflops_kept`, `gflops_dense`, `samples_per_s` (end to end),
 `model_samples_per_s` (the compiled step alone: fastest of three passes over the
@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
-import jax
 import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
@@ -32,6 +31,7 @@ from scanformer_jax.config import ExperimentConfig, ModelConfig
 from scanformer_jax.errors import UserError
 from scanformer_jax.eval_step import EvalStep
 from scanformer_jax.metrics import RecMetrics
+from scanformer_jax.timing import best_pass
 
 
 def blank_expressions(batch: dict) -> dict:
@@ -84,35 +84,6 @@ def gflops_at_exit(cfg: ModelConfig, taken: np.ndarray, text_len: np.ndarray,
 
 
 TIMED_BATCHES = 8  # Batches kept on the device to time the compiled step alone.
-
-
-def best_pass(run_batches, passes: int = 3) -> tuple[float, Any]:
-  """(fastest of `passes` timed calls of `run_batches()` in seconds, its last result).
-
-  Each call dispatches its batches and waits for every result (no host round-trip
-  in between); the fastest pass is the one least disturbed by other work on the
-  host (on a 2-core CPU: the data pipeline's own threads).
-  """
-  best, outs = float("inf"), None
-  for _ in range(passes):
-    start = time.perf_counter()
-    outs = jax.block_until_ready(run_batches())
-    best = min(best, time.perf_counter() - start)
-  return best, outs
-
-
-def alternating_passes(runs: Mapping[str, Callable[[], Any]], passes: int
-                       ) -> tuple[dict[str, list[float]], dict[str, Any]]:
-  """Times every `runs[name]()` `passes` times, the names in turn in each round, so
-  drift on a shared host hits them alike: (seconds per name, one per round; each
-  name's last result)."""
-  times: dict[str, list[float]] = {name: [] for name in runs}
-  last: dict[str, Any] = {}
-  for _ in range(passes):
-    for name, run in runs.items():
-      seconds, last[name] = best_pass(run, 1)
-      times[name].append(seconds)
-  return times, last
 
 
 def first_device_batches(config: ExperimentConfig, split: str, mesh: Mesh,
