@@ -29,7 +29,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from scanformer_jax import early_exit, evaluate, risk_control
+from scanformer_jax import early_exit, evaluate, exit_heads, risk_control
 from scanformer_jax.errors import UserError
 
 FILENAME = "exit_calibration.json"
@@ -62,11 +62,14 @@ def _probe_outputs(num_scales: int, count: int = 512) -> dict[str, np.ndarray]:
   boxes = np.concatenate([np.broadcast_to(centre, (count, num_scales, 2)),
                           np.broadcast_to(size, (count, num_scales, 2))], -1) + jitter
   boxes[..., 2:] = np.abs(boxes[..., 2:]) + 0.01
-  return {"boxes": boxes.astype(np.float32),
+  # Every registered exit head's signal (a plugin's too) in [0, 1]; the built-in box
+  # scale in its own range.
+  signals = {exit_heads.get(name).signal: rng.uniform(0, 1, (count, num_scales))
+             for name in exit_heads.names()}
+  signals["box_scale"] = rng.uniform(0, 0.12, (count, num_scales))
+  return {**{k: v.astype(np.float32) for k, v in signals.items()},
+          "boxes": boxes.astype(np.float32),
           "wanted_next": rng.uniform(0, 0.6, (count, num_scales)).astype(np.float32),
-          "pred_iou": rng.uniform(0, 1, (count, num_scales)).astype(np.float32),
-          "halt_prob": rng.uniform(0, 1, (count, num_scales)).astype(np.float32),
-          "box_scale": rng.uniform(0, 0.12, (count, num_scales)).astype(np.float32),
           "taken": np.ones((count, num_scales), np.int32),
           "num_dropped": np.zeros((count, num_scales), np.int32),
           "text_len": np.full((count,), 4, np.int32)}

@@ -40,7 +40,7 @@ def _rows(n: int = 300):
 
 
 def test_calibration_picks_the_last_safe_threshold_and_falls_back_to_no_exit():
-  cfg = ModelConfig.tiny(iou_head=True)
+  cfg = ModelConfig.tiny(exit_heads=("iou",))
   metrics = _rows()
   grid = exit_calibration.ordered_grid("iou_head", [0.95, 0.9, 0.8, 0.7, 0.5])
   result = exit_calibration.calibrate(cfg, metrics, "validation", {"iou_head": grid},
