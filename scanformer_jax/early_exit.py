@@ -129,8 +129,9 @@ def signals_at(outputs: Mapping[str, np.ndarray], s: int,
     if outputs.get(key) is None:
       head = exit_heads.providing(key)
       if head is not None:
-        raise ValueError(f"{criterion.name} needs the {head.name!r} exit head ({key}): train "
-                         f"the model with model.exit_heads including {head.name!r}")
+        raise ValueError(f"{criterion.name} needs the {head.name!r} exit head "
+                         f"({head.description or key}): train the model with "
+                         f"model.exit_heads including {head.name!r}")
       raise ValueError(f"{criterion.name} needs the {key} output of the eval step")
   if getattr(criterion, "uses_ground_truth", False) and gt_box is None:
     raise ValueError(f"{criterion.name} needs the ground-truth boxes")

@@ -166,13 +166,13 @@ def laplace_nll_loss(log_scale: jax.Array, t: HeadTargets) -> jax.Array:
 register(ExitHead(
     name="iou", module=IouHead, signal="pred_iou", to_signal=lambda raw: raw,
     loss=iou_l1_loss, flops=lambda cfg: mlp_flops(cfg, 2, 1),
-    description="predicted IoU of each scale's box (criterion iou_head)"))
+    description="the IoU head: predicted IoU of each scale's box"))
 register(ExitHead(
     name="halt", module=HaltHead, signal="halt_prob", to_signal=jax.nn.sigmoid,
     loss=halt_bce_loss, flops=lambda cfg: mlp_flops(cfg, 2, 1),
-    description="probability that each scale's box is correct (criterion halt_head)"))
+    description="the halting head: probability that each scale's box is correct"))
 register(ExitHead(
     name="uncertainty", module=BoxUncertaintyHead, signal="box_scale",
     to_signal=lambda raw: jnp.exp(raw).mean(-1), loss=laplace_nll_loss,
     flops=lambda cfg: mlp_flops(cfg, 2, 4),
-    description="Laplace scale of the box coordinates (criterion box_uncertainty)"))
+    description="the uncertainty head: Laplace scale of the box coordinates"))

@@ -160,7 +160,7 @@ def test_exit_criterion_config_is_checked_against_the_model(rigged):
   ok = config.replace(eval=EvalConfig(exit_criterion="last_scale"))
   assert evaluate.exit_criterion(ok) == early_exit.LastScaleCriterion()
   no_head = config.replace(eval=EvalConfig(exit_criterion="iou_head:0.8"))
-  with pytest.raises(UserError, match="'iou' exit head"):
+  with pytest.raises(UserError, match="IoU head"):
     evaluate.exit_criterion(no_head)
   with_head = no_head.replace(model=cfg.replace(exit_heads=("iou",)))
   assert evaluate.exit_criterion(with_head) == early_exit.IouHeadCriterion(0.8)
