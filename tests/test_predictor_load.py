@@ -108,4 +108,5 @@ def test_truncated_words_are_marked_in_the_picture(predictor):
     band = picture[256:, :256]  # 64 px images are drawn at 256 px
     return int(np.all(band == scan_picture_lib.CUT_COLOUR, axis=-1).sum())
 
-  assert grey_caption_pixels(result) > 0 and grey_caption_pixels(full) == 0
+  # Antialiased glyph edges of other text hit the colour now and then; words do often.
+  assert grey_caption_pixels(result) > 100 and grey_caption_pixels(full) < 20
