@@ -38,6 +38,7 @@ import io
 import json
 import logging
 import os
+import re
 import time
 import traceback
 from http import HTTPStatus
@@ -93,8 +94,9 @@ def decode_image(data: bytes) -> np.ndarray:
   try:
     return np.asarray(images.to_rgb(images.open_image(data)), np.uint8)
   except BadSample as e:
+    detail = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", e.detail)
     raise RequestError(HTTPStatus.BAD_REQUEST,
-                       f"not a usable image: {e.detail}; send a JPEG or PNG photo") from None
+                       f"not a usable image: {detail}; send a JPEG or PNG photo") from None
 
 
 def _base64_image(value: Any) -> bytes:
