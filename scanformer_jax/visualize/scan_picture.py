@@ -4,7 +4,7 @@ One builder (`scan_picture`) serves predict and eval. Side by side:
 
   left   the input with every scale's box (red, green, blue from coarse to fine, as
          in the article's figures; the answer, the last scale, drawn thicker), each
-         inside a dark outline and a light inner edge so it stays visible on any
+         between a dark outer and a light inner keyline so it stays visible on any
          object colour (a green box on a green object); the ground truth when known;
          the expression as a caption below, the words past `max_text_len` (which the
          model never read) listed after "not read:" in grey.
@@ -253,13 +253,16 @@ def _draw_caption(draw: ImageDraw.ImageDraw, lines: list[Segments], x: float, y:
 
 def draw_box(draw: ImageDraw.ImageDraw, box: Sequence[float], colour: tuple[int, int, int],
              width: int) -> None:
-  """A `colour` box of `width` px between a dark outer and a light inner 1 px edge."""
+  """A `colour` box of `width` px, with 1 px keylines one pixel off it: dark outside,
+  light inside. On an object of the box's own colour the keylines still show; the
+  pixels right next to the box stay the image's, so its edges read exactly."""
   x0, y0, x1, y1 = (float(v) for v in box)
-  draw.rectangle([x0 - 1, y0 - 1, x1 + 1, y1 + 1], outline=OUTLINE_DARK, width=width + 2)
+  draw.rectangle([x0 - 2, y0 - 2, x1 + 2, y1 + 2], outline=OUTLINE_DARK, width=1)
   draw.rectangle([x0, y0, x1, y1], outline=colour, width=width)
-  if x1 - x0 > 2 * width + 2 and y1 - y0 > 2 * width + 2:
-    draw.rectangle([x0 + width, y0 + width, x1 - width, y1 - width],
-                   outline=OUTLINE_LIGHT, width=1)
+  inset = width + 1
+  if x1 - x0 > 2 * inset + 2 and y1 - y0 > 2 * inset + 2:
+    draw.rectangle([x0 + inset, y0 + inset, x1 - inset, y1 - inset], outline=OUTLINE_LIGHT,
+                   width=1)
 
 
 def split_read_words(expression: str, words_read: Optional[int]) -> tuple[str, str]:
