@@ -120,6 +120,20 @@ def bucket_for(n: int, batch_size: int) -> int:
   return next(b for b in batch_buckets(batch_size) if b >= n)
 
 
+def check_text(text: str, source: Optional[str] = None) -> None:
+  """A one-line DataError for a missing or empty expression, worded for any caller
+  (the Python API, a JSONL line, a web request), not for one command's flags."""
+  from data_pipelines import bad_input  # pylint: disable=g-import-not-at-top
+  if not isinstance(text, str):
+    raise DataError(f"{source or 'query'}: the expression must be a string, got "
+                    f"{type(text).__name__}")
+  try:
+    bad_input.check_expression(text)
+  except BadSample as e:
+    raise DataError(f"{source or 'query'}: {e.detail}: give the words that name the "
+                    "object, e.g. 'the red square on the left'") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class Query:
   """One preprocessed query: a B=1 contract batch and its meta row."""
@@ -160,6 +174,7 @@ class Predictor:
     """Reads and preprocesses one query; a bad image or empty text raises DataError."""
     if source is None and isinstance(image, (str, os.PathLike)):
       source = str(image)
+    check_text(text, source)
     arr = read_image(image, source)
     cfg = self.cfg
     batch, _ = processing.preprocess_single(arr, text, self.tokenizer, cfg.image_size,

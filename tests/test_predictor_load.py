@@ -110,3 +110,9 @@ def test_truncated_words_are_marked_in_the_picture(predictor):
 
   # Antialiased glyph edges of other text hit the colour now and then; words do often.
   assert grey_caption_pixels(result) > 100 and grey_caption_pixels(full) < 20
+
+
+def test_empty_text_message_fits_the_api(predictor):
+  with pytest.raises(UserError, match="empty expression") as e:
+    predictor(noise(64, 64), " \u200b ")
+  assert "--text" not in str(e.value) and "name the object" in str(e.value)

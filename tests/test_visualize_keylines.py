@@ -23,3 +23,17 @@ def test_a_box_on_its_own_colour_shows_its_keylines():
   assert tuple(pic[y0 - 2, xm]) == sp.OUTLINE_DARK  # outside, one pixel off
   assert tuple(pic[y0 + thick + 1, xm]) == sp.OUTLINE_LIGHT  # inside, one pixel off
   assert tuple(pic[y0 - 1, xm]) == colour and tuple(pic[y0 + thick, xm]) == colour
+
+
+def test_gallery_header_names_the_run(tmp_path):
+  from scanformer_jax.visualize import gallery  # pylint: disable=g-import-not-at-top
+  from visualize_fixtures import make_records  # pylint: disable=g-import-not-at-top
+  records, images = make_records(3)
+  facts = {"workdir": "/runs/<demo>", "checkpoint_step": 300, "split": "validation",
+           "model_samples_per_s": 812.25}
+  path = gallery.write_gallery(tmp_path, records, {"acc@0.5": 0.5},
+                               lambda r: images[r.sample_id], size=3, run_facts=facts)
+  page = open(path, encoding="utf-8").read()
+  assert "<h2>Run</h2>" in page and "/runs/&lt;demo&gt;" in page
+  assert "checkpoint step</td><td>300" in page and "812.2" in page
+  assert page.index("<h2>Run</h2>") < page.index("<h2>Metrics</h2>")
