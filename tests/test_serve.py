@@ -161,3 +161,11 @@ def test_the_page_in_headless_chromium(server, tmp_path):
   before = answer_colour_pixels(page, "before.png")
   after = answer_colour_pixels(page + "&submit=1", "after.png")
   assert after - before > 500, (before, after)  # the answer's box, beyond its swatch
+
+
+def test_warm_up_compiles_every_batch_size_the_batcher_forms(tmp_path_factory):
+  fresh = scanformer_jax.load(tiny_run(tmp_path_factory), batch_size=4)
+  assert app.warm_up(fresh, app.synthetic_samples(1), 4) == [1, 2, 4]
+  assert fresh.trace_count == 3
+  fresh.predict_batch([noise(50, 50)] * 3, [TEXT] * 3)  # bucket 4: compiled already
+  assert fresh.trace_count == 3

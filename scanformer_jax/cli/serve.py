@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="folder of sample images offered on the page (default: "
                       "three scenes of the synthetic generator)")
   parser.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+  parser.add_argument("--no-warmup", action="store_true",
+                      help="serve at once; each batch size then compiles on first use")
   return parser
 
 
@@ -57,6 +59,9 @@ def main(argv: list[str]) -> int:
     else:
       config = common.resolve_config(args.config, args.workdir, args.overrides)
       predictor = predictor_lib.load(args.workdir, args.step, args.batch_size, config=config)
+    if not args.no_warmup:
+      sizes = app.warm_up(predictor, samples or app.synthetic_samples(1), args.batch_size)
+      log.info("compiled batch sizes %s", sizes)
     server = app.make_server(predictor, args.host, args.port, samples=samples,
                              max_upload_mb=args.max_upload_mb, max_batch=args.batch_size)
     host, port = server.server_address[:2]

@@ -281,6 +281,19 @@ class Handler(BaseHTTPRequestHandler):
     return answer(prediction, latency, predictor.step, picture)
 
 
+def warm_up(predictor, samples: list[dict], max_batch: int) -> list[int]:
+  """Runs one query at every batch size the batcher can form, so that no request
+  waits for a compilation; returns the sizes run."""
+  from scanformer_jax.predictor import batch_buckets  # pylint: disable=g-import-not-at-top
+  png = samples[0]["png"] if samples else None
+  image = decode_image(png) if png else np.full((64, 64, 3), 128, np.uint8)
+  query = predictor.prepare(image, (samples[0]["text"] if samples else "") or "the object")
+  sizes = list(batch_buckets(max_batch)) if hasattr(predictor, "trace_count") else [1]
+  for size in sizes:
+    predictor.predict_queries([query] * size, max_batch)
+  return sizes
+
+
 def synthetic_samples(count: int = 3, size: int = 256) -> list[dict]:
   """Sample scenes from the synthetic generator, each with one of its expressions."""
   from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
