@@ -190,7 +190,25 @@ def to_json(result: dict) -> dict:
   return out
 
 
+def use_compilation_cache() -> None:
+  """jax's persistent compilation cache, as `scanformer` uses it (before jax loads):
+  $SCANFORMER_CACHE_DIR, else ~/.cache/scanformer_jax/jax; SCANFORMER_NO_CACHE=1: off."""
+  if os.environ.get("SCANFORMER_NO_CACHE", "").lower() not in ("", "0", "false", "no"):
+    return
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  path = os.environ.get("SCANFORMER_CACHE_DIR") or os.path.join(base, "scanformer_jax", "jax")
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError:
+    return  # run uncached
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
 def main(argv=None) -> int:
+  use_compilation_cache()
   here = os.path.dirname(os.path.abspath(__file__))
   parser = argparse.ArgumentParser(description="Box of the object an expression refers "
                                    "to, from an exported ScanFormer model.")
