@@ -13,7 +13,7 @@ import argparse
 import json
 
 from scanformer_jax import compile_cache
-from scanformer_jax.cli import common
+from scanformer_jax.cli import common, help_format
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,7 +21,7 @@ def _parser() -> argparse.ArgumentParser:
       prog="scanformer export", epilog=compile_cache.HELP + ".",
       description="Export a trained run (jax.export / StableHLO, parameters, tokenizer "
       "and a standalone run_exported.py needing only jax, numpy, tokenizers, Pillow).",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+      formatter_class=help_format.DefaultsFormatter)
   common.add_workdir_args(parser)
   parser.add_argument("--out", required=True, metavar="DIR",
                       help="directory to write the artifact into (created)")

@@ -12,7 +12,7 @@ import argparse
 import logging
 
 from scanformer_jax import compile_cache
-from scanformer_jax.cli import common
+from scanformer_jax.cli import common, help_format
 
 log = logging.getLogger("scanformer_jax.serve")
 
@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
       prog="scanformer serve", epilog=compile_cache.HELP + ".",
       description="Web page and POST /predict JSON endpoint for a trained run "
       "(--workdir) or a `scanformer export` directory.",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+      formatter_class=help_format.DefaultsFormatter)
   common.add_workdir_args(parser)
   parser.add_argument("--host", default="127.0.0.1",
                       help="address to listen on (0.0.0.0: every interface; put a "
