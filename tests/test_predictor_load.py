@@ -116,3 +116,19 @@ def test_empty_text_message_fits_the_api(predictor):
   with pytest.raises(UserError, match="empty expression") as e:
     predictor(noise(64, 64), " \u200b ")
   assert "--text" not in str(e.value) and "name the object" in str(e.value)
+
+
+def test_cli_configs_of_a_moved_run_use_its_vocab(run_dir, tmp_path, monkeypatch):
+  """eval / calibrate hand the CLI's config to the data pipelines: relocated too."""
+  from scanformer_jax import data_source  # pylint: disable=g-import-not-at-top
+  from scanformer_jax.cli import common  # pylint: disable=g-import-not-at-top
+  moved = tmp_path / "run"
+  moved.mkdir()
+  config = config_io.load_json(str(run_dir / "config.json"))
+  config = config_io.apply_overrides(config, ["data.vocab_path=weights/vilt/vocab.txt"])
+  config_io.save_json(config, str(moved / "config.json"))
+  (moved / "vocab.txt").write_text("\n".join(synthetic.vocab()) + "\n", encoding="utf-8")
+  monkeypatch.chdir("/")
+  resolved = common.resolve_config(None, str(moved), ["eval.batch_size=4"])
+  assert resolved.data.vocab_path == str(moved / "vocab.txt")
+  assert data_source.load_tokenizer(resolved).vocab_size == len(synthetic.vocab())

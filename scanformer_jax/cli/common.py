@@ -84,10 +84,11 @@ def add_workdir_args(parser: argparse.ArgumentParser, config_required: bool = Fa
 
 
 def resolve_config(config_path: Optional[str], workdir: str, overrides: list[str]):
-  """The config file (or the workdir's config.json) with `--set` overrides applied."""
+  """The config file (or the workdir's config.json) with `--set` overrides applied,
+  its vocab path relocated to the workdir's own copy when the recorded one is gone."""
   from scanformer_jax import config_io, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   if config_path:
     config = config_io.load_config_file(config_path)
   else:
     config = workdir_lib.load_config(workdir)
-  return config_io.apply_overrides(config, overrides)
+  return workdir_lib.relocated(config_io.apply_overrides(config, overrides), workdir)
