@@ -121,8 +121,8 @@ def bucket_for(n: int, batch_size: int) -> int:
 
 
 def check_text(text: str, source: Optional[str] = None) -> None:
-  """A one-line DataError for a missing or empty expression, worded for any caller
-  (the Python API, a JSONL line, a web request), not for one command's flags."""
+  """A one-line DataError for a missing or empty expression, worded for the Python
+  API or a JSONL line (`prepare` alone words it for `predict --text`)."""
   from data_pipelines import bad_input  # pylint: disable=g-import-not-at-top
   if not isinstance(text, str):
     raise DataError(f"{source or 'query'}: the expression must be a string, got "
@@ -174,7 +174,6 @@ class Predictor:
     """Reads and preprocesses one query; a bad image or empty text raises DataError."""
     if source is None and isinstance(image, (str, os.PathLike)):
       source = str(image)
-    check_text(text, source)
     arr = read_image(image, source)
     cfg = self.cfg
     batch, _ = processing.preprocess_single(arr, text, self.tokenizer, cfg.image_size,
@@ -234,11 +233,14 @@ class Predictor:
     """One `Prediction` per (image, text), in order; batched, jitted once per bucket."""
     if len(images) != len(texts):
       raise ValueError(f"{len(images)} images but {len(texts)} texts")
+    for n, text in enumerate(texts):
+      check_text(text, f"texts[{n}]")
     return self.predict_queries([self.prepare(im, t) for im, t in zip(images, texts)],
                                 batch_size)
 
   def __call__(self, image: ImageInput, text: str) -> Prediction:
     """One query (batch of one)."""
+    check_text(text, "text")
     return self.predict_queries([self.prepare(image, text)], batch_size=1)[0]
 
 

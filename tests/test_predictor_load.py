@@ -116,6 +116,8 @@ def test_empty_text_message_fits_the_api(predictor):
   with pytest.raises(UserError, match="empty expression") as e:
     predictor(noise(64, 64), " \u200b ")
   assert "--text" not in str(e.value) and "name the object" in str(e.value)
+  with pytest.raises(UserError, match=r"^texts\[1\]: empty expression"):
+    predictor.predict_batch([noise(64, 64)] * 2, [TEXT, ""])
 
 
 def test_cli_configs_of_a_moved_run_use_its_vocab(run_dir, tmp_path, monkeypatch):
