@@ -9,7 +9,11 @@ Images are read upright: EXIF orientation is applied (`data_pipelines/images.py`
 boxes refer to the image as viewers show it (a phone photo's sensor frame is never
 used). Expressions longer than `model.max_text_len` tokens are truncated with a
 warning and `truncated=True` in the result. The forward is the sparse scan, jitted
-once per batch size; `predict_batch` pads the last batch to the fixed batch size.
+once per batch-size bucket (`batch_buckets`: powers of two up to the batch size, and
+the batch size): fewer queries than a batch are padded to the smallest bucket that
+holds them, a longer stream runs full batches, so any mix of calls compiles at most
+a handful of programs; jax's persistent compilation cache (`compile_cache`) keeps
+them for the next process.
 """
 
 from __future__ import annotations
@@ -45,6 +49,16 @@ class Prediction:
   meta: dict[str, Any]  # the letterbox meta row (for `visualize.scan_picture`)
   truncated: bool  # the expression was longer than max_text_len tokens
   pred_iou: Optional[np.ndarray] = None  # [S] when the model has the IoU head
+  words_read: Optional[int] = None  # of a truncated expression: leading words read
+
+  def __repr__(self) -> str:
+    box = ", ".join(f"{float(v):.1f}" for v in self.box)
+    keep = ", ".join(f"{k:.2f}" for k in self.keep_ratio)
+    extra = ", truncated=True" if self.truncated else ""
+    if self.pred_iou is not None:
+      extra += f", pred_iou={float(self.pred_iou[-1]):.2f}"
+    return (f"Prediction(text={self.text!r}, box=({box}), image_size={self.image_size}, "
+            f"keep_ratio=({keep}){extra})")
 
   @property
   def box(self) -> np.ndarray:
@@ -69,7 +83,7 @@ class Prediction:
     """The scan picture (`visualize.scan_picture`) of this prediction on `image`."""
     from scanformer_jax.visualize.scan_picture import scan_picture  # pylint: disable=g-import-not-at-top
     return scan_picture(image, self.meta, self.frame_boxes, self.taken, self.text,
-                        pred_iou=self.pred_iou)
+                        pred_iou=self.pred_iou, words_read=self.words_read)
 
 
 def read_image(image: ImageInput, source: Optional[str] = None) -> np.ndarray:
@@ -92,6 +106,34 @@ def read_image(image: ImageInput, source: Optional[str] = None) -> np.ndarray:
   return arr
 
 
+def batch_buckets(batch_size: int) -> tuple[int, ...]:
+  """The batch sizes a Predictor compiles: 1, 2, 4, ... below `batch_size`, and it."""
+  sizes, b = [], 1
+  while b < batch_size:
+    sizes.append(b)
+    b *= 2
+  return tuple(sizes + [batch_size])
+
+
+def bucket_for(n: int, batch_size: int) -> int:
+  """The smallest bucket of `batch_size` holding `n` <= batch_size queries."""
+  return next(b for b in batch_buckets(batch_size) if b >= n)
+
+
+def check_text(text: str, source: Optional[str] = None) -> None:
+  """A one-line DataError for a missing or empty expression, worded for the Python
+  API or a JSONL line (`prepare` alone words it for `predict --text`)."""
+  from data_pipelines import bad_input  # pylint: disable=g-import-not-at-top
+  if not isinstance(text, str):
+    raise DataError(f"{source or 'query'}: the expression must be a string, got "
+                    f"{type(text).__name__}")
+  try:
+    bad_input.check_expression(text)
+  except BadSample as e:
+    raise DataError(f"{source or 'query'}: {e.detail}: give the words that name the "
+                    "object, e.g. 'the red square on the left'") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class Query:
   """One preprocessed query: a B=1 contract batch and its meta row."""
@@ -104,7 +146,7 @@ class Predictor:
   """A trained run ready to answer queries (see the module docstring).
 
   Holds the parameters (one device), the tokenizer and one jitted sparse forward;
-  jax compiles it once per batch size. `trace_count` counts its compilations.
+  jax compiles it once per batch-size bucket. `trace_count` counts its compilations.
   """
 
   def __init__(self, run, tokenizer, batch_size: int = DEFAULT_BATCH_SIZE):
@@ -140,13 +182,19 @@ class Predictor:
 
   def predict_queries(self, queries: Sequence[Query], batch_size: Optional[int] = None
                       ) -> list[Prediction]:
-    """Runs prepared queries in batches of `batch_size` (the last one padded)."""
+    """Runs prepared queries in batches of `batch_size`.
+
+    Fewer queries than a batch run at their bucket (`bucket_for`); the short last
+    batch of a longer stream is padded to the full batch size, the program its other
+    batches already compiled.
+    """
     import jax  # pylint: disable=g-import-not-at-top
     b = batch_size or self.batch_size
     results: list[Prediction] = []
     for start in range(0, len(queries), b):
       chunk = list(queries[start:start + b])
-      padded = chunk + [chunk[-1]] * (b - len(chunk))
+      size = b if len(queries) > b else bucket_for(len(chunk), b)
+      padded = chunk + [chunk[-1]] * (size - len(chunk))
       stacked = {k: np.concatenate([q.batch[k] for q in padded])
                  for k in ("image", "text_ids", "text_mask")}
       out = jax.device_get(self._forward(self.run.params, stacked["image"],
@@ -165,27 +213,69 @@ class Predictor:
         boxes=transforms.box_to_original_pixels(frame_boxes, meta),
         keep_ratio=tuple(float(t.mean()) for t in taken), taken=taken,
         frame_boxes=frame_boxes, meta=meta, truncated=bool(meta["truncated"]),
-        pred_iou=None if pred_iou is None else np.asarray(pred_iou[i], np.float32))
+        pred_iou=None if pred_iou is None else np.asarray(pred_iou[i], np.float32),
+        words_read=self._words_read(query.text) if meta["truncated"] else None)
+
+  def _words_read(self, text: str) -> int:
+    """How many leading words of `text` fit in max_text_len tokens (binary search)."""
+    words, room = text.split(), self.cfg.max_text_len - 2
+    lo, hi = 0, len(words)  # fits(lo) holds, fits(hi) may not
+    while lo < hi:
+      mid = (lo + hi + 1) // 2
+      if len(self.tokenizer.wordpiece_ids(" ".join(words[:mid]))) <= room:
+        lo = mid
+      else:
+        hi = mid - 1
+    return lo
 
   def predict_batch(self, images: Sequence[ImageInput], texts: Sequence[str],
                     batch_size: Optional[int] = None) -> list[Prediction]:
-    """One `Prediction` per (image, text), in order; batched, jitted once per size."""
+    """One `Prediction` per (image, text), in order; batched, jitted once per bucket."""
     if len(images) != len(texts):
       raise ValueError(f"{len(images)} images but {len(texts)} texts")
+    for n, text in enumerate(texts):
+      check_text(text, f"texts[{n}]")
     return self.predict_queries([self.prepare(im, t) for im, t in zip(images, texts)],
                                 batch_size)
 
   def __call__(self, image: ImageInput, text: str) -> Prediction:
     """One query (batch of one)."""
+    check_text(text, "text")
     return self.predict_queries([self.prepare(image, text)], batch_size=1)[0]
 
 
 def load(workdir: str | os.PathLike, step: Optional[int] = None,
-         batch_size: int = DEFAULT_BATCH_SIZE, config=None) -> Predictor:
-  """The `Predictor` of checkpoint `step` (default: newest) of a run directory.
+         batch_size: int = DEFAULT_BATCH_SIZE, config=None):
+  """A trained model, ready to answer: `load(path)(image, text) -> Prediction`.
 
-  config: default `<workdir>/config.json` (the CLI passes its --config / --set one).
+  Args:
+    workdir: a run directory (`scanformer train --workdir`; it may have been moved
+      or copied: its vocab.txt and config.json are read from it), or a directory
+      written by `scanformer export` (then an `ExportedPredictor`, same API).
+    step: the checkpoint's training step; default the newest (run directories only).
+    batch_size: queries per forward in `predict_batch` (default 8); shorter batches
+      are padded to a power of two, so at most log2(batch_size) + 1 programs compile.
+    config: an `ExperimentConfig` to use instead of `<workdir>/config.json` (the CLI
+      passes its `--config` / `--set` one).
+
+  Returns:
+    a `Predictor`: `predictor(image, text)` for one query (image: a path, PIL image
+    or uint8 [H, W, 3] array), `predictor.predict_batch(images, texts)` for many;
+    each answer is a `Prediction` (`.box` in the image's pixels, `.to_json()`,
+    `.scan_picture(image)`). Compiled programs are cached on disk between processes
+    (`scanformer_jax/compile_cache.py`; `SCANFORMER_NO_CACHE=1` turns it off).
   """
-  from scanformer_jax import data_source, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  run = workdir_lib.load_for_inference(os.fspath(workdir), config, step)
+  from scanformer_jax import compile_cache, data_source, export as export_lib, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from scanformer_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  compile_cache.enable()
+  path = os.fspath(workdir)
+  if export_lib.is_export_dir(path):
+    if step is not None or config is not None:
+      raise UserError(f"{path} is an exported model: it has one checkpoint and config; "
+                      "drop step / config")
+    return export_lib.ExportedPredictor(path)
+  if config is None and not os.path.isfile(workdir_lib.config_path(path)):
+    raise UserError(f"{path}: neither a run directory (no config.json) nor an exported "
+                    "model (no export.json)")
+  run = workdir_lib.load_for_inference(path, config, step)
   return Predictor(run, data_source.load_tokenizer(run.config), batch_size)

@@ -1,14 +1,17 @@
 """A run directory: where its files live, and loading a trained run for inference.
 
 A workdir holds `config.json` (the resolved experiment config), `checkpoints/` (or
-`checkpoint.directory`), `metrics.jsonl` and `tensorboard/`. `eval`, `predict` and
-the experiment scripts rebuild the trained model with `load_for_inference`.
+`checkpoint.directory`), `metrics.jsonl`, `tensorboard/` and, when the run has a
+vocab file, `vocab.txt` (`bundle_vocab`), so that it predicts wherever it is moved.
+`eval`, `predict` and the experiment scripts rebuild the trained model with
+`load_for_inference`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from typing import Any, Optional
 
 import jax
@@ -20,6 +23,7 @@ from scanformer_jax.config import ExperimentConfig, MeshConfig
 CONFIG_FILE = "config.json"
 CHECKPOINTS_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"  # Written by metric_writer.MetricWriter.
+VOCAB_FILE = "vocab.txt"  # The run's own copy of data.vocab_path.
 # One sample at a time: one device (orbax reshards FSDP checkpoints on restore).
 SINGLE_DEVICE_MESH = MeshConfig(data=1, fsdp=1)
 
@@ -44,6 +48,33 @@ def load_config(workdir: str) -> ExperimentConfig:
   return config_io.load_json(config_path(workdir))
 
 
+def bundle_vocab(config: ExperimentConfig, workdir: str) -> Optional[str]:
+  """Copies `data.vocab_path` into `<workdir>/vocab.txt`; returns the copy's path.
+
+  With it the workdir holds all that inference needs, and can be moved or shared.
+  """
+  src = config.data.vocab_path and os.path.expanduser(config.data.vocab_path)
+  if not src or not os.path.isfile(src):
+    return None
+  dst = os.path.join(workdir, VOCAB_FILE)
+  if not (os.path.isfile(dst) and os.path.samefile(src, dst)):
+    os.makedirs(workdir, exist_ok=True)
+    shutil.copyfile(src, dst + ".tmp")
+    os.replace(dst + ".tmp", dst)
+  return dst
+
+
+def relocated(config: ExperimentConfig, workdir: str) -> ExperimentConfig:
+  """The config with a vocab path that exists: `data.vocab_path` as given when it is
+  a file from here, else the workdir's own `vocab.txt` (a moved or copied run)."""
+  path = config.data.vocab_path
+  bundled = os.path.join(workdir, VOCAB_FILE)
+  if path and not os.path.isfile(os.path.expanduser(path)) and os.path.isfile(bundled):
+    return config.replace(data=dataclasses.replace(config.data,
+                                                   vocab_path=os.path.abspath(bundled)))
+  return config
+
+
 @dataclasses.dataclass(frozen=True)
 class InferenceRun:
   """A trained run's parameters, placed on `mesh`, ready for `ScanFormer.apply`."""
@@ -63,7 +94,7 @@ def load_for_inference(workdir: str, config: Optional[ExperimentConfig] = None,
   config: default `<workdir>/config.json`. mesh_config: default a single-device mesh
   (one sample at a time); `eval` passes `config.mesh` to use every device.
   """
-  config = config or load_config(workdir)
+  config = relocated(config or load_config(workdir), workdir)
   cfg = config.model
   mesh_config = mesh_config or SINGLE_DEVICE_MESH
   devices = jax.local_devices()[:1] if mesh_config == SINGLE_DEVICE_MESH else None

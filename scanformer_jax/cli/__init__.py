@@ -2,6 +2,7 @@
 
 Each subcommand is a module with `main(argv) -> int`, imported only when used, so the
 CLI starts fast and a subcommand's heavy imports never slow the others. Every
+command runs with jax's persistent compilation cache (`compile_cache`). Every
 command fails the same way (`common.run`): a `UserError` is one line
 `scanformer <cmd>: error: ...` and exit code 2; `--verbose` adds the traceback.
 """
@@ -12,12 +13,16 @@ import importlib
 import sys
 from importlib import metadata
 
+from scanformer_jax import compile_cache
+
 SUBCOMMANDS = {
     "train": ("train", "Train (resumes an existing workdir)."),
     "eval": ("eval", "Evaluate a workdir's checkpoint."),
     "predict": ("predict", "Box for one image and sentence."),
     "calibrate": ("calibrate", "Calibrate sparse capacities and buckets on a split."),
     "bench": ("bench", "Time compiled sparse vs dense inference."),
+    "export": ("export", "Export a trained run as a standalone StableHLO artifact."),
+    "serve": ("serve", "Web demo and JSON endpoint for a trained run."),
     "convert-vilt": ("convert_vilt", "Import pretrained ViLT weights."),
     "data": ("data", "Build and inspect datasets."),
 }
@@ -36,7 +41,8 @@ def _usage() -> str:
   lines += [f"  {name:<13} {doc}" for name, (_, doc) in SUBCOMMANDS.items()]
   lines += ["", "Run `scanformer <command> --help` for a command's options. --plugin (any",
             "command, repeatable) imports a file or module that registers criteria, rules,",
-            "exit heads or datasets first."]
+            "exit heads or datasets first.",
+            "", f"Compilation cache: {compile_cache.HELP}."]
   return "\n".join(lines)
 
 
@@ -52,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
   if name not in SUBCOMMANDS:
     print(f"scanformer: error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
     return 2
+  compile_cache.enable()  # Before the subcommand imports jax: its env vars are read then.
   from scanformer_jax import plugins  # pylint: disable=g-import-not-at-top
   from scanformer_jax.cli import common  # pylint: disable=g-import-not-at-top
   from scanformer_jax.errors import UserError  # pylint: disable=g-import-not-at-top

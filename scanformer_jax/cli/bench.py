@@ -21,19 +21,24 @@ from scanformer_jax.cli import common
 def parse_args(argv: list[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog="scanformer bench",
                                    description="Time compiled sparse vs dense inference.")
-  parser.add_argument("--model", choices=bench.MODELS, default="vilt_b32")
-  parser.add_argument("--batch-size", type=int, default=8)
+  parser.add_argument("--model", choices=bench.MODELS, default="vilt_b32",
+                      help="model size with random weights (default: %(default)s)")
+  parser.add_argument("--batch-size", type=int, default=8,
+                      help="samples per call (default: %(default)s)")
   parser.add_argument("--keep-ratio", type=float, default=0.25,
                       help="fraction of each scale's patches taken at s >= 1, in (0, 1]")
   parser.add_argument("--steps", type=int, default=10,
                       help="timed steps per mode (median); with --throughput: passes per mode")
   parser.add_argument("--warmup", type=int, default=2,
                       help="untimed calls per mode after compiling (at least 1 is made)")
-  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                      help="compute dtype (default: %(default)s)")
   parser.add_argument("--text-len", type=int, default=None,
                       help="text tokens per sample (default: the model's max_text_len)")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--json", default=None, help="write the report here")
+  parser.add_argument("--seed", type=int, default=0,
+                      help="seed of the random weights and inputs (default: %(default)s)")
+  parser.add_argument("--json", default=None, metavar="PATH",
+                      help="also write the full report as JSON here")
   parser.add_argument("--train", action="store_true",
                       help="time one training step (forward, backward, update) of the "
                            "dense and the sparse train path instead of inference")

@@ -21,12 +21,13 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--split", default=None,
                       help="split to calibrate on (default: the first of data.eval_splits)")
   parser.add_argument("--quantile", type=float, default=0.995,
-                      help="per-scale quantile of wanted patches per sample, in (0, 1]")
+                      help="per-scale quantile of wanted patches per sample, in (0, 1] "
+                      "(default: %(default)s): the capacity covers this share of samples")
   parser.add_argument("--step", type=int, help="checkpoint step (default: newest)")
   parser.add_argument("--set", dest="overrides", action="append", default=[],
                       metavar="KEY=VALUE", help="override a config field for this run "
                       "only (e.g. data.data_dir=...); not written back")
-  parser.add_argument("--no-progress", action="store_true")
+  parser.add_argument("--no-progress", action="store_true", help="no progress bar")
   common.add_verbose_arg(parser)
   return parser
 

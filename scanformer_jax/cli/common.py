@@ -111,7 +111,8 @@ def add_workdir_args(parser: argparse.ArgumentParser, config_required: bool = Fa
 
 
 def resolve_config(config_path: Optional[str], workdir: str, overrides: list[str]):
-  """The config file (or the workdir's config.json) with `--set` overrides applied."""
+  """The config file (or the workdir's config.json) with `--set` overrides applied,
+  its vocab path relocated to the workdir's own copy when the recorded one is gone."""
   from scanformer_jax import config_io, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from scanformer_jax import plugins  # pylint: disable=g-import-not-at-top
   if config_path:
@@ -121,4 +122,4 @@ def resolve_config(config_path: Optional[str], workdir: str, overrides: list[str
   if CLI_PLUGINS:
     named = tuple(plugins.resolve(spec) for spec in CLI_PLUGINS)
     config = config.replace(plugins=tuple(dict.fromkeys(config.plugins + named)))
-  return config_io.apply_overrides(config, overrides)
+  return workdir_lib.relocated(config_io.apply_overrides(config, overrides), workdir)

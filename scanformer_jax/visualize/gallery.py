@@ -120,6 +120,18 @@ def _metrics_html(summary: Mapping[str, Any]) -> str:
   return "\n".join(parts)
 
 
+# The facts a gallery header should give, and how they read.
+RUN_FACTS = {"workdir": "workdir", "checkpoint_step": "checkpoint step", "split": "split",
+             "model_samples_per_s": "samples/s (model only, compiled, no data loading)"}
+
+
+def _facts_html(facts: Mapping[str, Any]) -> str:
+  rows = "".join(f'<tr><td class="name">{_e(RUN_FACTS.get(k, k))}</td>'
+                 f"<td>{_e(_num(v))}</td></tr>"
+                 for k, v in facts.items())
+  return f"<table>{rows}</table>"
+
+
 def _swatch(scale: int) -> str:
   r, g, b = scale_colour(scale)
   return f'<span class="swatch" style="background: rgb({r}, {g}, {b})"></span>'
@@ -154,7 +166,8 @@ def write_gallery(out_dir: str | os.PathLike, records: Sequence[GalleryRecord],
                   metrics_summary: Mapping[str, Any],
                   load_image: Callable[[GalleryRecord], np.ndarray], size: int = 24,
                   seed: int = 0, iou_threshold: float = 0.5,
-                  title: str = "ScanFormer evaluation") -> str:
+                  title: str = "ScanFormer evaluation",
+                  run_facts: Optional[Mapping[str, Any]] = None) -> str:
   """Writes `out_dir/index.html` and one PNG per shown sample; returns the page path.
 
   Args:
@@ -164,11 +177,16 @@ def write_gallery(out_dir: str | os.PathLike, records: Sequence[GalleryRecord],
     load_image: record -> its original uint8 [H, W, 3] image; called for shown ones only.
     size: how many samples to show in all.
     seed: the random section's numpy seed.
+    run_facts: what was evaluated, shown first, in order (`RUN_FACTS` names the usual
+      keys: workdir, checkpoint step, split, model-only samples/s).
   """
   os.makedirs(out_dir, exist_ok=True)
   final_iou = np.array([float(np.asarray(r.iou)[-1]) for r in records])  # [N]
   sections = choose_samples(final_iou, size, seed, iou_threshold)
-  body = [f"<h1>{_e(title)}</h1>", "<h2>Metrics</h2>", _metrics_html(metrics_summary)]
+  body = [f"<h1>{_e(title)}</h1>"]
+  if run_facts:
+    body += ["<h2>Run</h2>", _facts_html(run_facts)]
+  body += ["<h2>Metrics</h2>", _metrics_html(metrics_summary)]
   count = 0
   for key, heading in SECTIONS:
     body.append(f"<h2>{_e(heading)} ({len(sections[key])})</h2>")

@@ -3,8 +3,11 @@
 One builder (`scan_picture`) serves predict and eval. Side by side:
 
   left   the input with every scale's box (red, green, blue from coarse to fine, as
-         in the article's figures; the answer, the last scale, drawn thicker) and the ground
-         truth when known; the expression as a caption below.
+         in the article's figures; the answer, the last scale, drawn thicker), each
+         between a dark outer and a light inner keyline so it stays visible on any
+         object colour (a green box on a green object); the ground truth when known;
+         the expression as a caption below, the words past `max_text_len` (which the
+         model never read) listed after "not read:" in grey.
   right  the image rebuilt from only the patches the model read: every region shows
          at the finest scale that read it (scale 0 reads everything, so what no finer
          scale took stays coarse); the keep ratio of each scale written below.
@@ -29,6 +32,9 @@ from data_pipelines.transforms import box_to_original_pixels
 # scales than three continue with orange and magenta.
 SCALE_COLOURS = ((230, 40, 40), (30, 170, 60), (40, 90, 240), (245, 150, 30), (200, 40, 200))
 GT_COLOUR = (255, 255, 255)
+OUTLINE_DARK = (0, 0, 0)
+OUTLINE_LIGHT = (255, 255, 255)
+CUT_COLOUR = (150, 150, 150)  # Words of a truncated expression that were not read.
 PAD_GREY = 128  # Letterbox padding (normalized 0.0) in uint8 terms.
 # Panels are drawn with the original's long side in [MIN_SIDE, MAX_SIDE] px.
 MIN_SIDE = 256
@@ -245,12 +251,35 @@ def _draw_caption(draw: ImageDraw.ImageDraw, lines: list[Segments], x: float, y:
       cx += font.getlength(text)
 
 
+def draw_box(draw: ImageDraw.ImageDraw, box: Sequence[float], colour: tuple[int, int, int],
+             width: int) -> None:
+  """A `colour` box of `width` px, with 1 px keylines one pixel off it: dark outside,
+  light inside. On an object of the box's own colour the keylines still show; the
+  pixels right next to the box stay the image's, so its edges read exactly."""
+  x0, y0, x1, y1 = (float(v) for v in box)
+  draw.rectangle([x0 - 2, y0 - 2, x1 + 2, y1 + 2], outline=OUTLINE_DARK, width=1)
+  draw.rectangle([x0, y0, x1, y1], outline=colour, width=width)
+  inset = width + 1
+  if x1 - x0 > 2 * inset + 2 and y1 - y0 > 2 * inset + 2:
+    draw.rectangle([x0 + inset, y0 + inset, x1 - inset, y1 - inset], outline=OUTLINE_LIGHT,
+                   width=1)
+
+
+def split_read_words(expression: str, words_read: Optional[int]) -> tuple[str, str]:
+  """(the words the model read, the words cut off) of `expression`."""
+  words = expression.split()
+  if words_read is None or words_read >= len(words):
+    return expression, ""
+  return " ".join(words[:words_read]), " ".join(words[words_read:])
+
+
 # --------------------------------------------------------------------------- picture
 def scan_picture(image: np.ndarray, meta: Mapping[str, Any], boxes: np.ndarray,
                  taken: Sequence[np.ndarray], expression: str,
                  gt_box: Optional[np.ndarray] = None,
                  pred_iou: Optional[Sequence[float]] = None,
-                 iou: Optional[float] = None, grid: bool = True) -> np.ndarray:
+                 iou: Optional[float] = None, grid: bool = True,
+                 words_read: Optional[int] = None) -> np.ndarray:
   """Builds the scan picture of one sample: uint8 [H', W', 3] (module docstring).
 
   Args:
@@ -264,6 +293,8 @@ def scan_picture(image: np.ndarray, meta: Mapping[str, Any], boxes: np.ndarray,
     pred_iou: optional [S] the IoU head's predictions.
     iou: optional IoU of the answer with the ground truth.
     grid: outline the patches the finer scales read on the right panel.
+    words_read: of a truncated expression, how many leading words the model read;
+      the rest are listed after "not read:" in grey.
   """
   image = np.asarray(image)
   if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -289,8 +320,7 @@ def scan_picture(image: np.ndarray, meta: Mapping[str, Any], boxes: np.ndarray,
     draw.rectangle([gx0 + 1, gy0 + 1, gx1 - 1, gy1 - 1], outline=GT_COLOUR, width=line)
   pixel_boxes = box_to_original_pixels(boxes, meta) * d  # [S, 4] panel px
   for s, box in enumerate(pixel_boxes):
-    width = 2 * line if s == num_scales - 1 else line
-    draw.rectangle([float(v) for v in box], outline=scale_colour(s), width=width)
+    draw_box(draw, box, scale_colour(s), 2 * line if s == num_scales - 1 else line)
 
   # Right: the rebuild.
   frame = rebuild_from_patches(to_frame(image, meta), taken)
@@ -315,7 +345,11 @@ def scan_picture(image: np.ndarray, meta: Mapping[str, Any], boxes: np.ndarray,
     scores.append(f"IoU {iou:.2f}")
   if pred_iou is not None:
     scores.append(f"predicted IoU {float(np.asarray(pred_iou)[-1]):.2f}")
-  left_lines = _caption_lines(font, text_width, legend, f'"{expression}"')
+  read, cut = split_read_words(expression, words_read)
+  left_lines = _caption_lines(font, text_width, legend, f'"{read}"' + (" ..." if cut else ""))
+  if cut:
+    left_lines += [[(f"not read: {t}" if k == 0 else t, CUT_COLOUR)]
+                   for k, t in enumerate(_wrap(cut, font, text_width))]
   if scores:
     left_lines.append([("   ".join(scores), (60, 60, 60))])
   ratios = "  ".join(f"s{s} {100 * k:.0f}%" for s, k in enumerate(keep_ratios(taken)))
