@@ -79,7 +79,7 @@ def export_run(workdir: str, out_dir: str, *, mode: str = "sparse",
   from jax import export as jax_export  # pylint: disable=g-import-not-at-top
   from data_pipelines import contract  # pylint: disable=g-import-not-at-top
   from scanformer_jax import data_source, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  from scanformer_jax.model import ScanFormer  # pylint: disable=g-import-not-at-top
+  from scanformer_jax import forward as forward_lib  # pylint: disable=g-import-not-at-top
   if mode not in MODES:
     raise UserError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
   if batch_size is not None and batch_size < 1:
@@ -87,16 +87,16 @@ def export_run(workdir: str, out_dir: str, *, mode: str = "sparse",
   run = workdir_lib.load_for_inference(workdir, config, step)
   tokenizer = data_source.load_tokenizer(run.config)
   cfg = run.config.model
-  model = ScanFormer(cfg)
   leaves, treedef = jax.tree.flatten(run.params)
   leaves = [np.asarray(x) for x in leaves]
 
   def forward(params_leaves, image, text_ids, text_mask):
     params = jax.tree.unflatten(treedef, params_leaves)
-    out = model.apply({"params": params}, image, text_ids, text_mask, mode=mode)
-    result = {"boxes": out.boxes, "taken": tuple(t > 0 for t in out.taken)}
-    if out.pred_iou is not None:
-      result["pred_iou"] = out.pred_iou
+    rows = forward_lib.rows(cfg, params, {"image": image, "text_ids": text_ids,
+                                          "text_mask": text_mask}, mode, masks=True)
+    result = {"boxes": rows["boxes"], "taken": rows["taken_masks"]}
+    if "pred_iou" in rows:
+      result["pred_iou"] = rows["pred_iou"]
     return result
 
   b = jax_export.symbolic_shape("b")[0] if batch_size is None else batch_size

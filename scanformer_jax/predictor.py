@@ -150,9 +150,8 @@ class Predictor:
   """
 
   def __init__(self, run, tokenizer, batch_size: int = DEFAULT_BATCH_SIZE):
-    import chex  # pylint: disable=g-import-not-at-top
     import jax  # pylint: disable=g-import-not-at-top
-    from scanformer_jax.model import ScanFormer  # pylint: disable=g-import-not-at-top
+    from scanformer_jax import forward  # pylint: disable=g-import-not-at-top
     self.run = run
     self.config = run.config
     self.cfg = run.config.model
@@ -160,15 +159,15 @@ class Predictor:
     self.tokenizer = tokenizer
     self.batch_size = batch_size
     self.trace_count = 0
-    model = ScanFormer(self.cfg)
 
-    def forward(params, image, text_ids, text_mask):
+    def run_forward(params, image, text_ids, text_mask):
       self.trace_count += 1  # Python side effect: runs once per compilation.
-      out = model.apply({"params": params}, image, text_ids, text_mask, mode="sparse")
-      chex.assert_shape(out.boxes, (image.shape[0], self.cfg.num_scales, 4))  # [B, S, 4]
-      return {"boxes": out.boxes, "taken": out.taken, "pred_iou": out.pred_iou}
+      rows = forward.rows(self.cfg, params, {"image": image, "text_ids": text_ids,
+                                             "text_mask": text_mask}, "sparse", masks=True)
+      return {"boxes": rows["boxes"], "taken": rows["taken_masks"],  # [B, S, 4]; [B, N_s]
+              "pred_iou": rows.get("pred_iou")}
 
-    self._forward = jax.jit(forward)
+    self._forward = jax.jit(run_forward)
 
   def prepare(self, image: ImageInput, text: str, source: Optional[str] = None) -> Query:
     """Reads and preprocesses one query; a bad image or empty text raises DataError."""
