@@ -252,22 +252,17 @@ def gallery_records(config: ExperimentConfig, params: Any, split: str, mesh: Mes
   Needs a `data_pipelines` dataset (one with meta rows) and a single process.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from scanformer_jax import box_ops  # pylint: disable=g-import-not-at-top
-  from scanformer_jax.model import ScanFormer  # pylint: disable=g-import-not-at-top
+  from scanformer_jax import forward as forward_lib  # pylint: disable=g-import-not-at-top
   from scanformer_jax.visualize.gallery import GalleryRecord  # pylint: disable=g-import-not-at-top
   if jax.process_count() > 1:
     raise UserError("--gallery runs on one process: run eval --gallery on a single host")
   cfg = config.model
-  model = ScanFormer(cfg)
 
   @jax.jit
   def forward(params, batch):
-    out = model.apply({"params": params}, batch["image"], batch["text_ids"],
-                      batch["text_mask"], mode="sparse")
-    iou = box_ops.iou_cxcywh(out.boxes, batch["box"][:, None, :])  # [B, S]
-    taken = tuple(t.astype(jnp.bool_) for t in out.taken)  # per scale [B, N_s]
-    return {"boxes": out.boxes, "iou": iou, "taken": taken, "pred_iou": out.pred_iou}
+    rows = forward_lib.rows(cfg, params, batch, "sparse", masks=True)
+    return {"boxes": rows["boxes"], "iou": rows["iou"],  # [B, S, 4], [B, S]
+            "taken": rows["taken_masks"], "pred_iou": rows.get("pred_iou")}
 
   batches = data_source.eval_batches(config, split, mesh)
   records = []
