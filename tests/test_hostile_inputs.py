@@ -45,3 +45,38 @@ def test_a_cycle_is_fine_and_a_deep_chain_is_refused():
     deep = [deep]
   with pytest.raises(safe_pickle.UnsafePickleError, match="deeper than"):
     safe_pickle.loads(pickle.dumps(deep))
+
+
+@pytest.mark.parametrize("special", ["/dev/zero", "/dev/urandom", "fifo", "directory"])
+def test_special_files_are_not_read_as_images(special, tmp_path):
+  if special == "fifo":
+    special = tmp_path / "queries.fifo"
+    os.mkfifo(special)  # Opening it would wait for a writer forever.
+  elif special == "directory":
+    special = tmp_path
+  elif not os.path.exists(special):
+    pytest.skip(f"no {special} here")
+  with pytest.raises(DataError, match=f"cannot read image {special}: it is a .*, not a "
+                     "regular file"):
+    processing.load_image_file(special)
+
+
+def test_image_files_above_the_size_limit_are_refused(tmp_path):
+  path = tmp_path / "photo.png"
+  Image.fromarray(np.full((32, 32, 3), 7, np.uint8)).save(path)
+  assert processing.load_image_file(path).shape == (32, 32, 3)
+  with pytest.raises(DataError, match=r"photo.png is 0.0 MB, more than the .* MB limit"):
+    processing.load_image_file(path, max_bytes=path.stat().st_size - 1)
+
+
+@pytest.mark.parametrize("content", [
+    b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"></svg>',
+    b"the dog on the left\n"])
+def test_files_that_are_not_images_name_the_file(content, tmp_path):
+  path = tmp_path / "picture.jpg"
+  path.write_bytes(content)
+  with pytest.raises(DataError) as e:
+    processing.load_image_file(path)
+  assert str(e.value).startswith(f"bad image {path}: cannot open image: not in an image "
+                                 "format")
+  assert "BytesIO" not in str(e.value) and "0x" not in str(e.value)
