@@ -2,8 +2,8 @@
 
 A sample is bad when its image is unusable (`images`: undecodable, truncated, empty,
 too small, too large), its expression is empty (also when it holds only control or
-zero-width characters), or its box is malformed (NaN, infinite), has zero or
-negative area, or lies outside the image. Over-long expressions are not bad: they
+zero-width characters) or not valid Unicode (lone surrogates), or its box is
+malformed (NaN, infinite), has zero or negative area, or lies outside the image. Over-long expressions are not bad: they
 are truncated to the token budget and counted (`truncated`). Non-ASCII text is kept:
 the tokenizer lowercases and strips accents as BERT does, and characters outside the
 vocab become [UNK], as in ViLT.
@@ -43,7 +43,14 @@ class BadSample(Exception):
 
 def check_expression(text: str) -> str:
   """Whitespace-collapsed text without control / format (zero-width) characters,
-  which BERT's normalizer drops anyway; BadSample if nothing is left."""
+  which BERT's normalizer drops anyway; BadSample if nothing is left, or if the text
+  is not valid Unicode (a lone surrogate: JSON's "\\ud800", or the undecodable bytes
+  of a non-UTF-8 command line, which no tokenizer can read)."""
+  text = str(text)
+  lone = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None)
+  if lone is not None:
+    raise BadSample("expression", f"invalid Unicode text (a lone surrogate, U+"
+                    f"{ord(text[lone]):04X}, at character {lone + 1}: not UTF-8?)")
   kept = "".join(c for c in str(text)
                  if c.isspace() or unicodedata.category(c) not in ("Cc", "Cf"))
   text = " ".join(kept.split())

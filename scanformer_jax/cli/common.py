@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import tempfile
 import traceback
 from typing import Callable, Optional
 
@@ -84,10 +86,49 @@ def add_workdir_args(parser: argparse.ArgumentParser, config_required: bool = Fa
 
 
 def resolve_config(config_path: Optional[str], workdir: str, overrides: list[str]):
-  """The config file (or the workdir's config.json) with `--set` overrides applied."""
-  from scanformer_jax import config_io, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  """The config file (or the workdir's config.json) with `--set` overrides applied,
+  its registry names checked (a config file may register its own rules first)."""
+  from scanformer_jax import config_io, selection, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   if config_path:
     config = config_io.load_config_file(config_path)
   else:
     config = workdir_lib.load_config(workdir)
-  return config_io.apply_overrides(config, overrides)
+  config = config_io.apply_overrides(config, overrides)
+  rule = config.model.selection_rule
+  if rule not in selection.RULES:
+    raise UserError(f"model.select_rule={rule!r} is not a registered selection rule (known: "
+                    f"{', '.join(sorted(selection.RULES))}); register it with "
+                    "@selection.rule in the config file")
+  return config
+
+
+def check_writable(path: Optional[str], flag: str, directory: bool = False) -> None:
+  """A UserError now, before any work, unless `path` (a file; with `directory`, a
+  folder) can be written: every output flag is checked this way up front, so a
+  typo costs no evaluation. Missing parent folders are fine (they are created when
+  the output is written); nothing is left behind.
+  """
+  if not path:
+    return
+  target = os.path.abspath(path)
+  if os.path.isdir(target):
+    if not directory:
+      raise UserError(f"{flag} {path} is a directory: give a file name")
+    folder = target
+  elif os.path.exists(target) and directory:
+    raise UserError(f"{flag} {path} is a file, not a directory: give a folder")
+  else:
+    folder = os.path.dirname(target)
+    while not os.path.lexists(folder):
+      folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+      raise UserError(f"{flag} {path}: {folder} is a file, not a directory")
+    if os.path.exists(target) and not os.access(target, os.W_OK):
+      raise UserError(f"{flag} {path} is not writable: choose another path")
+  try:  # Permissions, read-only file systems, ...: what a real write would meet.
+    fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
+    os.close(fd)
+    os.unlink(probe)
+  except OSError as e:
+    raise UserError(f"{flag} {path}: cannot write in {folder} ({e.strerror or e}); "
+                    "choose a writable path") from None

@@ -128,6 +128,9 @@ def main(argv: list[str]) -> int:
   common.setup_logging(args.verbose)
 
   def body() -> int:
+    common.check_writable(args.json, "--json")
+    common.check_writable(args.gallery, "--gallery", directory=True)
+    common.check_writable(args.exit_sweep, "--exit-sweep", directory=True)
     config = common.resolve_config(args.config, args.workdir, args.overrides)
     from scanformer_jax import sharding  # pylint: disable=g-import-not-at-top
     sharding.initialize_distributed(config.mesh)
