@@ -110,6 +110,19 @@ class SkipStats:
     if self.good + self.bad.sum() >= 1000:
       self._check()
 
+  def state(self) -> dict:
+    """The counts as JSON-able values (part of the data iterator's checkpoint), so a
+    resumed run logs the whole epoch, not the part after the resume."""
+    return {"epoch": self.epoch, "good": self.good, "bad": self.bad.tolist(),
+            "truncated": self.truncated, "totals": dict(self.totals)}
+
+  def set_state(self, state: dict) -> None:
+    self.epoch = state["epoch"]
+    self.good = int(state["good"])
+    self.bad = np.asarray(state["bad"], np.int64).reshape(len(BAD_REASONS))
+    self.truncated = int(state["truncated"])
+    self.totals = {**self.totals, **{k: int(v) for k, v in state["totals"].items()}}
+
   def _check(self) -> None:
     seen = self.good + int(self.bad.sum())
     if seen and self.bad.sum() / seen > self.max_bad_fraction:

@@ -47,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
   f.add_argument("--image-dir", required=True, help="folder with the images (any depth)")
   f.add_argument("--data-dir", required=True)
   f.add_argument("--max-bad-fraction", type=float, default=0.01,
-                 help="fail if more than this fraction of images is missing/unreadable")
+                 help="fail if more than this fraction of a split's images is "
+                 "missing/unreadable, or of its boxes is bad")
   f.add_argument("--overwrite", action="store_true",
                  help="rebuild an existing build whose inputs changed (else refused)")
 

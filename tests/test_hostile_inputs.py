@@ -345,3 +345,100 @@ def test_other_commands_check_their_outputs_first(tmp_path, capsys):
   _one_line_error(rc, err, "data", f"--out {bad}: ")
   rc, err = _cli(["convert-vilt", "--src", str(tmp_path / "none"), "--out", str(bad)], capsys)
   _one_line_error(rc, err, "convert-vilt", f"--out {bad}: ")
+
+
+# ------------------------------------------------------------------- refer builds
+
+
+@pytest.fixture
+def refer_inputs(tmp_path):
+  from data_fixtures import make_refer_fixture  # pylint: disable=g-import-not-at-top
+  make_refer_fixture(tmp_path / "in")
+  return tmp_path / "in" / "refer", tmp_path / "in" / "images"
+
+
+def _edit_pickle(refer, edit) -> None:
+  path = refer / "refcoco" / "refs(unc).p"
+  refs = pickle.loads(path.read_bytes())
+  edit(refs)
+  path.write_bytes(pickle.dumps(refs, protocol=2))
+
+
+def _set_boxes(refer, boxes: dict) -> None:
+  path = refer / "refcoco" / "instances.json"
+  inst = json.loads(path.read_text())
+  for ann in inst["annotations"]:
+    ann["bbox"] = boxes.get(ann["id"], ann["bbox"])
+  path.write_text(json.dumps(inst))  # NaN is written as the bare NaN Python reads back
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda refs: refs[2].pop("sentences"), "ref #2 (ref_id 3) has no 'sentences'"),
+    (lambda refs: refs[0]["sentences"][1].update(sent_id="abc"),
+     "ref #0 (ref_id 1) has sent_id='abc', not an integer"),
+    (lambda refs: refs[4].update(image_id=None), "ref #4 (ref_id 5) has image_id=None"),
+    (lambda refs: refs.append("a string"), "ref #8 (ref_id '?') is a str, not a dict"),
+])
+def test_malformed_refs_are_one_line_naming_the_ref(edit, message, refer_inputs, tmp_path,
+                                                     capsys):
+  from data_pipelines import cli  # pylint: disable=g-import-not-at-top
+  refer, image_dir = refer_inputs
+  _edit_pickle(refer, edit)
+  rc = cli.main(["refer", "--refer-root", str(refer), "--dataset", "refcoco", "--split-by",
+                 "unc", "--image-dir", str(image_dir), "--data-dir", str(tmp_path / "tfds")])
+  err = capsys.readouterr().err
+  assert rc == 2 and "Traceback" not in err, err[-3000:]
+  assert message in err.strip().splitlines()[-1]
+  assert not (tmp_path / "tfds").exists()
+
+
+def test_refer_build_refuses_bad_boxes_above_the_limit(refer_inputs, tmp_path):
+  from data_pipelines import refer_builder  # pylint: disable=g-import-not-at-top
+  refer, image_dir = refer_inputs
+  # Train refs 1, 2, 3 (annotations 101, 102, 104), on 96x64 and 64x96 images.
+  _set_boxes(refer, {101: [math.nan, 6.0, 30.0, 40.0], 102: [50.0, 10.0, -40.0, 30.0],
+                     104: [10.0, 20.0, 0.0, 60.0]})
+  with pytest.raises(DataError, match=r"split train: 3 of 3 boxes are bad \(NaN or infinite: "
+                     r"1, negative size: 1, zero area: 1\), more than --max-bad-fraction"):
+    refer_builder.build(refer, "refcoco", "unc", image_dir, tmp_path / "a")
+
+
+def test_refer_build_skips_and_reports_a_few_bad_boxes(refer_inputs, tmp_path, caplog):
+  from data_pipelines import refer_builder, sources  # pylint: disable=g-import-not-at-top
+  refer, image_dir = refer_inputs
+  _set_boxes(refer, {102: [50.0, 10.0, 400.0, 30.0]})  # outside its 96x64 image
+  refer_builder.build(refer, "refcoco", "unc", image_dir, tmp_path / "b",
+                      max_bad_fraction=0.5)
+  assert "train: 1 of 3 boxes bad, their refs skipped ({'outside the image': 1})" in caplog.text
+  src = sources.SampleSource("refer/refcoco_unc", "train", tmp_path / "b")
+  assert sorted(int(src[i]["expr_id"]) for i in range(len(src))) == [1001, 1002, 1004, 1005,
+                                                                      1006]
+
+
+# ------------------------------------------------------------------- epoch counts
+
+
+def test_the_epoch_log_after_a_resume_counts_the_whole_epoch(caplog):
+  import logging  # pylint: disable=g-import-not-at-top
+  from data_fixtures import block_sample  # pylint: disable=g-import-not-at-top
+  from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
+  src = [block_sample(i) for i in range(16)] + [block_sample(100, text="   "),
+                                                block_sample(101, box=[9.0, 5.0, 9.0, 20.0])]
+  for i, sample in enumerate(src):
+    sample["index"] = i
+
+  def train_iter():
+    return pipeline.make_train_iter("synthetic", "train", None, image_size=32, max_text_len=8,
+                                    global_batch_size=4, num_workers=0, source=src,
+                                    max_bad_fraction=0.5)
+  first = train_iter()
+  for _ in range(2):
+    next(first)
+  state = json.loads(json.dumps(first.get_state()))  # as the checkpoint stores it
+  caplog.set_level(logging.INFO, logger="data_pipelines")
+  resumed = train_iter()
+  resumed.set_state(state)
+  for _ in range(3):  # the rest of epoch 0 and the first batch of epoch 1
+    next(resumed)
+  logs = " ".join(r.getMessage() for r in caplog.records)
+  assert "epoch 0: 16 samples used, 2 bad skipped (image: 0, expression: 1, box: 1)" in logs
