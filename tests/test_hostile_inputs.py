@@ -118,6 +118,7 @@ def test_batch_predict_answers_every_line_whatever_it_holds(workdir, photo, tmp_
       b'{"image": "/dev/zero", "text": "the red square", "id": "zero"}',
       b'{"image": "a.png", "text": "the red square", "id": NaN}',
       b"[" * 100_000,
+      b'{"image": "a.png", "text": "the red square", "id": 1e999}',
       json.dumps({"image": "a.png", "text": "the red\u2028square", "id": "sep"},
                  ensure_ascii=False).encode(),
       good,
@@ -128,20 +129,22 @@ def test_batch_predict_answers_every_line_whatever_it_holds(workdir, photo, tmp_
   rc, err = _predict(["--workdir", str(workdir), "--input", str(queries), "--output",
                       str(preds), "--batch-size", "2"], capsys)
   assert rc == 0, err
-  assert "3 predicted, 5 errors" in err and "Traceback" not in err
+  assert "3 predicted, 6 errors" in err and "Traceback" not in err
   rows = [json.loads(line, parse_constant=_refuse_constant)
           for line in preds.read_text(encoding="utf-8").splitlines()]
-  assert [r["line"] for r in rows] == list(range(1, 9))
+  assert [r["line"] for r in rows] == list(range(1, 10))
   # An undecodable line's id is unknown (null): its `line` says which it was.
-  assert [r["id"] for r in rows] == ["ok", "surrogate", None, "zero", None, None, "sep", "ok"]
+  assert [r["id"] for r in rows] == ["ok", "surrogate", None, "zero", None, None, None, "sep",
+                                     "ok"]
   errors = {r["line"]: r["error"] for r in rows if "error" in r}
-  assert sorted(errors) == [2, 3, 4, 5, 6]
+  assert sorted(errors) == [2, 3, 4, 5, 6, 7]
   assert "invalid Unicode text (a lone surrogate, U+D800" in errors[2]
   assert "not UTF-8 text (byte 0xe9" in errors[3]
   assert "/dev/zero: it is a character device, not a regular file" in errors[4]
   assert "NaN is not a JSON number" in errors[5]
   assert "nested too deeply" in errors[6]
-  assert rows[0]["box"] == rows[-1]["box"] and rows[6]["text"] == "the red\u2028square"
+  assert "the number 1e999 is out of range" in errors[7]
+  assert rows[0]["box"] == rows[-1]["box"] and rows[7]["text"] == "the red\u2028square"
 
 
 def test_single_query_with_undecodable_text_is_one_line(workdir, photo, capsys):

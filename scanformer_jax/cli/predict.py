@@ -135,11 +135,19 @@ def _refuse_constant(name: str) -> Any:
   raise ValueError(f"invalid JSON: {name} is not a JSON number (write null or a string)")
 
 
+def _finite_float(text: str) -> float:
+  value = float(text)
+  if not math.isfinite(value):  # 1e999: valid JSON, but echoed it would be Infinity
+    raise ValueError(f"invalid JSON: the number {text} is out of range")
+  return value
+
+
 def parse_query_line(raw: bytes) -> dict:
   """One input line (bytes) -> its query object; ValueError saying what is wrong.
 
   Strictly UTF-8 (a bad byte is reported, not replaced: the expression would change)
-  and standard JSON (NaN and Infinity, which Python's json accepts, are refused).
+  and standard JSON (NaN, Infinity and out-of-range numbers such as 1e999, which
+  Python's json accepts, are refused: echoed, they would make the output invalid).
   """
   try:
     text = raw.decode("utf-8")
@@ -147,7 +155,7 @@ def parse_query_line(raw: bytes) -> dict:
     raise ValueError(f"the line is not UTF-8 text (byte 0x{raw[e.start]:02x} at position "
                      f"{e.start + 1}); save the file as UTF-8") from None
   try:
-    item = json.loads(text, parse_constant=_refuse_constant)
+    item = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
   except json.JSONDecodeError as e:
     raise ValueError(f"invalid JSON: {e.msg} (column {e.colno})") from None
   except RecursionError:
