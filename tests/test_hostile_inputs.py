@@ -445,3 +445,19 @@ def test_the_epoch_log_after_a_resume_counts_the_whole_epoch(caplog):
     next(resumed)
   logs = " ".join(r.getMessage() for r in caplog.records)
   assert "epoch 0: 16 samples used, 2 bad skipped (image: 0, expression: 1, box: 1)" in logs
+
+
+def test_a_full_disk_met_anywhere_is_one_line(capsys):
+  from scanformer_jax.cli import common  # pylint: disable=g-import-not-at-top
+
+  def body(error):
+    def run():
+      raise error
+    return run
+  full = OSError(errno.ENOSPC, "No space left on device", "/runs/a/config.json.partial")
+  assert common.run("scanformer train", body(full)) == 2
+  assert capsys.readouterr().err == (
+      "scanformer train: error: No space left on device (writing /runs/a/config.json.partial)"
+      ": free space there and rerun the same command\n")
+  with pytest.raises(PermissionError):  # Other OS errors are not the machine's state.
+    common.run("scanformer train", body(PermissionError(errno.EACCES, "Permission denied")))

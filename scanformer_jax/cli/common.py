@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -18,6 +19,9 @@ _QUIET_LOGGERS = ("jax._src", "grain", "tensorflow_datasets")
 # absl, warns on every read-only restore; asyncio prints the tracebacks of tasks that an
 # error abandoned): errors only, unless --verbose.
 _SILENT_LOGGERS = ("absl", "orbax", "asyncio")
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _quiet_unraisable(unraisable) -> None:
@@ -53,8 +57,9 @@ def setup_logging(verbose: bool = False) -> None:
 def run(prog: str, body: Callable[[], int], verbose: bool = False) -> int:
   """Runs a command's body: a `UserError` becomes one line on stderr and exit code 2.
 
-  With `verbose` the traceback is printed first (issue 17). Any other exception is a
-  bug and propagates with its traceback.
+  So does a full disk (or quota) met anywhere: the machine's state, not a bug. With
+  `verbose` the traceback is printed first. Any other exception is a bug and
+  propagates with its traceback.
   """
   try:
     return int(body() or 0)
@@ -62,6 +67,15 @@ def run(prog: str, body: Callable[[], int], verbose: bool = False) -> int:
     if verbose:
       traceback.print_exc(file=sys.stderr)
     print(f"{prog}: error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:
+    if e.errno not in _DISK_FULL:
+      raise
+    if verbose:
+      traceback.print_exc(file=sys.stderr)
+    where = f" (writing {e.filename})" if e.filename else ""
+    print(f"{prog}: error: {e.strerror}{where}: free space there and rerun the same "
+          "command", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     print(f"{prog}: interrupted", file=sys.stderr)
