@@ -458,6 +458,6 @@ def test_a_full_disk_met_anywhere_is_one_line(capsys):
   assert common.run("scanformer train", body(full)) == 2
   assert capsys.readouterr().err == (
       "scanformer train: error: No space left on device (writing /runs/a/config.json.partial)"
-      ": free space there and rerun the same command\n")
+      ": free space on that disk (the workdir's or the output's) and rerun the same command\n")
   with pytest.raises(PermissionError):  # Other OS errors are not the machine's state.
     common.run("scanformer train", body(PermissionError(errno.EACCES, "Permission denied")))

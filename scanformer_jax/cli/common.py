@@ -73,9 +73,9 @@ def run(prog: str, body: Callable[[], int], verbose: bool = False) -> int:
       raise
     if verbose:
       traceback.print_exc(file=sys.stderr)
-    where = f" (writing {e.filename})" if e.filename else ""
-    print(f"{prog}: error: {e.strerror}{where}: free space there and rerun the same "
-          "command", file=sys.stderr)
+    where = f"writing {e.filename}" if e.filename else "writing a file"
+    print(f"{prog}: error: {e.strerror} ({where}): free space on that disk (the "
+          "workdir's or the output's) and rerun the same command", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     print(f"{prog}: interrupted", file=sys.stderr)
