@@ -3,10 +3,10 @@
 A sample is bad when its image is unusable (`images`: undecodable, truncated, empty,
 too small, too large), its expression is empty (also when it holds only control or
 zero-width characters) or not valid Unicode (lone surrogates), or its box is
-malformed (NaN, infinite), has zero or negative area, or lies outside the image. Over-long expressions are not bad: they
-are truncated to the token budget and counted (`truncated`). Non-ASCII text is kept:
-the tokenizer lowercases and strips accents as BERT does, and characters outside the
-vocab become [UNK], as in ViLT.
+malformed (NaN, infinite), has zero or negative area, or lies outside the image.
+Over-long expressions are not bad: they are truncated to the token budget and
+counted (`truncated`). Non-ASCII text is kept: the tokenizer lowercases and strips
+accents as BERT does, and characters outside the vocab become [UNK], as in ViLT.
 
 Bad samples are skipped (training) or turned into `valid=False` rows (evaluation),
 counted by reason, and the counts are logged once per epoch. If more than

@@ -102,7 +102,8 @@ def add_workdir_args(parser: argparse.ArgumentParser, config_required: bool = Fa
 def resolve_config(config_path: Optional[str], workdir: str, overrides: list[str]):
   """The config file (or the workdir's config.json) with `--set` overrides applied,
   its registry names checked (a config file may register its own rules first)."""
-  from scanformer_jax import config_io, selection, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from scanformer_jax import config_io, selection, workdir as workdir_lib
   if config_path:
     config = config_io.load_config_file(config_path)
   else:
