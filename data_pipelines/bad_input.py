@@ -2,11 +2,11 @@
 
 A sample is bad when its image is unusable (`images`: undecodable, truncated, empty,
 too small, too large), its expression is empty (also when it holds only control or
-zero-width characters), or its box is malformed (NaN, infinite), has zero or
-negative area, or lies outside the image. Over-long expressions are not bad: they
-are truncated to the token budget and counted (`truncated`). Non-ASCII text is kept:
-the tokenizer lowercases and strips accents as BERT does, and characters outside the
-vocab become [UNK], as in ViLT.
+zero-width characters) or not valid Unicode (lone surrogates), or its box is
+malformed (NaN, infinite), has zero or negative area, or lies outside the image.
+Over-long expressions are not bad: they are truncated to the token budget and
+counted (`truncated`). Non-ASCII text is kept: the tokenizer lowercases and strips
+accents as BERT does, and characters outside the vocab become [UNK], as in ViLT.
 
 Bad samples are skipped (training) or turned into `valid=False` rows (evaluation),
 counted by reason, and the counts are logged once per epoch. If more than
@@ -43,7 +43,14 @@ class BadSample(Exception):
 
 def check_expression(text: str) -> str:
   """Whitespace-collapsed text without control / format (zero-width) characters,
-  which BERT's normalizer drops anyway; BadSample if nothing is left."""
+  which BERT's normalizer drops anyway; BadSample if nothing is left, or if the text
+  is not valid Unicode (a lone surrogate: JSON's "\\ud800", or the undecodable bytes
+  of a non-UTF-8 command line, which no tokenizer can read)."""
+  text = str(text)
+  lone = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None)
+  if lone is not None:
+    raise BadSample("expression", f"invalid Unicode text (a lone surrogate, U+"
+                    f"{ord(text[lone]):04X}, at character {lone + 1}: not UTF-8?)")
   kept = "".join(c for c in str(text)
                  if c.isspace() or unicodedata.category(c) not in ("Cc", "Cf"))
   text = " ".join(kept.split())
@@ -102,6 +109,19 @@ class SkipStats:
     # Fail early on a clearly broken dataset instead of at the end of an epoch.
     if self.good + self.bad.sum() >= 1000:
       self._check()
+
+  def state(self) -> dict:
+    """The counts as JSON-able values (part of the data iterator's checkpoint), so a
+    resumed run logs the whole epoch, not the part after the resume."""
+    return {"epoch": self.epoch, "good": self.good, "bad": self.bad.tolist(),
+            "truncated": self.truncated, "totals": dict(self.totals)}
+
+  def set_state(self, state: dict) -> None:
+    self.epoch = state["epoch"]
+    self.good = int(state["good"])
+    self.bad = np.asarray(state["bad"], np.int64).reshape(len(BAD_REASONS))
+    self.truncated = int(state["truncated"])
+    self.totals = {**self.totals, **{k: int(v) for k, v in state["totals"].items()}}
 
   def _check(self) -> None:
     seen = self.good + int(self.bad.sum())

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from data_pipelines.errors import DataError
+from scanformer_jax.errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
   f.add_argument("--image-dir", required=True, help="folder with the images (any depth)")
   f.add_argument("--data-dir", required=True)
   f.add_argument("--max-bad-fraction", type=float, default=0.01,
-                 help="fail if more than this fraction of images is missing/unreadable")
+                 help="fail if more than this fraction of a split's images is "
+                 "missing/unreadable, or of its boxes is bad")
   f.add_argument("--overwrite", action="store_true",
                  help="rebuild an existing build whose inputs changed (else refused)")
 
@@ -69,6 +71,8 @@ def _inspect(args: argparse.Namespace) -> list[dict]:
   from data_pipelines import processing, sources, transforms
   if args.num < 1:
     raise DataError("--num must be >= 1")
+  from scanformer_jax.cli import common
+  common.check_writable(args.out, "--out", directory=True)
   src = sources.SampleSource(args.dataset, args.split, args.data_dir)
   proc = processing.SampleProcessor(args.image_size, 2, None, None)
   out, bad = [], 0
@@ -108,6 +112,9 @@ def _draw(image_bytes: bytes, box, item: dict, path: Path) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+  if args.cmd != "inspect":  # The builds write into --data-dir.
+    from scanformer_jax.cli import common
+    common.check_writable(args.data_dir, "--data-dir", directory=True)
   if args.cmd == "synthetic":
     from data_pipelines import synthetic_builder
     path = synthetic_builder.build(args.data_dir, args.config)
@@ -143,7 +150,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   try:
     return _run(args)
-  except DataError as e:
+  except UserError as e:  # DataError, or an unwritable output path
     print(f"scanformer data: error: {e}", file=sys.stderr)
     return 2
 

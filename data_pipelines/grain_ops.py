@@ -75,6 +75,9 @@ class SkipBad(grain.IterDataset):
     return _SkipBadIterator(self._parent.__iter__())
 
 
+_PIPELINE, _COUNTS = "pipeline", "skip_stats"  # The keys of `DataIterator.get_state`.
+
+
 class DataIterator(grain.DatasetIterator):
   """The iterator the trainer holds: a grain DatasetIterator (checkpointable) that
   also counts used / bad / truncated samples per epoch (`stats`) and logs them."""
@@ -105,10 +108,15 @@ class DataIterator(grain.DatasetIterator):
     return batch
 
   def get_state(self) -> dict[str, Any]:
-    return self._parent.get_state()
+    """The pipeline's position and the epoch's counts so far (`SkipStats.state`)."""
+    return {_PIPELINE: self._parent.get_state(), _COUNTS: self.stats.state()}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    self._parent.set_state(state)
+    if _PIPELINE in state and _COUNTS in state:
+      self._parent.set_state(state[_PIPELINE])
+      self.stats.set_state(state[_COUNTS])
+    else:  # Saved before the counts were: the position only.
+      self._parent.set_state(state)
 
 
 class Account(grain.IterDataset):

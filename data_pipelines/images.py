@@ -23,14 +23,18 @@ the image as viewers show it.
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from data_pipelines.bad_input import BadSample
 
 # 8000 x 8000: above any photo we ground on, below PIL's decompression-bomb warning.
 MAX_IMAGE_PIXELS = 64_000_000
+# Largest image file read from disk (predict's --max-image-mb): a JPEG of
+# MAX_IMAGE_PIXELS is far smaller, so anything above is not a photo to ground on.
+MAX_IMAGE_BYTES = 64 * 2**20
 MIN_IMAGE_SIDE = 8
 _EXIF_ORIENTATION = 0x0112
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
@@ -58,10 +62,19 @@ def open_image(data: bytes | Image.Image) -> Image.Image:
       img.size  # noqa: B018 -- header parsed
     except Image.DecompressionBombError as e:
       raise BadSample("image", f"image too large: {e}") from None
+    except UnidentifiedImageError:
+      raise BadSample("image", "cannot open image: not in an image format PIL can decode "
+                      "(SVG, text and PDF files are not images here)") from None
     except Exception as e:  # PIL raises many types for garbage input
-      raise BadSample("image", f"cannot open image: {e}") from None
+      raise BadSample("image", f"cannot open image: {_plain_message(e)}") from None
   check_size(*img.size)
   return _upright(img)
+
+
+def _plain_message(error: Exception) -> str:
+  """PIL's message without the repr of our in-memory file (`<_io.BytesIO ...>`)."""
+  return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(error)) or type(
+      error).__name__
 
 
 def _upright(img: Image.Image) -> Image.Image:

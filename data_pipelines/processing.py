@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from typing import Any, Sequence
 
 import numpy as np
@@ -170,15 +171,48 @@ class EvalRow:
     return row
 
 
-def load_image_file(path: str | os.PathLike) -> np.ndarray:
-  """Reads an image file as upright uint8 [H, W, 3]; one-line DataError if bad."""
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
+               (stat.S_ISSOCK, "a socket"))
+
+
+def read_image_bytes(path: str | os.PathLike, max_bytes: int | None = None) -> bytes:
+  """The bytes of the regular file `path`, at most `max_bytes` (default
+  images.MAX_IMAGE_BYTES); one-line DataError otherwise.
+
+  Only regular files: /dev/zero or a FIFO would be read (or waited on) forever.
+  """
+  limit = images.MAX_IMAGE_BYTES if max_bytes is None else int(max_bytes)
+  data = b""
   try:
-    with open(path, "rb") as f:
-      data = f.read()
+    st = os.stat(path)
+    if stat.S_ISREG(st.st_mode) and st.st_size <= limit:
+      # O_NONBLOCK: a FIFO swapped in after the stat cannot block the open.
+      fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+      with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if stat.S_ISREG(st.st_mode):
+          data = f.read(limit + 1)
   except FileNotFoundError:
     raise DataError(f"image not found: {path}: check the path") from None
   except OSError as e:
     raise DataError(f"cannot read image {path}: {e.strerror or e}") from None
+  if not stat.S_ISREG(st.st_mode):
+    kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "not a file")
+    raise DataError(f"cannot read image {path}: it is {kind}, not a regular file; pass "
+                    "an image file")
+  size = max(st.st_size, len(data))
+  if size > limit:
+    raise DataError(f"image {path} is {size / 2**20:.1f} MB, more than the "
+                    f"{limit / 2**20:g} MB limit; pass a smaller file (or raise the limit: "
+                    "predict --max-image-mb)")
+  return data
+
+
+def load_image_file(path: str | os.PathLike, max_bytes: int | None = None) -> np.ndarray:
+  """Reads an image file as upright uint8 [H, W, 3]; one-line DataError if bad
+  (see `read_image_bytes` for what files are read)."""
+  data = read_image_bytes(path, max_bytes)
   try:
     rgb = images.to_rgb(images.open_image(data))
   except BadSample as e:

@@ -11,8 +11,13 @@ Datasets: refcoco (unc, google), refcoco+ (unc), refcocog (umd, google), refclef
 testA, testB, test), one record per image in the flat layout (`flat_format`); the
 image bytes are copied unchanged.
 
-Images that are missing or whose header does not parse are skipped and counted.
-A `file_name` that is absolute or climbs out of the image dir with `..` is refused.
+Images that are missing, larger than `images.MAX_IMAGE_BYTES` or whose header does
+not parse are skipped and counted; so are refs whose box is NaN, infinite, negative,
+of zero area or outside its image (`bad_input.check_box`, on the image's real size).
+More than `max_bad_fraction` of a split's images, or of its boxes, refuses the build.
+A ref without the toolkit's fields (`ref_id`, `ann_id`, `image_id`, `split`, and
+`sentences` with integer `sent_id`s) refuses it, naming the ref. A `file_name` that
+is absolute or climbs out of the image dir with `..` is refused.
 
 Each build stores a hash of its inputs (the refs pickle, instances.json and the image
 list: names, sizes, modification times) in `inputs.sha256`. Building again with the
@@ -37,7 +42,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from data_pipelines import flat_format, safe_paths, safe_pickle
+from data_pipelines import bad_input, flat_format, images as images_lib, safe_paths, safe_pickle
+from data_pipelines.bad_input import BadSample
 from data_pipelines.errors import DataError
 
 log = logging.getLogger("data_pipelines")
@@ -113,17 +119,75 @@ def read_inputs(refs_path: Path, inst_path: Path, image_dir: str | os.PathLike) 
                     "get it again as described in the README (\"Data\")") from None
   if not isinstance(refs, list):
     raise DataError(f"{refs_path}: expected a list of refs, got {type(refs).__name__}")
+  for i, ref in enumerate(refs):
+    problem = _ref_problem(ref)
+    if problem:
+      ref_id = ref.get("ref_id", "?") if isinstance(ref, dict) else "?"
+      raise DataError(f"{refs_path}: ref #{i} (ref_id {ref_id!r}) {problem}; not a refer "
+                      "refs pickle as the toolkit writes it: get it again as described "
+                      "in the README (\"Data\")")
   try:
     inst = json.loads(inst_path.read_text())
     images = {int(i["id"]): i for i in inst["images"]}
     anns = {int(a["id"]): a for a in inst["annotations"]}
-  except (ValueError, KeyError, TypeError) as e:
+    for info in images.values():
+      int(info["height"]), int(info["width"])  # pylint: disable=expression-not-assigned
+  except (ValueError, KeyError, TypeError, OverflowError) as e:
     raise DataError(f"{inst_path}: not a COCO-style instances.json ({type(e).__name__}: "
                     f"{e}); get it again as described in the README") from None
   for info in images.values():  # refuse before any image is read or anything written
     safe_paths.inside(image_dir, str(info.get("file_name", "")),
                       f"{inst_path}: image {info['id']} file_name")
   return Inputs(refs, images, anns)
+
+
+def _is_int(value: Any) -> bool:
+  try:
+    int(value)
+  except (TypeError, ValueError, OverflowError):
+    return False
+  return not isinstance(value, bool)
+
+
+def _ref_problem(ref: Any) -> str | None:
+  """What makes `ref` unlike the refer toolkit's refs (None: nothing)."""
+  if not isinstance(ref, dict):
+    return f"is a {type(ref).__name__}, not a dict"
+  missing = [k for k in ("ref_id", "ann_id", "image_id", "split", "sentences") if k not in ref]
+  if missing:
+    return f"has no {', '.join(repr(k) for k in missing)}"
+  for key in ("ref_id", "ann_id", "image_id", "category_id"):
+    if key in ref and not _is_int(ref[key]):
+      return f"has {key}={ref[key]!r}, not an integer"
+  if not isinstance(ref["sentences"], (list, tuple)):
+    return f"has sentences of type {type(ref['sentences']).__name__}, not a list"
+  for sent in ref["sentences"]:
+    if not isinstance(sent, dict) or "sent_id" not in sent:
+      return f"has a sentence without a sent_id: {sent!r:.80}"
+    if not _is_int(sent["sent_id"]):
+      return f"has sent_id={sent['sent_id']!r}, not an integer"
+    if not isinstance(sent.get("raw", sent.get("sent")), str):
+      return f"has sentence {sent['sent_id']!r} without its text ('raw' or 'sent')"
+  return None
+
+
+def _box_problem(bbox: Any, width: int, height: int) -> str | None:
+  """Why a COCO (x, y, w, h) box cannot be used on a width x height image, or None."""
+  try:
+    x, y, w, h = (float(v) for v in bbox)
+  except (TypeError, ValueError):
+    return "malformed"
+  if not all(np.isfinite([x, y, w, h])):
+    return "NaN or infinite"
+  if w < 0 or h < 0:
+    return "negative size"
+  if w == 0 or h == 0:
+    return "zero area"
+  try:
+    bad_input.check_box(np.array([x, y, x + w, y + h]), width, height)
+  except BadSample:
+    return "outside the image"
+  return None
 
 
 def inputs_digest(refs_path: Path, inst_path: Path, image_dir: str | os.PathLike) -> str:
@@ -192,6 +256,8 @@ class Refer(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     for r in refs:
       by_image[int(r["image_id"])].append(r)
     bad: collections.Counter = collections.Counter()
+    bad_boxes: collections.Counter = collections.Counter()
+    boxes_seen = 0
     for image_id in sorted(by_image):
       info = images.get(image_id)
       if info is None:
@@ -204,9 +270,12 @@ class Refer(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           log.warning("%s: image %s not found under %s", split, info["file_name"],
                       self._image_dir)
         continue
+      if path.stat().st_size > images_lib.MAX_IMAGE_BYTES:
+        bad["image too large"] += 1
+        continue
       data = path.read_bytes()
       try:
-        Image.open(io.BytesIO(data)).size  # noqa: B018 -- header only
+        width, height = Image.open(io.BytesIO(data)).size  # header only
       except Exception:  # PIL raises many types for garbage input
         bad["image unreadable"] += 1
         continue
@@ -215,6 +284,15 @@ class Refer(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         ann = anns.get(int(r["ann_id"]))
         if ann is None:
           bad["annotation missing"] += 1
+          continue
+        boxes_seen += 1
+        problem = _box_problem(ann.get("bbox"), width, height)
+        if problem:
+          bad_boxes[problem] += 1
+          if sum(bad_boxes.values()) <= 3:
+            log.warning("%s: ref %s (annotation %s) skipped: box %s is %s for its %dx%d "
+                        "image", split, r["ref_id"], r["ann_id"], ann.get("bbox"), problem,
+                        width, height)
           continue
         x, y, w, h = (float(v) for v in ann["bbox"])
         for s in sorted(r["sentences"], key=lambda s: int(s["sent_id"])):
@@ -241,6 +319,16 @@ class Refer(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       raise DataError(
           f"refer {self.builder_config.name} split {split}: {nbad} of {total} images "
           f"skipped ({dict(bad)}); are the images under {self._image_dir}? {_STEPS}")
+    nboxes = sum(bad_boxes.values())
+    if nboxes:
+      log.warning("refer %s/%s: %d of %d boxes bad, their refs skipped (%s)",
+                  self.builder_config.name, split, nboxes, boxes_seen, dict(bad_boxes))
+    if boxes_seen and nboxes / boxes_seen > self._max_bad_fraction:
+      raise DataError(
+          f"refer {self.builder_config.name} split {split}: {nboxes} of {boxes_seen} boxes "
+          f"are bad ({', '.join(f'{k}: {n}' for k, n in bad_boxes.items())}), more than "
+          f"--max-bad-fraction={self._max_bad_fraction}; check the annotations' bbox "
+          "values in instances.json (x, y, width, height in pixels)")
 
 
 def build(refer_root: str | os.PathLike, dataset: str, split_by: str,

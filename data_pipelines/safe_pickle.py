@@ -3,7 +3,8 @@
 Pickles can call any importable function while loading (e.g. `os.system`). These
 files only ever hold lists / dicts of strings and numbers, so the unpickler refuses
 every global except the builtin `set` / `frozenset` (Python 2 pickles name them),
-refuses persistent ids, and the result is checked to contain nothing else.
+refuses persistent ids, and the result is checked to contain nothing else, each
+object once, so a small pickle of shared references is checked in linear time.
 """
 
 from __future__ import annotations
@@ -35,20 +36,39 @@ class _RestrictedUnpickler(pickle.Unpickler):
     raise UnsafePickleError("refusing persistent id in pickle")
 
 
-def _check_plain(obj: Any, depth: int = 0) -> None:
-  if depth > 64:
-    raise UnsafePickleError("pickle nests deeper than 64 levels")
-  if isinstance(obj, _SCALARS):
-    return
-  if isinstance(obj, dict):
-    for k, v in obj.items():
-      _check_plain(k, depth + 1)
-      _check_plain(v, depth + 1)
-  elif isinstance(obj, (list, tuple, set, frozenset)):
-    for v in obj:
-      _check_plain(v, depth + 1)
-  else:
-    raise UnsafePickleError(f"unexpected {type(obj).__name__} in pickle")
+_MAX_DEPTH = 64
+
+
+def _check_plain(root: Any, max_visits: int) -> None:
+  """Raises unless `root` holds only plain containers and scalars.
+
+  Each container is checked once (memo by id): a pickle's memo lets a few bytes name
+  the same object many times, so walking every path could take exponential time.
+  With the memo the work is one visit per reference the pickle stored; more than
+  `max_visits` (a multiple of the pickle's size) is refused.
+  """
+  seen: set[int] = set()
+  visits = 0
+  stack = [(root, 0)]
+  while stack:
+    obj, depth = stack.pop()
+    visits += 1
+    if visits > max_visits:
+      raise UnsafePickleError(f"pickle holds more than {max_visits} references for its size")
+    if isinstance(obj, _SCALARS):
+      continue
+    if depth > _MAX_DEPTH:
+      raise UnsafePickleError(f"pickle nests deeper than {_MAX_DEPTH} levels")
+    if id(obj) in seen:
+      continue
+    if isinstance(obj, dict):
+      seen.add(id(obj))
+      stack.extend((item, depth + 1) for pair in obj.items() for item in pair)
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+      seen.add(id(obj))
+      stack.extend((item, depth + 1) for item in obj)
+    else:
+      raise UnsafePickleError(f"unexpected {type(obj).__name__} in pickle")
 
 
 def loads(data: bytes) -> Any:
@@ -56,7 +76,8 @@ def loads(data: bytes) -> Any:
   # Python 2 `str` objects are decoded as UTF-8 (refer's raw sentences).
   obj = _RestrictedUnpickler(io.BytesIO(data), encoding="utf-8",
                              errors="replace").load()
-  _check_plain(obj)
+  # Each reference a plain pickle stores took at least one opcode byte to push.
+  _check_plain(obj, max_visits=4 * len(data) + 1024)
   return obj
 
 

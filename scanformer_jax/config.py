@@ -135,9 +135,15 @@ class ModelConfig:
   remat: str = "none"
 
   def __post_init__(self):
+    positive = ("vocab_size", "max_text_len", "type_vocab_size", "hidden_size", "num_layers",
+                "num_heads", "mlp_dim", "patch_size", "pos_grid_size")  # 0 divides or empties.
+    _check_numbers("model", self, **{name: (1,) for name in positive},
+                   layer_norm_eps=(0.0, math.inf, True), tau=(0.0, math.inf, True),
+                   select_threshold=(0.0, 1.0))
     sizes = self.image_sizes
     if not sizes:
       raise ValueError("image_sizes must name at least one scale")
+    _check_number("model.image_sizes[0]", sizes[0], self.patch_size)
     for small, big in zip(sizes, sizes[1:]):
       if big != 2 * small:
         raise ValueError(f"each image size must be twice the previous: {sizes}")
@@ -275,6 +281,9 @@ class DataConfig:
 
   def __post_init__(self):
     _check_numbers("data", self, max_bad_fraction=(0.0, 1.0))
+    if not self.eval_splits:
+      raise UserError("data.eval_splits is empty: name at least one split to evaluate "
+                      "(e.g. validation)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -155,12 +155,13 @@ def check_registered(config: ExperimentConfig, where: str = "config") -> Experim
       raise UserError(f"{where}: model.exit_heads names {name!r}, not a registered exit head "
                       f"({', '.join(exit_heads.names())}); a plugin registers more: "
                       "--plugin FILE")
-  for key, value, known in (("select_rule", model.selection_rule, selection.RULES),
-                            ("train_select_rule", model.train_select_rule,
-                             selection.TRAIN_RULES)):
+  for key, value, known, what in (
+      ("select_rule", model.selection_rule, selection.RULES, "selection rule"),
+      ("train_select_rule", model.train_select_rule, selection.TRAIN_RULES,
+       "training selection rule")):
     if value not in known:
-      raise UserError(f"{where}: model.{key}={value!r} is not a registered rule "
-                      f"({', '.join(sorted(known))}); a plugin registers more: --plugin FILE")
+      raise UserError(f"{where}: model.{key}={value!r} is not a registered {what} (known: "
+                      f"{', '.join(sorted(known))}); a plugin registers more: --plugin FILE")
   return config
 
 

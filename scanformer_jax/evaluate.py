@@ -208,6 +208,9 @@ def parse_criterion(spec: str, cfg: ModelConfig) -> early_exit.ExitCriterion:
   probe.update({key: np.zeros((1, s), np.float32) for key in early_exit.model_signals(cfg)})
   try:
     criterion = early_exit.parse(spec)
+    threshold = getattr(criterion, "threshold", None)
+    if threshold is not None and not np.isfinite(threshold):
+      raise ValueError(f"the threshold must be a finite number, got {threshold}")
     if getattr(criterion, "uses_ground_truth", False):
       criterion.exit_scale(probe, np.zeros((1, 4), np.float32))
     else:

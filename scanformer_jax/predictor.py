@@ -86,14 +86,16 @@ class Prediction:
                         pred_iou=self.pred_iou, words_read=self.words_read)
 
 
-def read_image(image: ImageInput, source: Optional[str] = None) -> np.ndarray:
+def read_image(image: ImageInput, source: Optional[str] = None,
+               max_bytes: Optional[int] = None) -> np.ndarray:
   """A path, PIL image or uint8 [H, W, 3] array -> upright uint8 [H, W, 3].
 
   Paths and PIL images get their EXIF orientation applied; an array is taken as
-  already upright. A bad image raises a one-line `DataError`.
+  already upright. A path must name a regular file of at most `max_bytes` (default
+  `images.MAX_IMAGE_BYTES`). A bad image raises a one-line `DataError`.
   """
   if isinstance(image, (str, os.PathLike)):
-    return processing.load_image_file(image)
+    return processing.load_image_file(image, max_bytes)
   if isinstance(image, Image.Image):
     try:
       return np.asarray(images_lib.to_rgb(images_lib.open_image(image)), np.uint8)

@@ -93,6 +93,7 @@ def main(argv: list[str]) -> int:
   common.setup_logging(args.verbose)
 
   def body() -> int:
+    common.check_writable(args.json, "--json")
     if args.throughput:
       from scanformer_jax import bench_throughput  # pylint: disable=g-import-not-at-top
       report = bench_throughput.run_throughput(args.workdir, args.split, args.steps)

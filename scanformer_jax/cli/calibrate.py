@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from scanformer_jax.cli import common
 
@@ -41,6 +42,7 @@ def main(argv: list[str]) -> int:
 
   def body() -> int:
     config = common.resolve_config(None, args.workdir, args.overrides)
+    common.check_writable(os.path.join(args.workdir, "config.json"), "--workdir")
     from scanformer_jax import sharding  # pylint: disable=g-import-not-at-top
     sharding.initialize_distributed(config.mesh)
     import jax  # pylint: disable=g-import-not-at-top

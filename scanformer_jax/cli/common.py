@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import sys
+import tempfile
 import traceback
 from typing import Callable, Optional
 
@@ -16,6 +19,9 @@ _QUIET_LOGGERS = ("jax._src", "grain", "tensorflow_datasets")
 # absl, warns on every read-only restore; asyncio prints the tracebacks of tasks that an
 # error abandoned): errors only, unless --verbose.
 _SILENT_LOGGERS = ("absl", "orbax", "asyncio")
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _quiet_unraisable(unraisable) -> None:
@@ -51,7 +57,8 @@ def setup_logging(verbose: bool = False) -> None:
 def run(prog: str, body: Callable[[], int], verbose: bool = False) -> int:
   """Runs a command's body: a `UserError` becomes one line on stderr and exit code 2.
 
-  With `verbose` the traceback is printed first. Any other exception is a bug and
+  So does a full disk (or quota) met anywhere: the machine's state, not a bug. With
+  `verbose` the traceback is printed first. Any other exception is a bug and
   propagates with its traceback.
   """
   try:
@@ -60,6 +67,15 @@ def run(prog: str, body: Callable[[], int], verbose: bool = False) -> int:
     if verbose:
       traceback.print_exc(file=sys.stderr)
     print(f"{prog}: error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:
+    if e.errno not in _DISK_FULL:
+      raise
+    if verbose:
+      traceback.print_exc(file=sys.stderr)
+    where = f"writing {e.filename}" if e.filename else "writing a file"
+    print(f"{prog}: error: {e.strerror} ({where}): free space on that disk (the "
+          "workdir's or the output's) and rerun the same command", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     print(f"{prog}: interrupted", file=sys.stderr)
@@ -123,3 +139,35 @@ def resolve_config(config_path: Optional[str], workdir: str, overrides: list[str
     named = tuple(plugins.resolve(spec) for spec in CLI_PLUGINS)
     config = config.replace(plugins=tuple(dict.fromkeys(config.plugins + named)))
   return workdir_lib.relocated(config_io.apply_overrides(config, overrides), workdir)
+
+
+def check_writable(path: Optional[str], flag: str, directory: bool = False) -> None:
+  """A UserError now, before any work, unless `path` (a file; with `directory`, a
+  folder) can be written: every output flag is checked this way up front, so a
+  typo costs no evaluation. Missing parent folders are fine (they are created when
+  the output is written); nothing is left behind.
+  """
+  if not path:
+    return
+  target = os.path.abspath(path)
+  if os.path.isdir(target):
+    if not directory:
+      raise UserError(f"{flag} {path} is a directory: give a file name")
+    folder = target
+  elif os.path.exists(target) and directory:
+    raise UserError(f"{flag} {path} is a file, not a directory: give a folder")
+  else:
+    folder = os.path.dirname(target)
+    while not os.path.lexists(folder):
+      folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+      raise UserError(f"{flag} {path}: {folder} is a file, not a directory")
+    if os.path.exists(target) and not os.access(target, os.W_OK):
+      raise UserError(f"{flag} {path} is not writable: choose another path")
+  try:  # Permissions, read-only file systems, ...: what a real write would meet.
+    fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
+    os.close(fd)
+    os.unlink(probe)
+  except OSError as e:
+    raise UserError(f"{flag} {path}: cannot write in {folder} ({e.strerror or e}); "
+                    "choose a writable path") from None

@@ -32,6 +32,7 @@ def main(argv: list[str]) -> int:
   common.setup_logging(args.verbose)
 
   def body() -> int:
+    common.check_writable(args.out, "--out", directory=True)
     from scanformer_jax import convert_vilt  # pylint: disable=g-import-not-at-top
     print(convert_vilt.convert(args.src, args.out, vocab=args.vocab, num_heads=args.num_heads,
                                force=args.force))

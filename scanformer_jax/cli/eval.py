@@ -248,6 +248,9 @@ def main(argv: list[str]) -> int:
     args.overrides = [*args.overrides, f"eval.exit_criterion={args.exit_criterion}"]
 
   def body() -> int:
+    common.check_writable(args.json, "--json")
+    common.check_writable(args.gallery, "--gallery", directory=True)
+    common.check_writable(args.exit_sweep, "--exit-sweep", directory=True)
     config = common.resolve_config(args.config, args.workdir, args.overrides)
     from scanformer_jax import sharding  # pylint: disable=g-import-not-at-top
     sharding.initialize_distributed(config.mesh)
