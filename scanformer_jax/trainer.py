@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from data_pipelines.contract import DEVICE_KEYS
@@ -282,112 +283,190 @@ def train(config: ExperimentConfig, workdir: str, devices=None, progress: bool =
     return _train_locked(config, workdir, devices, progress, step_callbacks, extend)
 
 
-def _train_locked(config: ExperimentConfig, workdir: str, devices, progress: bool,
-                  step_callbacks: Sequence[StepCallback], extend: bool) -> TrainResult:
+def _prepared(config: ExperimentConfig) -> ExperimentConfig:
+  """`config` checked for choices that fail late, with its vocab resolved."""
   _check_init_choice(config)
   config = _with_vocab_from_init(config)
-  tc = config.train
-  cfg = config.model
   evaluate.exit_criterion(config)  # A bad eval.exit_criterion fails now, not at eval time.
-  mesh = sharding_lib.make_mesh(config.mesh, devices)
-  config_path = workdir_lib.config_path(workdir)
-  checkpoint_dir = workdir_lib.checkpoint_dir(config, workdir)
-  is_main = jax.process_index() == 0
-  previous = _previous_config(config_path)
-  # Every process checks, so that a refused resume stops all of them, not only the first.
-  _check_resumed_config(config_path, config)
+  return config
 
-  tx, schedules = optim.make_optimizer(config.optim, tc.num_steps)
-  shardings = train_state.state_shardings(cfg, tx, mesh, config.mesh)
-  data_iter = data_source.train_iterator(config, mesh)
+
+def _check_tokenizer(data_iter: Any, cfg: ModelConfig) -> None:
   tokenizer = getattr(data_iter, "tokenizer", None)
   if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
     raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but "
                     f"model.vocab_size is {cfg.vocab_size}")
-  ckpt = checkpointing.Checkpointer(checkpoint_dir, config.checkpoint)
-  try:
-    state = ckpt.restore_latest(train_state.abstract_state(cfg, tx), shardings, data_iter)
-    start = 0 if state is None else int(jax.device_get(state.step))
-    _check_schedule(previous, config, start, schedules, extend)
-  except BaseException:
-    ckpt.close()
-    raise
-  if state is None:
-    state = train_state.create_train_state(cfg, tx, tc.seed, mesh, config.mesh,
-                                           load_params=_vilt_loader(config))
-  if start:
-    log.info("resumed from step %d in %s", start, checkpoint_dir)
-  if start >= tc.num_steps:
-    log.info("the run finished at step %d already: nothing to train", start)
 
-  step_fn = train_step.jit_train_step(
-      train_step.make_train_step(cfg, config.loss, tx, schedules, config.train),
+
+def _build_step(config: ExperimentConfig, tx: Any, schedules: dict[str, Callable],
+                shardings: train_state.TrainState, mesh: Mesh) -> Callable:
+  """The compiled train step `(state, global batch) -> (state, metrics)`."""
+  return train_step.jit_train_step(
+      train_step.make_train_step(config.model, config.loss, tx, schedules, config.train),
       shardings, mesh)
-  writer = MetricWriter(workdir)
-  eval_step = None
-  stop = _StopFlag()
-  streak = _SkipStreak(tc.max_consecutive_skipped)
-  config_written = False
-  bar = tqdm(total=tc.num_steps, initial=start, desc="train", unit="step",
-             disable=not (progress and is_main), dynamic_ncols=True)
-  t_last, step_last = time.perf_counter(), start
-  try:
-    with stop:
-      for step in range(start + 1, tc.num_steps + 1):  # `step` = updates done after it.
-        batch = next(data_iter)
-        if step == start + 1:
-          log.info("compiling the train step (the first step takes a while)...")
-        state, metrics = step_fn(state, sharding_lib.to_global(
-            {k: batch[k] for k in DEVICE_KEYS}, mesh))
-        if step == start + 1:  # Throughput from here on: compile time excluded.
-          jax.block_until_ready(metrics)
-          log.info("train step compiled and ran in %.1f s", time.perf_counter() - t_last)
-          t_last = time.perf_counter()
-        streak.push(step, metrics["finite"])
-        bar.update(1)
-        for callback in step_callbacks:
-          callback(step, ckpt)
-        last = step == tc.num_steps
-        # One process acts on a signal at once; several agree at the next log step.
-        stop_now = stop.requested and jax.process_count() == 1
-        if step % tc.log_every == 0 or last:
-          host = _host_metrics(metrics)
-          now = time.perf_counter()
-          if step > step_last:
-            host["steps_per_s"] = (step - step_last) / max(now - t_last, 1e-9)
-            host["examples_per_s"] = host["steps_per_s"] * tc.batch_size
-            t_last, step_last = now, step
-          writer.write(step, host, prefix="train/")
-          bar.set_postfix(loss=f"{host['loss']:.3f}", skipped=int(host["skipped"]),
-                          ex_s=f"{host.get('examples_per_s', 0.0):.1f}", refresh=False)
-          if not progress and is_main:
-            print(_log_line(step, host), flush=True)
-          if jax.process_count() > 1:  # Agree on preemption at a synced point.
-            requested = np.int32(stop.signum)
-            stop.signum = int(multihost_utils.process_allgather(requested).max())
-            stop_now = stop.requested
-        if config.eval.every_steps and (step % config.eval.every_steps == 0 or last):
-          eval_step = eval_step or EvalStep(cfg, mesh, shardings.params)
-          reports = evaluate.evaluate_params(config, state.params, mesh, shardings.params,
-                                    config.data.eval_splits, progress=False, step=eval_step)
-          for split, report in reports.items():
-            writer.write(step, report, prefix=f"eval/{split}/")
-            if is_main:
-              _say(bar, _eval_line(step, split, report))
-        if step % config.checkpoint.every_steps == 0 or last or stop_now:
-          streak.flush()  # A diverged run stops here, before saving.
-          if is_main and not config_written:  # With the first checkpoint (see top).
-            os.makedirs(workdir, exist_ok=True)
-            config_io.save_json(config, config_path)
-            config_written = True
-          ckpt.save(state, data_iter)
-        if stop_now and not last:
-          name = signal.Signals(stop.signum).name
-          log.warning("%s: saved a checkpoint at step %d and stopped", name, step)
-          return TrainResult(state=state, start_step=start, stopped_early=True,
-                             stop_signal=stop.signum)
-  finally:
-    bar.close()
-    ckpt.close()
-    writer.close()
-  return TrainResult(state=state, start_step=start, stopped_early=False)
+
+
+def _next_batch(data_iter: Any, mesh: Mesh) -> dict[str, jax.Array]:
+  """The next global batch, placed on the mesh (this process feeds its own rows)."""
+  batch = next(data_iter)
+  return sharding_lib.to_global({k: batch[k] for k in DEVICE_KEYS}, mesh)
+
+
+class _Run:
+  """One training run: restore or start, then steps with periodic hooks (log,
+  evaluate, checkpoint, stop on a signal)."""
+
+  def __init__(self, config: ExperimentConfig, workdir: str, devices, progress: bool,
+               step_callbacks: Sequence[StepCallback], extend: bool):
+    self.config = config
+    self.workdir = workdir
+    self.progress = progress
+    self.step_callbacks = step_callbacks
+    self.extend = extend
+    self.is_main = jax.process_index() == 0
+    self.mesh = sharding_lib.make_mesh(config.mesh, devices)
+    self.config_path = workdir_lib.config_path(workdir)
+    self.checkpoint_dir = workdir_lib.checkpoint_dir(config, workdir)
+    self.config_written = False
+    self.eval_step: Optional[EvalStep] = None
+
+  # Restore.
+
+  def restore(self) -> None:
+    """Sets `state` and `start`: the newest readable checkpoint, or a fresh state."""
+    config, tc, cfg = self.config, self.config.train, self.config.model
+    previous = _previous_config(self.config_path)
+    # Every process checks, so that a refused resume stops all of them, not only the first.
+    _check_resumed_config(self.config_path, config)
+    self.tx, self.schedules = optim.make_optimizer(config.optim, tc.num_steps)
+    self.shardings = train_state.state_shardings(cfg, self.tx, self.mesh, config.mesh)
+    self.data_iter = data_source.train_iterator(config, self.mesh)
+    _check_tokenizer(self.data_iter, cfg)
+    self.ckpt = checkpointing.Checkpointer(self.checkpoint_dir, config.checkpoint)
+    try:
+      state = self.ckpt.restore_latest(train_state.abstract_state(cfg, self.tx),
+                                       self.shardings, self.data_iter)
+      self.start = 0 if state is None else int(jax.device_get(state.step))
+      _check_schedule(previous, config, self.start, self.schedules, self.extend)
+    except BaseException:
+      self.ckpt.close()
+      raise
+    if state is None:
+      state = train_state.create_train_state(cfg, self.tx, tc.seed, self.mesh, config.mesh,
+                                             load_params=_vilt_loader(config))
+    self.state = state
+    if self.start:
+      log.info("resumed from step %d in %s", self.start, self.checkpoint_dir)
+    if self.start >= tc.num_steps:
+      log.info("the run finished at step %d already: nothing to train", self.start)
+
+  # Steps.
+
+  def train(self) -> TrainResult:
+    """Steps from `start` to `train.num_steps`; the checkpointer is closed at the end."""
+    tc = self.config.train
+    self.step_fn = _build_step(self.config, self.tx, self.schedules, self.shardings,
+                               self.mesh)
+    self.writer = MetricWriter(self.workdir)
+    self.stop = _StopFlag()
+    self.streak = _SkipStreak(tc.max_consecutive_skipped)
+    self.bar = tqdm(total=tc.num_steps, initial=self.start, desc="train", unit="step",
+                    disable=not (self.progress and self.is_main), dynamic_ncols=True)
+    self.t_last, self.step_last = time.perf_counter(), self.start
+    try:
+      with self.stop:
+        for step in range(self.start + 1, tc.num_steps + 1):  # `step` = updates done.
+          metrics = self.step(step)
+          if self.periodic(step, metrics):
+            name = signal.Signals(self.stop.signum).name
+            log.warning("%s: saved a checkpoint at step %d and stopped", name, step)
+            return TrainResult(state=self.state, start_step=self.start, stopped_early=True,
+                               stop_signal=self.stop.signum)
+    finally:
+      self.bar.close()
+      self.ckpt.close()
+      self.writer.close()
+    return TrainResult(state=self.state, start_step=self.start, stopped_early=False)
+
+  def step(self, step: int) -> dict[str, jax.Array]:
+    """One update on the next batch; returns its (device) metrics."""
+    first = step == self.start + 1
+    batch = _next_batch(self.data_iter, self.mesh)
+    if first:
+      log.info("compiling the train step (the first step takes a while)...")
+    self.state, metrics = self.step_fn(self.state, batch)
+    if first:  # Throughput from here on: compile time excluded.
+      jax.block_until_ready(metrics)
+      log.info("train step compiled and ran in %.1f s", time.perf_counter() - self.t_last)
+      self.t_last = time.perf_counter()
+    self.streak.push(step, metrics["finite"])
+    self.bar.update(1)
+    for callback in self.step_callbacks:
+      callback(step, self.ckpt)
+    return metrics
+
+  # Periodic hooks.
+
+  def periodic(self, step: int, metrics: dict[str, jax.Array]) -> bool:
+    """Logs, evaluates and checkpoints when due; True: stop now (a signal, saved)."""
+    config = self.config
+    last = step == config.train.num_steps
+    # One process acts on a signal at once; several agree at the next log step.
+    stop_now = self.stop.requested and jax.process_count() == 1
+    if step % config.train.log_every == 0 or last:
+      self.log_metrics(step, metrics)
+      if jax.process_count() > 1:
+        stop_now = self.agree_on_stop()
+    if config.eval.every_steps and (step % config.eval.every_steps == 0 or last):
+      self.evaluate(step)
+    if step % config.checkpoint.every_steps == 0 or last or stop_now:
+      self.save(step)
+    return stop_now and not last
+
+  def log_metrics(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    host = _host_metrics(metrics)
+    now = time.perf_counter()
+    if step > self.step_last:
+      host["steps_per_s"] = (step - self.step_last) / max(now - self.t_last, 1e-9)
+      host["examples_per_s"] = host["steps_per_s"] * self.config.train.batch_size
+      self.t_last, self.step_last = now, step
+    self.writer.write(step, host, prefix="train/")
+    self.bar.set_postfix(loss=f"{host['loss']:.3f}", skipped=int(host["skipped"]),
+                         ex_s=f"{host.get('examples_per_s', 0.0):.1f}", refresh=False)
+    if not self.progress and self.is_main:
+      print(_log_line(step, host), flush=True)
+
+  def agree_on_stop(self) -> bool:
+    """Whether any process was asked to stop (a collective: every process calls it)."""
+    requested = np.int32(self.stop.signum)
+    self.stop.signum = int(multihost_utils.process_allgather(requested).max())
+    return self.stop.requested
+
+  def evaluate(self, step: int) -> None:
+    config = self.config
+    self.eval_step = self.eval_step or EvalStep(config.model, self.mesh,
+                                                self.shardings.params)
+    reports = evaluate.evaluate_params(config, self.state.params, self.mesh,
+                                       self.shardings.params, config.data.eval_splits,
+                                       progress=False, step=self.eval_step)
+    for split, report in reports.items():
+      self.writer.write(step, report, prefix=f"eval/{split}/")
+      if self.is_main:
+        _say(self.bar, _eval_line(step, split, report))
+
+  def save(self, step: int) -> None:
+    """Checkpoints the state (config.json is written with the first checkpoint)."""
+    del step
+    self.streak.flush()  # A diverged run stops here, before saving.
+    if self.is_main and not self.config_written:  # With the first checkpoint (see top).
+      os.makedirs(self.workdir, exist_ok=True)
+      config_io.save_json(self.config, self.config_path)
+      self.config_written = True
+    self.ckpt.save(self.state, self.data_iter)
+
+
+def _train_locked(config: ExperimentConfig, workdir: str, devices, progress: bool,
+                  step_callbacks: Sequence[StepCallback], extend: bool) -> TrainResult:
+  run = _Run(_prepared(config), workdir, devices, progress, step_callbacks, extend)
+  run.restore()
+  return run.train()
