@@ -184,16 +184,18 @@ def read_run_record(directory: str) -> dict[str, Any]:
     return {}
 
 
-def claim_directory(directory: str, workdir: str, steps: list[int]) -> None:
+def claim_directory(directory: str, workdir: str, steps: list[int],
+                    inside_workdir: bool = False) -> None:
   """Records `workdir` as the owner of checkpoint `directory`; another owner: UserError.
 
-  `steps`: the steps in it already. A directory without a record that holds steps
+  `steps`: the steps in it already. inside_workdir: the directory is the workdir's own
+  (`<workdir>/checkpoints`), which a copied or moved workdir takes over. A directory without a record that holds steps
   was written before records existed: its steps up to the newest are not required
   to carry checksums.
   """
   owner = os.path.abspath(workdir)
   record = read_run_record(directory)
-  if record.get("workdir") not in (None, owner):
+  if record.get("workdir") not in (None, owner) and not inside_workdir:
     raise UserError(
         f"checkpoint directory {directory} belongs to the run in workdir "
         f"{record['workdir']}; resume that one (--workdir {record['workdir']}) or set "
@@ -453,3 +455,39 @@ class Checkpointer:
       self.wait()
     finally:
       self.manager.close()
+
+
+def check_shared(directory: str) -> None:
+  """Every process must see one checkpoint directory (a collective; one process: no-op).
+
+  Each process writes a token under `directory` (a fresh folder named by process 0)
+  and looks for everyone's; a directory that is local to each host (not shared) stops
+  every process with the same UserError.
+  """
+  if jax.process_count() == 1:
+    return
+  count, me = jax.process_count(), jax.process_index()
+  nonce = sharding_lib.broadcast_text(os.urandom(8).hex())
+  tokens = epath.Path(directory) / f".hosts-{nonce}"
+  problem = ""
+  try:
+    tokens.mkdir(parents=True, exist_ok=True)
+    (tokens / str(me)).write_text(str(me))
+  except Exception as e:  # pylint: disable=broad-except  # Reported on every host.
+    problem = f"process {me} cannot write there ({type(e).__name__})"
+  multihost_utils.sync_global_devices(f"scanformer_shared_dir_written_{nonce}")
+  if not problem:
+    missing = [i for i in range(count) if not (tokens / str(i)).exists()]
+    if missing:
+      problem = f"process {me} does not see the files of process(es) {missing}"
+  problems = [p for p in sharding_lib.gather_texts(problem) if p]
+  with contextlib.suppress(Exception):
+    (tokens / str(me)).unlink()
+  multihost_utils.sync_global_devices(f"scanformer_shared_dir_checked_{nonce}")
+  with contextlib.suppress(Exception):
+    tokens.rmdir()
+  if problems:
+    raise UserError(
+        f"checkpoint directory {directory} is not shared by the {count} processes "
+        f"({problems[0]}); set checkpoint.directory to one location every host sees "
+        "(e.g. gs://bucket/run/checkpoints)")
