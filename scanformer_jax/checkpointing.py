@@ -409,7 +409,8 @@ class Checkpointer:
       step, e = errors[0]
       raise UserError(
           f"no checkpoint in {self.directory} could be restored (steps {steps}); the "
-          f"newest (step {step}) failed with {type(e).__name__}: {e}. If the config "
+          f"newest (step {step}) failed with {type(e).__name__}: "
+          f"{str(e).splitlines()[0] if str(e) else ''}. If the config "
           "changed since these were written, use a new --workdir.")
     return None
 
@@ -468,6 +469,7 @@ def check_shared(directory: str) -> None:
     return
   count, me = jax.process_count(), jax.process_index()
   nonce = sharding_lib.broadcast_text(os.urandom(8).hex())
+  named = sharding_lib.broadcast_text(directory)  # Process 0's: one line on every host.
   tokens = epath.Path(directory) / f".hosts-{nonce}"
   problem = ""
   try:
@@ -488,6 +490,6 @@ def check_shared(directory: str) -> None:
     tokens.rmdir()
   if problems:
     raise UserError(
-        f"checkpoint directory {directory} is not shared by the {count} processes "
+        f"checkpoint directory {named} is not shared by the {count} processes "
         f"({problems[0]}); set checkpoint.directory to one location every host sees "
         "(e.g. gs://bucket/run/checkpoints)")
