@@ -11,12 +11,20 @@ values) is skipped with a warning in favour of the previous one. A training run 
 moves it aside to `<step>.corrupt-<time>` (never deleted), so that step is trained
 and saved again instead of shadowing every later resume. If no checkpoint restores,
 that is a user error (e.g. the checkpoint belongs to another config).
+
+A checkpoint saved with another tree structure (an optimiser setting that changes the
+optimizer state, a model with other parameters) is not corrupt: nothing is moved and
+the restore stops with one line. `RUN_FILE` in the directory names the workdir that
+owns it (another workdir is refused) and the format version: checkpoints written
+since that version must carry checksums, so a step whose metadata went missing
+counts as unverifiable (skipped like a corrupt one).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import signal
@@ -39,6 +47,11 @@ from scanformer_jax.train_state import TrainState
 log = logging.getLogger(__name__)
 
 ITEMS = ("params", "opt_state", "progress", "data")
+# In the checkpoint directory: {"workdir": owner, "format": FORMAT, "checksums_since": step}.
+RUN_FILE = "scanformer_run.json"
+FORMAT = 1  # 1: every step saved from `checksums_since` on carries checksums.
+# orbax's per-step metadata file (holds our custom metadata, i.e. the checksums).
+_STEP_METADATA = "_CHECKPOINT_METADATA"
 
 
 class _ExpectedOrbaxNotices(logging.Filter):
@@ -158,6 +171,43 @@ class CorruptCheckpointError(Exception):
   """A checkpoint whose files read back but hold other values than were saved."""
 
 
+def _is_structure_mismatch(e: BaseException) -> bool:
+  """orbax's error for a target tree with other keys than the saved one."""
+  return "tree structures do not match" in str(e)
+
+
+def read_run_record(directory: str) -> dict[str, Any]:
+  """The directory's `RUN_FILE` ({} if there is none or it is unreadable)."""
+  try:
+    return json.loads((epath.Path(directory) / RUN_FILE).read_text())
+  except Exception:  # pylint: disable=broad-except  # Missing or garbage: no record.
+    return {}
+
+
+def claim_directory(directory: str, workdir: str, steps: list[int],
+                    inside_workdir: bool = False) -> None:
+  """Records `workdir` as the owner of checkpoint `directory`; another owner: UserError.
+
+  `steps`: the steps in it already. inside_workdir: the directory is the workdir's own
+  (`<workdir>/checkpoints`), which a copied or moved workdir takes over. A directory without a record that holds steps
+  was written before records existed: its steps up to the newest are not required
+  to carry checksums.
+  """
+  owner = os.path.abspath(workdir)
+  record = read_run_record(directory)
+  if record.get("workdir") not in (None, owner) and not inside_workdir:
+    raise UserError(
+        f"checkpoint directory {directory} belongs to the run in workdir "
+        f"{record['workdir']}; resume that one (--workdir {record['workdir']}) or set "
+        f"another checkpoint.directory (to hand it over, delete {RUN_FILE} in it)")
+  since = record.get("checksums_since", max(steps) + 1 if steps and not record else 0)
+  wanted = {"workdir": owner, "format": FORMAT, "checksums_since": since}
+  if record != wanted:
+    path = epath.Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / RUN_FILE).write_text(json.dumps(wanted) + "\n")
+
+
 class Checkpointer:
   """Save/restore `TrainState` + data iterator under `<workdir>/checkpoints`."""
 
@@ -222,7 +272,8 @@ class Checkpointer:
       multihost_utils.sync_global_devices(f"scanformer_checkpoint_move_aside_{step}")
     self.manager.reload()
 
-  def save(self, state: TrainState, data_iterator: Any) -> None:
+  def save(self, state: TrainState, data_iterator: Any,
+           extra_metadata: Optional[dict[str, Any]] = None) -> None:
     """Starts an async save of `state` (all hosts must call it, at the same step).
 
     A step directory that exists already and is not the one this run resumed from
@@ -245,7 +296,8 @@ class Checkpointer:
     self.wait()  # orbax would wait for the previous save anyway; this names its step.
     self._saving_step = step
     with self._storage_errors(f"saving step {step}"):
-      self.manager.save(step, force=True, custom_metadata={"checksums": sums},
+      self.manager.save(step, force=True,
+                        custom_metadata={"checksums": sums, **(extra_metadata or {})},
                         args=ocp.args.Composite(
                             params=ocp.args.StandardSave(state.params),
                             opt_state=ocp.args.StandardSave(state.opt_state),
@@ -257,46 +309,88 @@ class Checkpointer:
     sums, finite = checksums(restored)
     if not finite:
       raise CorruptCheckpointError("non-finite values in the restored arrays")
-    saved = (self.manager.metadata(step).custom_metadata or {}).get("checksums")
+    saved = self.custom_metadata(step).get("checksums")
     if saved is None:
-      return  # Written before checksums existed.
+      if self._checksums_required(step):
+        raise CorruptCheckpointError("no checksums in its metadata: unverifiable")
+      log.warning("checkpoint step %d in %s predates checksums: restored unverified",
+                  step, self.directory)
+      return
     for item, leaves in sums.items():
       bad = [k for k, v in leaves.items() if saved.get(item, {}).get(k) != v]
       if bad:
         raise CorruptCheckpointError(
             f"{item} checksum mismatch in {len(bad)} array(s), e.g. {bad[0] or '(root)'}")
 
+  def custom_metadata(self, step: int) -> dict[str, Any]:
+    """What `save` recorded with step `step` ({} if its metadata file is gone)."""
+    if not (epath.Path(self.directory) / str(step) / _STEP_METADATA).exists():
+      return {}
+    return self.manager.metadata(step).custom_metadata or {}
+
+  def _checksums_required(self, step: int) -> bool:
+    """Whether step `step` was saved by a version that writes checksums (`RUN_FILE`),
+    or lost orbax's metadata file (which every version writes)."""
+    if not (epath.Path(self.directory) / str(step) / _STEP_METADATA).exists():
+      return True
+    record = read_run_record(self.directory)
+    return bool(record) and step >= record.get("checksums_since", 0)
+
   def _restore_step(self, step: int, target: TrainState, shardings: TrainState,
-                    data_iterator: Any) -> TrainState:
+                    data_iterator: Any, reset_optimizer: bool = False) -> TrainState:
+    """Step `step` restored into `target`'s shapes; with `reset_optimizer` the optimizer
+    state is not read (returned as None: the caller initialises it)."""
     progress = {"step": target.step, "rng": target.rng, "skipped": target.skipped}
     progress_sh = {"step": shardings.step, "rng": shardings.rng, "skipped": shardings.skipped}
-    out = self.manager.restore(step, args=ocp.args.Composite(
+    items = dict(
         params=ocp.args.StandardRestore(_with_shardings(target.params, shardings.params)),
-        opt_state=ocp.args.StandardRestore(
-            _with_shardings(target.opt_state, shardings.opt_state)),
         progress=ocp.args.StandardRestore(_with_shardings(progress, progress_sh)),
-        data=grain.checkpoint.CheckpointRestore(data_iterator)))
-    self._verify(step, {k: out[k] for k in _CHECKED})
+        data=grain.checkpoint.CheckpointRestore(data_iterator))
+    if not reset_optimizer:
+      items["opt_state"] = ocp.args.StandardRestore(
+          _with_shardings(target.opt_state, shardings.opt_state))
+    with _expected_notices_quiet() if reset_optimizer else contextlib.nullcontext():
+      out = self.manager.restore(step, args=ocp.args.Composite(**items))
+      self._verify(step, {k: out[k] for k in _CHECKED if k in items})
     p = out["progress"]
-    return TrainState(step=p["step"], params=out["params"], opt_state=out["opt_state"],
+    return TrainState(step=p["step"], params=out["params"],
+                      opt_state=None if reset_optimizer else out["opt_state"],
                       rng=p["rng"], skipped=p["skipped"])
 
+  def moved_aside(self) -> list[str]:
+    """Names of the checkpoints moved aside as unreadable (`<step>.corrupt-<time>`)."""
+    path = epath.Path(self.directory)
+    if not path.exists():
+      return []
+    return sorted(p.name for p in path.iterdir() if ".corrupt-" in p.name)
+
   def restore_latest(self, abstract: TrainState, shardings: TrainState,
-                     data_iterator: Any) -> Optional[TrainState]:
+                     data_iterator: Any, reset_optimizer: bool = False
+                     ) -> Optional[TrainState]:
     """The newest checkpoint that restores (None if there are none).
 
     `abstract`: shapes of the state (`train_state.abstract_state`); the data iterator
     is set to its saved position in place. Unless read-only, a newer checkpoint that
-    fails is moved aside (see the module docstring).
+    fails is moved aside (see the module docstring); one saved with another tree
+    structure stops the restore (UserError) and is left as it is.
+    reset_optimizer: the optimizer state is not restored (None in the result).
     """
     steps = self.all_steps()
     errors = []
     for step in reversed(steps):
       state, error = None, None
       try:
-        state = self._restore_step(step, abstract, shardings, data_iterator)
+        state = self._restore_step(step, abstract, shardings, data_iterator,
+                                   reset_optimizer)
       except Exception as e:  # pylint: disable=broad-except  # Any unreadable checkpoint.
         error = e
+      if not _all_hosts_agree(error is None or not _is_structure_mismatch(error)):
+        raise UserError(
+            f"checkpoint step {step} in {self.directory} holds parameters or an optimizer "
+            "state of another structure (a changed optim.* or model.* setting); nothing "
+            "was moved. Resume "
+            "with the run's own config, restore the parameters only with "
+            "--reset-optimizer, or start a new --workdir")
       if not _all_hosts_agree(error is None):
         error = error or CorruptCheckpointError("unreadable on another process")
         errors.append((step, error))
@@ -315,7 +409,8 @@ class Checkpointer:
       step, e = errors[0]
       raise UserError(
           f"no checkpoint in {self.directory} could be restored (steps {steps}); the "
-          f"newest (step {step}) failed with {type(e).__name__}: {e}. If the config "
+          f"newest (step {step}) failed with {type(e).__name__}: "
+          f"{str(e).splitlines()[0] if str(e) else ''}. If the config "
           "changed since these were written, use a new --workdir.")
     return None
 
@@ -361,3 +456,40 @@ class Checkpointer:
       self.wait()
     finally:
       self.manager.close()
+
+
+def check_shared(directory: str) -> None:
+  """Every process must see one checkpoint directory (a collective; one process: no-op).
+
+  Each process writes a token under `directory` (a fresh folder named by process 0)
+  and looks for everyone's; a directory that is local to each host (not shared) stops
+  every process with the same UserError.
+  """
+  if jax.process_count() == 1:
+    return
+  count, me = jax.process_count(), jax.process_index()
+  nonce = sharding_lib.broadcast_text(os.urandom(8).hex())
+  named = sharding_lib.broadcast_text(directory)  # Process 0's: one line on every host.
+  tokens = epath.Path(directory) / f".hosts-{nonce}"
+  problem = ""
+  try:
+    tokens.mkdir(parents=True, exist_ok=True)
+    (tokens / str(me)).write_text(str(me))
+  except Exception as e:  # pylint: disable=broad-except  # Reported on every host.
+    problem = f"process {me} cannot write there ({type(e).__name__})"
+  multihost_utils.sync_global_devices(f"scanformer_shared_dir_written_{nonce}")
+  if not problem:
+    missing = [i for i in range(count) if not (tokens / str(i)).exists()]
+    if missing:
+      problem = f"process {me} does not see the files of process(es) {missing}"
+  problems = [p for p in sharding_lib.gather_texts(problem) if p]
+  with contextlib.suppress(Exception):
+    (tokens / str(me)).unlink()
+  multihost_utils.sync_global_devices(f"scanformer_shared_dir_checked_{nonce}")
+  with contextlib.suppress(Exception):
+    tokens.rmdir()
+  if problems:
+    raise UserError(
+        f"checkpoint directory {named} is not shared by the {count} processes "
+        f"({problems[0]}); set checkpoint.directory to one location every host sees "
+        "(e.g. gs://bucket/run/checkpoints)")

@@ -370,6 +370,9 @@ class TrainConfig:
   # Stop (without saving) after this many consecutive steps with a non-finite loss
   # or gradient: the run has diverged. 0: never stop.
   max_consecutive_skipped: int = 10
+  # Multi-process runs agree on a SIGTERM/SIGINT every this many steps (a host-side
+  # collective), then every process saves that step and stops.
+  preemption_check_every: int = 1
   # The training forward: "dense" (every patch a token) or "sparse" (the Gumbel-taken
   # patches in `slots` slots plus one merged token: the same loss and gradients
   # for a cost that falls with the patches kept; model.py says why they are equal).
@@ -445,6 +448,9 @@ class CheckpointConfig:
   every_steps: int = 1000
   max_to_keep: int = 3
   async_save: bool = True
+  # A save is refused as divergence when the parameter norm exceeds this many times
+  # the norm of the last checkpoint (or of the start); 0: no bound.
+  max_param_norm_growth: float = 10.0
 
   def __post_init__(self):
     _check_numbers("checkpoint", self, every_steps=(1,), max_to_keep=(1,))

@@ -134,3 +134,20 @@ def fetch(tree: Any) -> Any:
       x = multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(x)
   return jax.tree.map(get, tree)
+
+
+def gather_texts(text: str) -> list[str]:
+  """Every process's `text`, in process order (a collective: all processes call it)."""
+  if jax.process_count() == 1:
+    return [text]
+  data = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)  # [L]
+  lengths = multihost_utils.process_allgather(np.int32(data.size))  # [P]
+  padded = np.zeros(int(lengths.max()) or 1, np.int32)  # [max L]
+  padded[:data.size] = data
+  rows = multihost_utils.process_allgather(padded)  # [P, max L]
+  return [bytes(row[:n].astype(np.uint8)).decode("utf-8") for row, n in zip(rows, lengths)]
+
+
+def broadcast_text(text: str) -> str:
+  """Process 0's `text` on every process (a collective: all processes call it)."""
+  return gather_texts(text if jax.process_index() == 0 else "")[0]

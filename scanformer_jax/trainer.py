@@ -9,13 +9,23 @@ run. SIGTERM (preemption) and Ctrl-C (SIGINT) save a checkpoint at the next step
 stop; a second Ctrl-C stops at once. `config.json` is written with the first
 checkpoint, so a run that fails before it leaves nothing that blocks a changed retry.
 A changed `train.num_steps` on resume is refused unless `extend=True` (`--extend`):
-it recomputes the learning-rate schedule over the new total.
+it recomputes the learning-rate schedule over the new total. A changed architecture
+(same parameter shapes, another network) is refused unless `allow_model_change`; a
+changed optimizer-state structure unless `reset_optimizer` (parameters restored, a
+fresh optimizer state).
+
+Divergence never reaches the disk: a checkpoint is saved only while no skip streak is
+open and the parameter norm stays within `checkpoint.max_param_norm_growth` of the
+last checkpoint's, so the last good checkpoint stays the newest and `max_to_keep`
+cannot delete it. Multi-process runs (pods) take process 0's config, check that the
+checkpoint directory is shared, and raise any setup error on every process alike.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -24,7 +34,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
+import optax
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+from etils import epath
 from tqdm import tqdm
 
 from data_pipelines.contract import DEVICE_KEYS
@@ -43,9 +56,15 @@ log = logging.getLogger(__name__)
 StepCallback = Callable[[int, checkpointing.Checkpointer], None]
 
 # Configs that may change when a workdir is resumed without affecting the result.
-_RESUMABLE_CHANGES = ("train.num_steps", "train.log_every", "checkpoint.", "eval.",
+_RESUMABLE_CHANGES = ("train.num_steps", "train.log_every", "train.preemption_check_every",
+                      "checkpoint.", "eval.",
                       "model.capacity",  # capacity and capacity_buckets: no parameter shape
-                      "mesh.", "data.data_dir")
+                      "model.remat", "mesh.", "data.data_dir")
+# Model settings that leave the network a checkpoint's weights belong to as it is
+# (inference selection, training-only knobs, initialisers, precision); any other
+# model change on resume is an architecture change.
+_NOT_ARCHITECTURE = ("model.select_", "model.tau", "model.exit_heads_stop_gradient",
+                     "model.initializer_range", "model.pos_embed_init", "model.dtype")
 
 
 @dataclasses.dataclass
@@ -57,8 +76,8 @@ class TrainResult:
 
 
 class _StopFlag:
-  """Set by SIGTERM or the first SIGINT; checked once per step (in sync across hosts
-  at log steps). A second SIGINT raises KeyboardInterrupt: stop now, without saving."""
+  """Set by SIGTERM or the first SIGINT; checked once per step (agreed across hosts
+  every `train.preemption_check_every` steps). A second SIGINT raises KeyboardInterrupt: stop now, without saving."""
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -92,21 +111,27 @@ class _StopFlag:
       signal.signal(signum, previous)
 
 
+def _resume_note(step: int) -> str:
+  """Where a rerun of the same command starts, in parentheses."""
+  return (f"(a rerun resumes from step {step}, the last checkpoint)" if step else
+          "(no checkpoint yet: a rerun starts from step 0)")
+
+
 class _SkipStreak:
   """Stops a diverged run: `limit` consecutive steps with a non-finite loss/gradient.
 
   Each step's `finite` flag is read one step late (while the next step runs), so the
   check never stalls the device; `flush` reads the pending one (before a save).
+  `count` is the open streak (0: the last step read was finite).
   """
 
   def __init__(self, limit: int):
     self.limit = limit
     self.count = 0
+    self.last_saved = 0  # The step a rerun resumes from (named in the error).
     self._pending: list[tuple[int, Any]] = []
 
   def push(self, step: int, finite: Any) -> None:
-    if not self.limit:
-      return
     self._pending.append((step, finite))
     while len(self._pending) > 1:
       self._resolve(*self._pending.pop(0))
@@ -117,12 +142,17 @@ class _SkipStreak:
 
   def _resolve(self, step: int, finite: Any) -> None:
     self.count = 0 if int(jax.device_get(finite)) else self.count + 1
-    if self.count >= self.limit:
+    if self.limit and self.count >= self.limit:
       raise UserError(
           f"training diverged: steps {step - self.count + 1}-{step} all had a non-finite "
           f"loss or gradient (train.max_consecutive_skipped={self.limit}); stopped without "
-          "saving. Lower optim.learning_rate (or check the data) and rerun to resume from "
-          "the last checkpoint")
+          f"saving {_resume_note(self.last_saved)}; lower optim.learning_rate (or check "
+          "the data) first")
+
+
+@jax.jit
+def _param_norm(params: Any) -> jax.Array:
+  return optax.tree.norm(params)  # [] global L2 norm
 
 
 def _param_shapes(model: ModelConfig) -> Any:
@@ -135,13 +165,31 @@ def _previous_config(path: str) -> Optional[ExperimentConfig]:
   return config_io.load_json(path) if os.path.exists(path) else None
 
 
-def _check_resumed_config(path: str, config: ExperimentConfig) -> None:
-  """Refuses a workdir whose run has other parameter shapes; warns on other changes.
+def _opt_state_shapes(config: ExperimentConfig) -> Any:
+  """The optimizer state's tree structure and leaf shapes for `config`."""
+  tx, _ = optim.make_optimizer(config.optim, config.train.num_steps)
+  opt_state = train_state.abstract_state(config.model, tx).opt_state
+  return jax.tree.structure(opt_state), [x.shape for x in jax.tree.leaves(opt_state)]
+
+
+def _check_resumed_config(path: str, config: ExperimentConfig,
+                          allow_model_change: bool = False,
+                          reset_optimizer: bool = False) -> None:
+  """`_check_config_change` against the config.json at `path` (if any)."""
+  _check_config_change(_previous_config(path), config, os.path.dirname(path) or ".",
+                       allow_model_change, reset_optimizer)
+
+
+def _check_config_change(previous_config: Optional[ExperimentConfig],
+                         config: ExperimentConfig, workdir: str,
+                         allow_model_change: bool = False,
+                         reset_optimizer: bool = False) -> None:
+  """Refuses a resume that would load the checkpoints into another network or optimizer
+  state (unless allowed); warns on other changes.
 
   Runs before anything is written, so a refused command leaves the workdir exactly
   as it was.
   """
-  previous_config = _previous_config(path)
   if previous_config is None:
     return
   previous = dict(config_io.flat_items(previous_config))
@@ -150,14 +198,27 @@ def _check_resumed_config(path: str, config: ExperimentConfig) -> None:
              if previous.get(k) != v and not k.startswith(_RESUMABLE_CHANGES)]
   if not changed:
     return
-  model_changes = [f"{k} {previous.get(k)!r} -> {current[k]!r}" for k in changed
-                   if k.startswith("model.")]
+  describe = lambda keys: ", ".join(  # noqa: E731
+      f"{k} {previous.get(k)!r} -> {current[k]!r}" for k in keys)
+  model_changes = [k for k in changed if k.startswith("model.")]
   if model_changes and _param_shapes(previous_config.model) != _param_shapes(config.model):
-    workdir = os.path.dirname(path) or "."
     raise UserError(
-        f"{workdir} holds a run of a different model ({', '.join(model_changes)}); "
+        f"{workdir} holds a run of a different model ({describe(model_changes)}); "
         f"resume it with its own config (`scanformer train --workdir {workdir}`, no "
         "--config) or start a new --workdir")
+  architecture = [k for k in model_changes if not k.startswith(_NOT_ARCHITECTURE)]
+  if architecture and not allow_model_change:
+    raise UserError(
+        f"{workdir} holds a run of another architecture ({describe(architecture)}): its "
+        "weights belong to that network. Resume it with its own config (no --config), "
+        "start a new --workdir, or pass --allow-model-change to train them as the new one")
+  optim_changes = [k for k in changed if k.startswith("optim.")]
+  if (optim_changes and not reset_optimizer
+      and _opt_state_shapes(previous_config) != _opt_state_shapes(config)):
+    raise UserError(
+        f"{describe(optim_changes)} changes the optimizer state saved in {workdir}'s "
+        "checkpoints; resume with the run's own setting, pass --reset-optimizer to "
+        "restore the parameters only (a fresh optimizer state), or start a new --workdir")
   log.warning("config differs from the one this workdir was started with in %s; "
               "resuming anyway (the run will not match an uninterrupted one)", changed)
 
@@ -269,125 +330,340 @@ def _say(bar: tqdm, line: str) -> None:
 
 
 def train(config: ExperimentConfig, workdir: str, devices=None, progress: bool = True,
-          step_callbacks: Sequence[StepCallback] = (), extend: bool = False) -> TrainResult:
+          step_callbacks: Sequence[StepCallback] = (), extend: bool = False,
+          allow_model_change: bool = False, reset_optimizer: bool = False,
+          from_scratch: bool = False) -> TrainResult:
   """Trains (or resumes) `config` in `workdir` until `train.num_steps`.
 
-  The first process holds `<workdir>/.lock` throughout: one run per workdir.
+  The first process holds `<workdir>/.lock` (and `<checkpoint.directory>/.lock` when
+  set) throughout: one run per workdir and per checkpoint directory.
   extend: allow a resumed run's `train.num_steps` to differ from the one it was saved
   with (the learning-rate schedule is recomputed over the new total).
+  allow_model_change: resume with another architecture of the same parameter shapes.
+  reset_optimizer: restore the parameters (and progress) only; a fresh optimizer state.
+  from_scratch: start at step 0 although checkpoints were moved aside as unreadable.
   """
-  lock = (workdir_lock.WorkdirLock(workdir) if jax.process_index() == 0
-          else contextlib.nullcontext())
-  with lock:
-    return _train_locked(config, workdir, devices, progress, step_callbacks, extend)
+  options = _ResumeOptions(extend=extend, allow_model_change=allow_model_change,
+                           reset_optimizer=reset_optimizer, from_scratch=from_scratch)
+  with contextlib.ExitStack() as held:
+    run = _Run(config, workdir, devices, progress, step_callbacks, options)
+    run.setup(held)
+    run.restore()
+    return run.train()
 
 
-def _train_locked(config: ExperimentConfig, workdir: str, devices, progress: bool,
-                  step_callbacks: Sequence[StepCallback], extend: bool) -> TrainResult:
+@dataclasses.dataclass(frozen=True)
+class _ResumeOptions:
+  extend: bool = False
+  allow_model_change: bool = False
+  reset_optimizer: bool = False
+  from_scratch: bool = False
+
+
+def _agreed(fn: Callable[[], Any]) -> Any:
+  """`fn()` on every process; a UserError on any process is raised on all of them with
+  the same line (process order decides which), so none is left in a collective."""
+  error = ""
+  result = None
+  try:
+    result = fn()
+  except UserError as e:
+    error = str(e)
+  errors = [e for e in sharding_lib.gather_texts(error) if e]
+  if errors:
+    raise UserError(errors[0])
+  return result
+
+
+def _config_of_process_0(config: ExperimentConfig) -> ExperimentConfig:
+  """Process 0's config on every process (hosts need not share a disk or flags)."""
+  if jax.process_count() == 1:
+    return config
+  text = sharding_lib.broadcast_text(json.dumps(config_io.to_dict(config)))
+  return config_io.from_dict(json.loads(text), where="process 0's config")
+
+
+def _previous_text_of_process_0(path: str) -> str:
+  """The workdir's config.json text as process 0 reads it ("": a new run)."""
+  text = ""
+  if jax.process_index() == 0 and os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+  return sharding_lib.broadcast_text(text) if jax.process_count() > 1 else text
+
+
+def _parse_previous(text: str, path: str) -> Optional[ExperimentConfig]:
+  if not text:
+    return None
+  if jax.process_count() == 1:
+    return _previous_config(path)  # The file itself (the same text).
+  try:
+    data = json.loads(text)
+  except ValueError as e:
+    raise UserError(f"{path} is not valid JSON ({e})") from None
+  return config_io.from_dict(data, where=path)
+
+
+def _prepared(config: ExperimentConfig) -> ExperimentConfig:
+  """`config` checked for choices that fail late, with its vocab resolved."""
   _check_init_choice(config)
   config = _with_vocab_from_init(config)
-  tc = config.train
-  cfg = config.model
   evaluate.exit_criterion(config)  # A bad eval.exit_criterion fails now, not at eval time.
-  mesh = sharding_lib.make_mesh(config.mesh, devices)
-  config_path = workdir_lib.config_path(workdir)
-  checkpoint_dir = workdir_lib.checkpoint_dir(config, workdir)
-  is_main = jax.process_index() == 0
-  previous = _previous_config(config_path)
-  # Every process checks, so that a refused resume stops all of them, not only the first.
-  _check_resumed_config(config_path, config)
+  return config
 
-  tx, schedules = optim.make_optimizer(config.optim, tc.num_steps)
-  shardings = train_state.state_shardings(cfg, tx, mesh, config.mesh)
-  data_iter = data_source.train_iterator(config, mesh)
+
+def _check_tokenizer(data_iter: Any, cfg: ModelConfig) -> None:
   tokenizer = getattr(data_iter, "tokenizer", None)
   if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
     raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but "
                     f"model.vocab_size is {cfg.vocab_size}")
-  ckpt = checkpointing.Checkpointer(checkpoint_dir, config.checkpoint)
-  try:
-    state = ckpt.restore_latest(train_state.abstract_state(cfg, tx), shardings, data_iter)
-    start = 0 if state is None else int(jax.device_get(state.step))
-    _check_schedule(previous, config, start, schedules, extend)
-  except BaseException:
-    ckpt.close()
-    raise
-  if state is None:
-    state = train_state.create_train_state(cfg, tx, tc.seed, mesh, config.mesh,
-                                           load_params=_vilt_loader(config))
-  if start:
-    log.info("resumed from step %d in %s", start, checkpoint_dir)
-  if start >= tc.num_steps:
-    log.info("the run finished at step %d already: nothing to train", start)
 
-  step_fn = train_step.jit_train_step(
-      train_step.make_train_step(cfg, config.loss, tx, schedules, config.train),
+
+def _build_step(config: ExperimentConfig, tx: Any, schedules: dict[str, Callable],
+                shardings: train_state.TrainState, mesh: Mesh) -> Callable:
+  """The compiled train step `(state, global batch) -> (state, metrics)`."""
+  return train_step.jit_train_step(
+      train_step.make_train_step(config.model, config.loss, tx, schedules, config.train),
       shardings, mesh)
-  writer = MetricWriter(workdir)
-  eval_step = None
-  stop = _StopFlag()
-  streak = _SkipStreak(tc.max_consecutive_skipped)
-  config_written = False
-  bar = tqdm(total=tc.num_steps, initial=start, desc="train", unit="step",
-             disable=not (progress and is_main), dynamic_ncols=True)
-  t_last, step_last = time.perf_counter(), start
-  try:
-    with stop:
-      for step in range(start + 1, tc.num_steps + 1):  # `step` = updates done after it.
-        batch = next(data_iter)
-        if step == start + 1:
-          log.info("compiling the train step (the first step takes a while)...")
-        state, metrics = step_fn(state, sharding_lib.to_global(
-            {k: batch[k] for k in DEVICE_KEYS}, mesh))
-        if step == start + 1:  # Throughput from here on: compile time excluded.
-          jax.block_until_ready(metrics)
-          log.info("train step compiled and ran in %.1f s", time.perf_counter() - t_last)
-          t_last = time.perf_counter()
-        streak.push(step, metrics["finite"])
-        bar.update(1)
-        for callback in step_callbacks:
-          callback(step, ckpt)
-        last = step == tc.num_steps
-        # One process acts on a signal at once; several agree at the next log step.
-        stop_now = stop.requested and jax.process_count() == 1
-        if step % tc.log_every == 0 or last:
-          host = _host_metrics(metrics)
-          now = time.perf_counter()
-          if step > step_last:
-            host["steps_per_s"] = (step - step_last) / max(now - t_last, 1e-9)
-            host["examples_per_s"] = host["steps_per_s"] * tc.batch_size
-            t_last, step_last = now, step
-          writer.write(step, host, prefix="train/")
-          bar.set_postfix(loss=f"{host['loss']:.3f}", skipped=int(host["skipped"]),
-                          ex_s=f"{host.get('examples_per_s', 0.0):.1f}", refresh=False)
-          if not progress and is_main:
-            print(_log_line(step, host), flush=True)
-          if jax.process_count() > 1:  # Agree on preemption at a synced point.
-            requested = np.int32(stop.signum)
-            stop.signum = int(multihost_utils.process_allgather(requested).max())
-            stop_now = stop.requested
-        if config.eval.every_steps and (step % config.eval.every_steps == 0 or last):
-          eval_step = eval_step or EvalStep(cfg, mesh, shardings.params)
-          reports = evaluate.evaluate_params(config, state.params, mesh, shardings.params,
-                                    config.data.eval_splits, progress=False, step=eval_step)
-          for split, report in reports.items():
-            writer.write(step, report, prefix=f"eval/{split}/")
-            if is_main:
-              _say(bar, _eval_line(step, split, report))
-        if step % config.checkpoint.every_steps == 0 or last or stop_now:
-          streak.flush()  # A diverged run stops here, before saving.
-          if is_main and not config_written:  # With the first checkpoint (see top).
-            os.makedirs(workdir, exist_ok=True)
-            config_io.save_json(config, config_path)
-            config_written = True
-          ckpt.save(state, data_iter)
-        if stop_now and not last:
-          name = signal.Signals(stop.signum).name
-          log.warning("%s: saved a checkpoint at step %d and stopped", name, step)
-          return TrainResult(state=state, start_step=start, stopped_early=True,
-                             stop_signal=stop.signum)
-  finally:
-    bar.close()
-    ckpt.close()
-    writer.close()
-  return TrainResult(state=state, start_step=start, stopped_early=False)
+
+
+def _next_batch(data_iter: Any, mesh: Mesh) -> dict[str, jax.Array]:
+  """The next global batch, placed on the mesh (this process feeds its own rows)."""
+  batch = next(data_iter)
+  return sharding_lib.to_global({k: batch[k] for k in DEVICE_KEYS}, mesh)
+
+
+class _Run:
+  """One training run: set up (agreed by every process), restore or start, then steps
+  with periodic hooks (log, evaluate, checkpoint, stop on a signal)."""
+
+  def __init__(self, config: ExperimentConfig, workdir: str, devices, progress: bool,
+               step_callbacks: Sequence[StepCallback], options: _ResumeOptions):
+    self.config = config
+    self.workdir = workdir
+    self.devices = devices
+    self.progress = progress
+    self.step_callbacks = step_callbacks
+    self.options = options
+    self.is_main = jax.process_index() == 0
+    self.config_path = workdir_lib.config_path(workdir)
+    self.config_written = False
+    self.eval_step: Optional[EvalStep] = None
+
+  # Set-up and restore.
+
+  def setup(self, held: contextlib.ExitStack) -> None:
+    """Config, locks and the checkpoint directory; any error stops every process."""
+    self.config = _config_of_process_0(self.config)
+    self.checkpoint_dir = workdir_lib.checkpoint_dir(self.config, self.workdir)
+    if self.is_main:
+      _agreed(lambda: held.enter_context(workdir_lock.WorkdirLock(self.workdir)))
+    else:
+      _agreed(lambda: None)
+    checkpointing.check_shared(self.checkpoint_dir)
+    self.previous_text = _previous_text_of_process_0(self.config_path)
+    self.config = _agreed(self._checked_config)
+    _agreed(lambda: self._claim_checkpoint_dir(held))
+    self.mesh = sharding_lib.make_mesh(self.config.mesh, self.devices)
+
+  def _checked_config(self) -> ExperimentConfig:
+    config = _prepared(self.config)
+    for key in ("preemption_check_every",):
+      if getattr(config.train, key) < 1:
+        raise UserError(f"train.{key}={getattr(config.train, key)} must be >= 1")
+    if config.checkpoint.max_param_norm_growth < 0:
+      raise UserError(f"checkpoint.max_param_norm_growth="
+                      f"{config.checkpoint.max_param_norm_growth} must be >= 0 (0: no bound)")
+    self.previous = _parse_previous(self.previous_text, self.config_path)
+    _check_config_change(self.previous, config, self.workdir,
+                         self.options.allow_model_change, self.options.reset_optimizer)
+    return config
+
+  def _claim_checkpoint_dir(self, held: contextlib.ExitStack) -> None:
+    """Process 0 locks a separate checkpoint directory and records this workdir in it."""
+    if not self.is_main:
+      return
+    inside = self.checkpoint_dir == os.path.join(self.workdir, workdir_lib.CHECKPOINTS_DIR)
+    if not inside and "://" not in self.checkpoint_dir:
+      held.enter_context(workdir_lock.WorkdirLock(self.checkpoint_dir,
+                                                  flag="checkpoint.directory"))
+    steps = []
+    path = epath.Path(self.checkpoint_dir)
+    if path.exists():
+      steps = [int(p.name) for p in path.iterdir() if p.name.isdigit()]
+    checkpointing.claim_directory(self.checkpoint_dir, self.workdir, steps, inside)
+
+  def restore(self) -> None:
+    """Sets `state` and `start`: the newest readable checkpoint, or a fresh state."""
+    config, tc, cfg = self.config, self.config.train, self.config.model
+    self.tx, self.schedules = optim.make_optimizer(config.optim, tc.num_steps)
+    self.shardings = train_state.state_shardings(cfg, self.tx, self.mesh, config.mesh)
+    self.data_iter = data_source.train_iterator(config, self.mesh)
+    _agreed(lambda: _check_tokenizer(self.data_iter, cfg))
+    self.ckpt = checkpointing.Checkpointer(self.checkpoint_dir, config.checkpoint)
+    try:
+      state = self.ckpt.restore_latest(train_state.abstract_state(cfg, self.tx),
+                                       self.shardings, self.data_iter,
+                                       reset_optimizer=self.options.reset_optimizer)
+      self.start = 0 if state is None else int(jax.device_get(state.step))
+      _agreed(self._check_start)
+    except BaseException:
+      self.ckpt.close()
+      raise
+    if state is None:
+      state = train_state.create_train_state(cfg, self.tx, tc.seed, self.mesh, config.mesh,
+                                             load_params=_vilt_loader(config))
+    elif state.opt_state is None:  # --reset-optimizer
+      state = state.replace(opt_state=jax.jit(
+          self.tx.init, out_shardings=self.shardings.opt_state)(state.params))
+      log.warning("--reset-optimizer: parameters restored from step %d, optimizer state "
+                  "initialised afresh", self.start)
+    self.state = state
+    self.last_saved = self.start
+    self.reference_norm = float(jax.device_get(_param_norm(state.params)))
+    if self.start:
+      log.info("resumed from step %d in %s", self.start, self.checkpoint_dir)
+    if self.start >= tc.num_steps:
+      log.info("the run finished at step %d already: nothing to train", self.start)
+
+  def _check_start(self) -> None:
+    _check_schedule(self.previous, self.config, self.start, self.schedules,
+                    self.options.extend)
+    aside = self.ckpt.moved_aside()
+    if not self.start and aside and not self.options.from_scratch:
+      raise UserError(
+          f"no readable checkpoint in {self.checkpoint_dir}, but {len(aside)} were moved "
+          f"aside as unreadable ({', '.join(aside[:3])}); pass --from-scratch to train "
+          "from step 0 anyway, or use a new --workdir")
+
+  # Steps.
+
+  def train(self) -> TrainResult:
+    """Steps from `start` to `train.num_steps`; the checkpointer is closed at the end."""
+    tc = self.config.train
+    try:
+      self.step_fn = _build_step(self.config, self.tx, self.schedules, self.shardings,
+                                 self.mesh)
+      self.writer = MetricWriter(self.workdir)
+      self.stop = _StopFlag()
+      self.streak = _SkipStreak(tc.max_consecutive_skipped)
+      self.streak.last_saved = self.last_saved
+      self.bar = tqdm(total=tc.num_steps, initial=self.start, desc="train", unit="step",
+                      disable=not (self.progress and self.is_main), dynamic_ncols=True)
+      self.t_last, self.step_last = time.perf_counter(), self.start
+      with self.stop:
+        for step in range(self.start + 1, tc.num_steps + 1):  # `step` = updates done.
+          metrics = self.step(step)
+          if self.periodic(step, metrics):
+            return TrainResult(state=self.state, start_step=self.start, stopped_early=True,
+                               stop_signal=self.stop.signum)
+    finally:
+      for closing in ("bar", "writer"):
+        if hasattr(self, closing):
+          getattr(self, closing).close()
+      self.ckpt.close()
+    return TrainResult(state=self.state, start_step=self.start, stopped_early=False)
+
+  def step(self, step: int) -> dict[str, jax.Array]:
+    """One update on the next batch; returns its (device) metrics."""
+    first = step == self.start + 1
+    batch = _next_batch(self.data_iter, self.mesh)
+    if first:
+      log.info("compiling the train step (the first step takes a while)...")
+    self.state, metrics = self.step_fn(self.state, batch)
+    if first:  # Throughput from here on: compile time excluded.
+      jax.block_until_ready(metrics)
+      log.info("train step compiled and ran in %.1f s", time.perf_counter() - self.t_last)
+      self.t_last = time.perf_counter()
+    self.streak.push(step, metrics["finite"])
+    self.bar.update(1)
+    for callback in self.step_callbacks:
+      callback(step, self.ckpt)
+    return metrics
+
+  # Periodic hooks.
+
+  def periodic(self, step: int, metrics: dict[str, jax.Array]) -> bool:
+    """Logs, evaluates and checkpoints when due; True: stop now (a signal)."""
+    config = self.config
+    last = step == config.train.num_steps
+    if step % config.train.log_every == 0 or last:
+      self.log_metrics(step, metrics)
+    stop_now = self.stop_requested(step)
+    if config.eval.every_steps and (step % config.eval.every_steps == 0 or last):
+      self.evaluate(step)
+    saved = False
+    if step % config.checkpoint.every_steps == 0 or last or stop_now:
+      saved = self.save(step)
+    if stop_now and not last:
+      name = signal.Signals(self.stop.signum).name
+      if saved:
+        log.warning("%s: saved a checkpoint at step %d and stopped", name, step)
+      else:
+        log.warning("%s: stopped at step %d without saving it %s", name, step,
+                    _resume_note(self.last_saved))
+      return True
+    return False
+
+  def stop_requested(self, step: int) -> bool:
+    """Whether to stop after `step` on a signal. One process acts at once; several
+    agree every `train.preemption_check_every` steps (a collective) and stop together."""
+    if jax.process_count() == 1:
+      return self.stop.requested
+    if step % self.config.train.preemption_check_every:
+      return False
+    requested = np.int32(self.stop.signum)
+    self.stop.signum = int(multihost_utils.process_allgather(requested).max())
+    return self.stop.requested
+
+  def log_metrics(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    host = _host_metrics(metrics)
+    now = time.perf_counter()
+    if step > self.step_last:
+      host["steps_per_s"] = (step - self.step_last) / max(now - self.t_last, 1e-9)
+      host["examples_per_s"] = host["steps_per_s"] * self.config.train.batch_size
+      self.t_last, self.step_last = now, step
+    self.writer.write(step, host, prefix="train/")
+    self.bar.set_postfix(loss=f"{host['loss']:.3f}", skipped=int(host["skipped"]),
+                         ex_s=f"{host.get('examples_per_s', 0.0):.1f}", refresh=False)
+    if not self.progress and self.is_main:
+      print(_log_line(step, host), flush=True)
+
+  def evaluate(self, step: int) -> None:
+    config = self.config
+    self.eval_step = self.eval_step or EvalStep(config.model, self.mesh,
+                                                self.shardings.params)
+    reports = evaluate.evaluate_params(config, self.state.params, self.mesh,
+                                       self.shardings.params, config.data.eval_splits,
+                                       progress=False, step=self.eval_step)
+    for split, report in reports.items():
+      self.writer.write(step, report, prefix=f"eval/{split}/")
+      if self.is_main:
+        _say(self.bar, _eval_line(step, split, report))
+
+  def save(self, step: int) -> bool:
+    """Checkpoints a healthy state (config.json is written with the first checkpoint);
+    False: not saved, a skip streak is open. A parameter norm beyond the bound stops
+    the run (UserError) naming the step a rerun resumes from."""
+    self.streak.flush()  # A diverged run stops here, before saving.
+    if self.streak.count:
+      log.warning("step %d not saved: its last %d step(s) had a non-finite loss or "
+                  "gradient; the last checkpoint stays step %d", step, self.streak.count,
+                  self.last_saved)
+      return False
+    norm = float(jax.device_get(_param_norm(self.state.params)))
+    growth = self.config.checkpoint.max_param_norm_growth
+    if growth and not norm <= growth * self.reference_norm:
+      raise UserError(
+          f"training diverged: the parameter norm at step {step} is {norm:.3g}, more than "
+          f"checkpoint.max_param_norm_growth={growth:g} times {self.reference_norm:.3g} "
+          f"(step {self.last_saved}); not saved {_resume_note(self.last_saved)}; lower "
+          "optim.learning_rate first")
+    if self.is_main and not self.config_written:  # With the first checkpoint (see top).
+      os.makedirs(self.workdir, exist_ok=True)
+      config_io.save_json(self.config, self.config_path)
+      self.config_written = True
+    self.ckpt.save(self.state, self.data_iter)
+    self.reference_norm, self.last_saved = norm, step
+    self.streak.last_saved = step
+    return True

@@ -22,8 +22,10 @@ LOCK_NAME = ".lock"
 class WorkdirLock:
   """`with WorkdirLock(workdir):` holds the workdir; a second holder gets a UserError."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, flag: str = "--workdir"):
+    """flag: what the user changes to use another directory (named in the error)."""
     self.path = os.path.join(workdir, LOCK_NAME)
+    self.flag = flag
     self._fd: Optional[int] = None
 
   def acquire(self) -> "WorkdirLock":
@@ -37,7 +39,7 @@ class WorkdirLock:
       workdir = os.path.dirname(self.path) or "."
       raise UserError(
           f"{workdir} is in use by another run ({holder}, lock {self.path}); wait for "
-          "it to finish or stop it, or use another --workdir") from None
+          f"it to finish or stop it, or use another {self.flag}") from None
     except OSError:
       os.close(fd)
       raise

@@ -62,11 +62,12 @@ def run_python(code: str, extra_env: Optional[dict] = None, timeout: float = 300
   return proc
 
 
-def load_final_params(workdir: str) -> dict:
-  """The newest checkpoint's parameters of a fake_tiny_config workdir, as numpy."""
+def load_final_params(workdir: str, step: Optional[int] = None) -> dict:
+  """The newest (or `step`'s) checkpoint parameters of a fake_tiny_config workdir, as
+  numpy."""
   import jax  # pylint: disable=g-import-not-at-top
   from scanformer_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  run = workdir_lib.load_for_inference(workdir)
+  run = workdir_lib.load_for_inference(workdir, step=step)
   return {"step": run.step, "params": jax.tree.map(np.asarray, run.params)}
 
 

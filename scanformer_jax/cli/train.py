@@ -30,6 +30,15 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--extend", action="store_true",
                       help="resume with a changed train.num_steps (the learning-rate "
                       "schedule is recomputed over the new total)")
+  parser.add_argument("--allow-model-change", action="store_true",
+                      help="resume with another architecture of the same parameter "
+                      "shapes (e.g. model.num_heads): the saved weights train as the new one")
+  parser.add_argument("--reset-optimizer", action="store_true",
+                      help="resume the parameters only, with a fresh optimizer state "
+                      "(after an optim.* change of the optimizer state's structure)")
+  parser.add_argument("--from-scratch", action="store_true",
+                      help="train from step 0 although the checkpoint directory only "
+                      "holds checkpoints moved aside as unreadable")
   return parser
 
 
@@ -62,7 +71,10 @@ def main(argv: list[str]) -> int:
     from scanformer_jax import trainer  # pylint: disable=g-import-not-at-top
     fault = fault_injection(os.environ.get(FAULT_ENV, ""))
     result = trainer.train(config, args.workdir, progress=not args.no_progress,
-                           step_callbacks=[fault] if fault else [], extend=args.extend)
+                           step_callbacks=[fault] if fault else [], extend=args.extend,
+                           allow_model_change=args.allow_model_change,
+                           reset_optimizer=args.reset_optimizer,
+                           from_scratch=args.from_scratch)
     if result.stopped_early:
       return 128 + result.stop_signal  # As if ended by the signal; the checkpoint is saved.
     return 0
