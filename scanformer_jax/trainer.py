@@ -63,7 +63,8 @@ _RESUMABLE_CHANGES = ("train.num_steps", "train.log_every", "train.preemption_ch
 # Model settings that leave the network a checkpoint's weights belong to as it is
 # (inference selection, training-only knobs, initialisers, precision); any other
 # model change on resume is an architecture change.
-_NOT_ARCHITECTURE = ("model.select_", "model.tau", "model.exit_heads_stop_gradient",
+_NOT_ARCHITECTURE = ("model.select_", "model.train_select_rule", "model.tau",
+                     "model.exit_heads_stop_gradient",
                      "model.initializer_range", "model.pos_embed_init", "model.dtype")
 
 
