@@ -663,6 +663,7 @@ class _Run:
     if self.is_main and not self.config_written:  # With the first checkpoint (see top).
       os.makedirs(self.workdir, exist_ok=True)
       config_io.save_json(self.config, self.config_path)
+      workdir_lib.bundle_vocab(self.config, self.workdir)  # The run predicts wherever it moves.
       self.config_written = True
     self.ckpt.save(self.state, self.data_iter)
     self.reference_norm, self.last_saved = norm, step
