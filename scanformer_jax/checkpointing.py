@@ -39,7 +39,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from scanformer_jax import sharding as sharding_lib
+from scanformer_jax import param_layout, sharding as sharding_lib
 from scanformer_jax.errors import UserError
 from scanformer_jax.config import CheckpointConfig
 from scanformer_jax.train_state import TrainState
@@ -357,6 +357,15 @@ class Checkpointer:
                       opt_state=None if reset_optimizer else out["opt_state"],
                       rng=p["rng"], skipped=p["skipped"])
 
+  def check_layout(self, step: int) -> None:
+    """UserError naming the fix when step `step` holds the parameter layout from before
+    params["backbone"] (param_layout.py); nothing if its metadata cannot be read."""
+    try:
+      names = list(self.manager.item_metadata(step)["params"].keys())
+    except Exception:  # pylint: disable=broad-except  # Unreadable: the caller reports it.
+      return
+    param_layout.check(names, f"checkpoint step {step} in {self.directory}")
+
   def moved_aside(self) -> list[str]:
     """Names of the checkpoints moved aside as unreadable (`<step>.corrupt-<time>`)."""
     path = epath.Path(self.directory)
@@ -385,6 +394,7 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except  # Any unreadable checkpoint.
         error = e
       if not _all_hosts_agree(error is None or not _is_structure_mismatch(error)):
+        self.check_layout(step)
         raise UserError(
             f"checkpoint step {step} in {self.directory} holds parameters or an optimizer "
             "state of another structure (a changed optim.* or model.* setting); nothing "
@@ -441,6 +451,7 @@ class Checkpointer:
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         errors.append((s, e))
     s, e = errors[0]
+    self.check_layout(s)
     detail = str(e).splitlines()[0] if str(e) else ""
     raise UserError(f"checkpoint step {s} in {self.directory} does not match this model "
                     f"config or is corrupt ({type(e).__name__}: {detail}); evaluate the run "
