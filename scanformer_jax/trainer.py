@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from data_pipelines.contract import DEVICE_KEYS
-from scanformer_jax import (checkpointing, config_io, data_source, evaluate, optim,
+from scanformer_jax import (checkpointing, config_io, data_source, evaluate, optim, prefetch,
                             sharding as sharding_lib, train_state, train_step)
 from scanformer_jax import workdir as workdir_lib, workdir_lock
 from scanformer_jax.config import INIT_FROM_REQUIRED, ExperimentConfig, ModelConfig
@@ -321,8 +321,11 @@ def _train_locked(config: ExperimentConfig, workdir: str, devices, progress: boo
     log.info("the run finished at step %d already: nothing to train", start)
 
   step_fn = train_step.jit_train_step(
-      train_step.make_train_step(cfg, config.loss, tx, schedules, config.train),
+      train_step.make_train_step(cfg, config.loss, tx, schedules, config.train, mesh.size),
       shardings, mesh)
+  # Restored above; from here on batches are taken (and checkpointed) through `batches`.
+  batches = (prefetch.DevicePrefetch(data_iter, mesh, DEVICE_KEYS, tc.device_prefetch)
+             if tc.device_prefetch else None)
   writer = MetricWriter(workdir)
   eval_step = None
   stop = _StopFlag()
@@ -334,11 +337,15 @@ def _train_locked(config: ExperimentConfig, workdir: str, devices, progress: boo
   try:
     with stop:
       for step in range(start + 1, tc.num_steps + 1):  # `step` = updates done after it.
-        batch = next(data_iter)
+        if batches is not None:
+          device_batch = next(batches)
+        else:
+          batch = next(data_iter)
+          device_batch = sharding_lib.to_global(
+              {k: batch[k] for k in DEVICE_KEYS + prefetch.extra_keys(batch)}, mesh)
         if step == start + 1:
           log.info("compiling the train step (the first step takes a while)...")
-        state, metrics = step_fn(state, sharding_lib.to_global(
-            {k: batch[k] for k in DEVICE_KEYS}, mesh))
+        state, metrics = step_fn(state, device_batch, step - 1)
         if step == start + 1:  # Throughput from here on: compile time excluded.
           jax.block_until_ready(metrics)
           log.info("train step compiled and ran in %.1f s", time.perf_counter() - t_last)
@@ -380,13 +387,15 @@ def _train_locked(config: ExperimentConfig, workdir: str, devices, progress: boo
             os.makedirs(workdir, exist_ok=True)
             config_io.save_json(config, config_path)
             config_written = True
-          ckpt.save(state, data_iter)
+          ckpt.save(state, batches or data_iter)
         if stop_now and not last:
           name = signal.Signals(stop.signum).name
           log.warning("%s: saved a checkpoint at step %d and stopped", name, step)
           return TrainResult(state=state, start_step=start, stopped_early=True,
                              stop_signal=stop.signum)
   finally:
+    if batches is not None:
+      batches.close()
     bar.close()
     ckpt.close()
     writer.close()
