@@ -151,8 +151,9 @@ for name, n, devices in [("one", 1, jax.devices()[:1]), ("two", 2, None)]:
   step = train_step.jit_train_step(train_step.make_train_step(
       cfg, config.loss, tx, schedules, tc, mesh.size), shardings, mesh)
   state = train_state.create_train_state(cfg, tx, 0, mesh, config.mesh)
-  hlo = step.lower(state, sharding.to_global(batch, mesh)).compile().as_text()
-  state, metrics = step(state, sharding.to_global(batch, mesh))
+  compiled = step.lower(state, sharding.to_global(batch, mesh)).compile()
+  hlo = compiled.as_text()
+  state, metrics = compiled(state, sharding.to_global(batch, mesh))
   out[name] = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
                "moved": [c for c in ("all-to-all", "collective-permute", "all-gather")
                          if c in hlo]}
@@ -166,7 +167,7 @@ def test_microbatches_on_two_devices_stay_local_and_match_one_device():
   all-reduced, nothing else), and the step equals one device without accumulation."""
   proc = train_helpers.run_python(
       SHARDED % {"config": train_helpers.FAKE_CONFIG, "tests": train_helpers.TESTS},
-      extra_env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+      extra_env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, timeout=600)
   line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
   out = json.loads(line[len("RESULT"):])
   assert out["two"]["moved"] == []
