@@ -25,6 +25,10 @@ def test_memory_report_and_microbatches_halve_the_residuals(tmp_path):
   # One microbatch of 2 rows is live at a time instead of the 4-row batch (plus a few
   # batch-independent residuals, e.g. the interpolated position embeddings).
   assert 0.5 * a["residual_bytes"] < b["residual_bytes"] < 0.55 * a["residual_bytes"]
+  for entry, rows in ((a, 4), (b, 2)):
+    assert entry["residual_bytes"] == (entry["residual_bytes_fixed"]
+                                       + rows * entry["residual_bytes_per_sample"])
+  assert a["residual_bytes_per_sample"] == b["residual_bytes_per_sample"]
   assert "XLA:CPU computes bfloat16 matmuls in float32" in one["note"]
 
 

@@ -9,7 +9,8 @@ abstract inputs (nothing is allocated) and reports, per train path:
   (arguments + outputs - aliased + temp: everything live at once, an upper bound);
 - `residual_bytes`: what the backward pass saves for one microbatch, from the traced
   program (`jax.ad_checkpoint.saved_residuals`, parameters excluded), independent of
-  the backend.
+  the backend: `residual_bytes_per_sample` per row plus `residual_bytes_fixed` saved
+  once per microbatch whatever its rows (e.g. the bfloat16 copies of the weights).
 
 XLA:CPU computes bfloat16 matmuls in float32, so on CPU the compiled bytes overstate
 a bfloat16 model (its residual bytes do not: they are the traced dtypes).
@@ -98,9 +99,11 @@ def run_memory(model: str = "vilt_b32", batch_size: int = 2,
             "box": ((global_batch, 4), jnp.float32), "valid": ((global_batch,), jnp.bool_)}
   batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sh) for k, (s, d) in shapes.items()}
   micro = global_batch // tc.microbatches // devices  # Rows one device runs at a time.
-  micro_batch = {k: jax.ShapeDtypeStruct((micro,) + s[1:], jnp.float32 if k == "image" else d)
-                 for k, (s, d) in shapes.items() if k != "content_hw"}
-  keys = jax.ShapeDtypeStruct((micro, 2), jnp.uint32)
+
+  def rows(n):  # A float32 (micro)batch of n rows and its Gumbel keys, abstract.
+    batch = {k: jax.ShapeDtypeStruct((n,) + s[1:], jnp.float32 if k == "image" else d)
+             for k, (s, d) in shapes.items() if k != "content_hw"}
+    return batch, jax.ShapeDtypeStruct((n, 2), jnp.uint32)
 
   modes = {}
   for path in paths:
@@ -119,8 +122,12 @@ def run_memory(model: str = "vilt_b32", batch_size: int = 2,
                            - entry["alias_bytes"] + entry["temp_bytes"])
     # XLA's own figure where the backend has one (on CPU it leaves out temp buffers).
     entry["xla_peak_memory_bytes"] = int(getattr(stats, "peak_memory_in_bytes", 0) or 0)
-    entry["residual_bytes"] = residual_bytes(programs.loss, state.params, micro_batch, keys)
-    entry["residual_bytes_per_sample"] = entry["residual_bytes"] / micro
+    # Linear in the rows: a per-sample slope plus what every step saves once (e.g. the
+    # bfloat16 copies of the weights), from traces of 1 and 2 rows.
+    one, two = (residual_bytes(programs.loss, state.params, *rows(n)) for n in (1, 2))
+    entry["residual_bytes_per_sample"] = two - one
+    entry["residual_bytes_fixed"] = 2 * one - two
+    entry["residual_bytes"] = entry["residual_bytes_fixed"] + micro * (two - one)
     entry["compile_s"] = compile_s
     modes[path] = entry
   return {"model": model, "image_sizes": list(cfg.image_sizes),
@@ -145,13 +152,14 @@ def format_memory(report: dict) -> str:
       f"microbatch(es), batch {report['batch_size_per_device']} per device x "
       f"{report['devices']} device(s)",
       f"{'path':<8}{'peak GB':>10}{'temp GB':>10}{'args GB':>10}{'out GB':>10}"
-      f"{'alias GB':>10}{'residual GB':>13}{'per sample':>12}",
+      f"{'alias GB':>10}{'residual GB':>13}{'per sample':>12}{'fixed':>8}",
   ]
   for path, r in report["modes"].items():
     lines.append(f"{path:<8}{_gb(r['peak_bytes']):>10}{_gb(r['temp_bytes']):>10}"
                  f"{_gb(r['argument_bytes']):>10}{_gb(r['output_bytes']):>10}"
                  f"{_gb(r['alias_bytes']):>10}{_gb(r['residual_bytes']):>13}"
-                 f"{_gb(r['residual_bytes_per_sample']):>12}")
+                 f"{_gb(r['residual_bytes_per_sample']):>12}"
+                 f"{_gb(r['residual_bytes_fixed']):>8}")
   if report["note"]:
     lines.append(report["note"])
   return "\n".join(lines)
