@@ -140,7 +140,7 @@ def check_size(size: int, sizes, args, overrides) -> dict:
             "sparse_capacity": list(counts), "batch_size": n, "dtype": cfg.dtype,
             "remat": getattr(cfg, "remat", "none"), "forward": {}, "train": {}}
   state = train_state.create_train_state(cfg, tx, 0, mesh, mesh_cfg)
-  variables = {"params": state.params}
+  variables = {"params": jax.tree.map(jnp.copy, state.params)}  # The step donates its own.
   for path in ("dense", "sparse"):
     # Forward (inference): every patch, or the kept counts in capacity slots.
     fcfg = cfg if path == "dense" else cfg.replace(select_topk=counts, capacity=counts)
