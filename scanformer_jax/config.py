@@ -365,8 +365,15 @@ class TrainConfig:
   # from clean inputs while the selection head learns from loss.select_weight alone.
   # 0 (the paper) samples hard Gumbel selections from the first step. In the sparse
   # path these steps run the dense program (every patch cannot fit the capacities;
-  # one compiled step holds both), so they cost what a dense step costs.
+  # its own compiled program, chosen on the host), so they cost what a dense step costs.
   select_warmup_steps: int = 0
+  # Gradient accumulation: each device's rows of the global batch run as this many
+  # microbatches inside the step (summed gradients; the same update as 1, for less
+  # activation memory). train.batch_size must divide by microbatches x devices.
+  microbatches: int = 1
+  # Global batches a background thread keeps in flight to the devices (prefetch.py),
+  # so the host never waits on a transfer; 0: transfer on the main thread.
+  device_prefetch: int = 2
   # Stop (without saving) after this many consecutive steps with a non-finite loss
   # or gradient: the run has diverged. 0: never stop.
   max_consecutive_skipped: int = 10
@@ -384,7 +391,8 @@ class TrainConfig:
   slots: Optional[tuple[int, ...]] = None
 
   def __post_init__(self):
-    _check_numbers("train", self, num_steps=(1,), batch_size=(1,), log_every=(1,))
+    _check_numbers("train", self, num_steps=(1,), batch_size=(1,), log_every=(1,),
+                   microbatches=(1,))
     if self.path not in ("dense", "sparse"):
       raise ValueError(f"path must be dense or sparse, got {self.path!r}")
 

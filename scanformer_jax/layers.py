@@ -143,16 +143,77 @@ def attend_einsum(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> 
   return jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3)
 
 
+# Channels that carry each key's additive bias inside the fused dot product: the bias
+# split into pieces of the operand dtype whose float32 sum is the bias (hi + mid + lo:
+# 3 x 8 mantissa bits in bfloat16, so the merged token's log n stays float32-exact).
+BIAS_CHANNELS = 3
+
+
+def key_bias(bias: jax.Array, batch: int, num_keys: int) -> Optional[jax.Array]:
+  """The per-key bias [B, Tk] float32 of a bias broadcastable to [B, 1, 1, Tk], or None
+  if it varies with the query (then only the einsum path takes it)."""
+  if bias.ndim != 4 or bias.shape[1] != 1 or bias.shape[2] != 1:
+    return None
+  return jnp.broadcast_to(bias[:, 0, 0, :], (batch, num_keys)).astype(jnp.float32)
+
+
+def bias_channels(bias: jax.Array, dtype, scale: float) -> jax.Array:
+  """[B, Tk] float32 -> [B, Tk, BIAS_CHANNELS] in `dtype`, summing to bias / scale.
+
+  With query channels of 1, the scaled dot product adds exactly the bias (to float32
+  accuracy, the accumulation being float32).
+  """
+  rest = bias / jnp.float32(scale)
+  pieces = []
+  for _ in range(BIAS_CHANNELS):
+    piece = rest.astype(dtype)
+    pieces.append(piece)
+    rest = rest - piece.astype(jnp.float32)
+  return jnp.stack(pieces, axis=-1)
+
+
+def fused_head_dim(head_dim: int) -> int:
+  """The head dim of the fused call: head_dim + the bias channels, up to a multiple of 8."""
+  return -(-(head_dim + BIAS_CHANNELS) // 8) * 8
+
+
 def attend_fused(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
                  implementation: str) -> jax.Array:
   """`jax.nn.dot_product_attention` (shapes as `attend`); implementation 'cudnn' or 'xla'.
 
-  cuDNN takes the bias only as a full [B, 1, Tq, Tk] array (in the operands' dtype) and,
-  under a gradient, only even sequence lengths: an odd query block gets one zero row
-  (sliced off), an odd key list one zero key of bias NEG_INF (weight exactly 0).
-  A bfloat16 bias rounds the merged token's log n to 8 bits (weight off by < 1.6% for
-  n <= 256), the size of bfloat16's own logit error.
+  A per-key `bias` ([B|1, 1, 1, Tk]: padding NEG_INF, the merged token's log n, what
+  the scan passes) builds no [B, 1, Tq, Tk] bias and no bias gradient: it rides in
+  BIAS_CHANNELS extra head channels (keys: `bias_channels`, queries: 1, values: 0), the
+  head dim padded to a multiple of 8 (`fused_head_dim`), the softmax scale that of the
+  real head dim. cuDNN needs even sequence lengths under a gradient: an odd query block
+  gets one zero row (sliced off), an odd key list one zero key of bias NEG_INF (weight
+  exactly 0). A query-dependent bias (the block-causal reference) is passed whole.
   """
+  b, tq, _, dh = q.shape
+  tk = k.shape[1]
+  per_key = key_bias(bias, b, tk)
+  if per_key is None:
+    return _attend_fused_full_bias(q, k, v, bias, implementation)
+  scale = dh ** -0.5
+  pad_q, pad_k = tq % 2, tk % 2
+  if pad_q or pad_k:
+    q = jnp.pad(q, ((0, 0), (0, pad_q), (0, 0), (0, 0)))
+    k, v = (jnp.pad(y, ((0, 0), (0, pad_k), (0, 0), (0, 0))) for y in (k, v))
+    per_key = jnp.pad(per_key, ((0, 0), (0, pad_k)), constant_values=NEG_INF)
+  extra = fused_head_dim(dh) - dh - BIAS_CHANNELS
+  channels = bias_channels(per_key, k.dtype, scale)  # [B, Tk', C]
+  channels = jnp.broadcast_to(channels[:, :, None, :], k.shape[:3] + (BIAS_CHANNELS,))
+  zeros = lambda y, n: jnp.zeros(y.shape[:3] + (n,), y.dtype)  # noqa: E731
+  q = jnp.concatenate([q, jnp.ones(q.shape[:3] + (BIAS_CHANNELS,), q.dtype), zeros(q, extra)],
+                      axis=-1)  # [B, Tq', H, Dh']
+  k = jnp.concatenate([k, channels, zeros(k, extra)], axis=-1)  # [B, Tk', H, Dh']
+  v = jnp.concatenate([v, zeros(v, BIAS_CHANNELS + extra)], axis=-1)  # [B, Tk', H, Dh']
+  out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+  return out[:, :tq, :, :dh]
+
+
+def _attend_fused_full_bias(q, k, v, bias, implementation: str) -> jax.Array:
+  """The fused call with a whole [B, 1, Tq, Tk] bias (in the operands' dtype for cuDNN)."""
   b, tq, _, _ = q.shape
   tk = k.shape[1]
   pad_q, pad_k = tq % 2, tk % 2
@@ -168,25 +229,28 @@ def attend_fused(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
   return out[:, :tq]
 
 
-def attention_implementation(dtype, head_dim: int) -> str:
+def attention_implementation(dtype, head_dim: int, per_key_bias: bool = True) -> str:
   """Which attention `attend` runs: 'cudnn' (fused flash attention) or 'einsum'.
 
   The rule: cuDNN flash attention on a GPU backend for bfloat16/float16 operands with a
-  head dim cuDNN supports (a multiple of 8, at most 128); the heads-major einsums
-  everywhere else. On CPU `jax.nn.dot_product_attention(implementation='xla')` (an
-  einsum with the token axis second) was slower: summed over one forward's attention
+  per-key bias and a fused head dim (`fused_head_dim`) cuDNN supports (at most 128);
+  the heads-major einsums everywhere else (a query-dependent bias, float32, CPU, TPU).
+  On CPU `jax.nn.dot_product_attention(implementation='xla')` (an einsum with the
+  token axis second) was slower: summed over one forward's attention
   calls at batch 8 (experiments/bench_attention.py, median of 5, 2 shared cores), fused
   vs einsum took tiny 2.69 vs 2.47 ms (float32) and 2.21 vs 1.71 ms (bfloat16);
   vilt_b32 with capacities (16, 16, 64) 22.2 vs 11.8 ms and 17.6 vs 12.1 ms; vilt_b32
   with every patch slotted 136 vs 141 ms (float32, within this machine's noise: a rerun
   of its fine scale gave 149 vs 106 ms) and 124 vs 98 ms (bfloat16).
-  On TPU the fused call lowers to the same XLA einsums, so the einsum path stays.
-  Not measured on a GPU (none was available): the cuDNN choice follows its documented
-  support, and `attend_fused` is checked against the einsums on CPU via 'xla'.
+  On TPU the fused call lowers to the same XLA einsums, so the einsum path runs there:
+  float32 logits [B, H, Tq, Tk] per layer, saved for the backward pass unless
+  `model.remat` recomputes them. Not measured on a GPU (none was available): the
+  cuDNN choice follows its documented support, and `attend_fused` is checked against
+  the einsums on CPU via 'xla' (experiments/accelerator_check.py checks it on a GPU).
   """
-  fused_ok = (jax.default_backend() == "gpu"
+  fused_ok = (jax.default_backend() == "gpu" and per_key_bias
               and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-              and head_dim % 8 == 0 and head_dim <= 128)
+              and fused_head_dim(head_dim) <= 128)
   return "cudnn" if fused_ok else "einsum"
 
 
@@ -197,7 +261,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Arr
   (additive: NEG_INF padding and the merged token's log n must stay exact).
   Returns [B, Tq, H, Dh]. The implementation is `attention_implementation`'s choice.
   """
-  if attention_implementation(q.dtype, q.shape[-1]) == "cudnn":
+  per_key = bias.ndim == 4 and bias.shape[1] == 1 and bias.shape[2] == 1
+  if attention_implementation(q.dtype, q.shape[-1], per_key) == "cudnn":
     return attend_fused(q, k, v, bias, "cudnn")
   return attend_einsum(q, k, v, bias)
 

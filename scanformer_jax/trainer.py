@@ -41,7 +41,7 @@ from etils import epath
 from tqdm import tqdm
 
 from data_pipelines.contract import DEVICE_KEYS
-from scanformer_jax import (checkpointing, config_io, data_source, evaluate, optim,
+from scanformer_jax import (checkpointing, config_io, data_source, evaluate, optim, prefetch,
                             sharding as sharding_lib, train_state, train_step)
 from scanformer_jax import workdir as workdir_lib, workdir_lock
 from scanformer_jax.config import INIT_FROM_REQUIRED, ExperimentConfig, ModelConfig
@@ -424,14 +424,16 @@ def _build_step(config: ExperimentConfig, tx: Any, schedules: dict[str, Callable
                 shardings: train_state.TrainState, mesh: Mesh) -> Callable:
   """The compiled train step `(state, global batch) -> (state, metrics)`."""
   return train_step.jit_train_step(
-      train_step.make_train_step(config.model, config.loss, tx, schedules, config.train),
+      train_step.make_train_step(config.model, config.loss, tx, schedules, config.train,
+                                 mesh.size),
       shardings, mesh)
 
 
 def _next_batch(data_iter: Any, mesh: Mesh) -> dict[str, jax.Array]:
   """The next global batch, placed on the mesh (this process feeds its own rows)."""
   batch = next(data_iter)
-  return sharding_lib.to_global({k: batch[k] for k in DEVICE_KEYS}, mesh)
+  return sharding_lib.to_global({k: batch[k] for k in DEVICE_KEYS + prefetch.extra_keys(batch)},
+                                mesh)
 
 
 class _Run:
@@ -545,6 +547,11 @@ class _Run:
     try:
       self.step_fn = _build_step(self.config, self.tx, self.schedules, self.shardings,
                                  self.mesh)
+      # Restored above; from here on batches are taken (and checkpointed) through
+      # `batches`: a device prefetch, or the data iterator itself.
+      self.batches = (prefetch.DevicePrefetch(self.data_iter, self.mesh, DEVICE_KEYS,
+                                              tc.device_prefetch)
+                      if tc.device_prefetch else None)
       self.writer = MetricWriter(self.workdir)
       self.stop = _StopFlag()
       self.streak = _SkipStreak(tc.max_consecutive_skipped)
@@ -559,8 +566,8 @@ class _Run:
             return TrainResult(state=self.state, start_step=self.start, stopped_early=True,
                                stop_signal=self.stop.signum)
     finally:
-      for closing in ("bar", "writer"):
-        if hasattr(self, closing):
+      for closing in ("batches", "bar", "writer"):
+        if getattr(self, closing, None) is not None:
           getattr(self, closing).close()
       self.ckpt.close()
     return TrainResult(state=self.state, start_step=self.start, stopped_early=False)
@@ -568,10 +575,13 @@ class _Run:
   def step(self, step: int) -> dict[str, jax.Array]:
     """One update on the next batch; returns its (device) metrics."""
     first = step == self.start + 1
-    batch = _next_batch(self.data_iter, self.mesh)
+    if self.batches is not None:
+      batch = next(self.batches)
+    else:
+      batch = _next_batch(self.data_iter, self.mesh)
     if first:
       log.info("compiling the train step (the first step takes a while)...")
-    self.state, metrics = self.step_fn(self.state, batch)
+    self.state, metrics = self.step_fn(self.state, batch, step - 1)
     if first:  # Throughput from here on: compile time excluded.
       jax.block_until_ready(metrics)
       log.info("train step compiled and ran in %.1f s", time.perf_counter() - self.t_last)
@@ -665,7 +675,7 @@ class _Run:
       config_io.save_json(self.config, self.config_path)
       workdir_lib.bundle_vocab(self.config, self.workdir)  # The run predicts wherever it moves.
       self.config_written = True
-    self.ckpt.save(self.state, self.data_iter)
+    self.ckpt.save(self.state, self.batches or self.data_iter)
     self.reference_norm, self.last_saved = norm, step
     self.streak.last_saved = step
     return True

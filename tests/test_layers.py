@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scanformer_jax.layers import (NEG_INF, attend, attend_einsum, attend_fused,
+from scanformer_jax.layers import (BIAS_CHANNELS, NEG_INF, attend, attend_einsum, attend_fused,
+                                   bias_channels, fused_head_dim,
                                    attention_implementation, interpolate_pos_grid,
                                    interpolation_matrix, patchify)
 
@@ -117,3 +118,55 @@ def test_patchify_row_major_patches_row_col_channel_pixels():
   assert patches.shape == (1, 6, 12)
   # Patch 4 is grid (1, 1): rows 2..3, cols 2..3.
   np.testing.assert_array_equal(patches[0, 4], image[0, 2:4, 2:4, :].reshape(-1))
+
+
+def _merged_and_padded(batch, num_keys, seed):
+  """A per-key bias as the scan builds it: padding NEG_INF, merged tokens log n."""
+  rng = np.random.default_rng(seed)
+  bias = np.zeros((batch, num_keys), np.float32)
+  bias[:, 2] = NEG_INF                          # An empty slot.
+  bias[:, -3:-1] = NEG_INF                      # Bucket padding at the end.
+  bias[:, -1] = np.log(rng.integers(1, 274, batch))  # Merged token: log n, n <= 273.
+  return jnp.asarray(bias)[:, None, None, :]    # [B, 1, 1, Tk]
+
+
+@pytest.mark.parametrize("num_queries,num_keys", [(5, 9), (6, 12)])
+def test_fused_per_key_bias_equals_einsum_with_gradients(num_queries, num_keys):
+  """The bias carried in extra head channels: outputs and q/k/v gradients are the einsum's
+  (f32, 1e-5), and no [B, 1, Tq, Tk] array appears in the program (forward or backward)."""
+  keys = jax.random.split(jax.random.key(7), 4)
+  q = jax.random.normal(keys[0], (B, num_queries, H, DH))
+  k = jax.random.normal(keys[1], (B, num_keys, H, DH))
+  v = jax.random.normal(keys[2], (B, num_keys, H, DH))
+  bias = _merged_and_padded(B, num_keys, 0)
+  cot = jax.random.normal(keys[3], (B, num_queries, H, DH))
+
+  def loss(fn, q, k, v):
+    return jnp.sum(fn(q, k, v, bias) * cot)
+  fused = lambda q, k, v, b: attend_fused(q, k, v, b, "xla")  # noqa: E731
+  np.testing.assert_allclose(fused(q, k, v, bias), attend_einsum(q, k, v, bias),
+                             atol=1e-5, rtol=1e-5)
+  got = jax.grad(lambda *a: loss(fused, *a), argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(lambda *a: loss(attend_einsum, *a), argnums=(0, 1, 2))(q, k, v)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
+  jaxpr = jax.make_jaxpr(jax.grad(lambda *a: loss(fused, *a), argnums=(0, 1, 2)))(q, k, v)
+  shapes = {tuple(var.aval.shape) for eqn in jaxpr.jaxpr.eqns for var in eqn.outvars}
+  bias_like = {(B, 1, nq, nk) for nq in (num_queries, num_queries + 1)
+               for nk in (num_keys, num_keys + 1)}
+  assert not shapes & bias_like, shapes & bias_like
+
+
+def test_bias_channels_keep_log_n_float32_exact_in_bfloat16():
+  bias = _merged_and_padded(B, 9, 1)[:, 0, 0, :]  # [B, Tk]
+  scale = DH ** -0.5
+  channels = bias_channels(bias, jnp.bfloat16, scale)
+  assert channels.dtype == jnp.bfloat16 and channels.shape == (B, 9, BIAS_CHANNELS)
+  back = channels.astype(jnp.float32).sum(-1) * scale
+  merged = bias[:, -1]
+  np.testing.assert_allclose(back[:, -1], merged, rtol=1e-6, atol=1e-7)
+  # One bfloat16 channel (the old bias cast) is off by up to 2^-9 relative.
+  one = channels[..., 0].astype(jnp.float32)[:, -1] * scale
+  assert float(jnp.max(jnp.abs(one - merged))) > 1e-4
+  assert bool(jnp.all(back[:, 2] < -1e8))  # Padding keeps weight exactly 0.
+  assert fused_head_dim(DH) % 8 == 0 and fused_head_dim(64) == 72

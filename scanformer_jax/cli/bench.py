@@ -1,7 +1,9 @@
-"""`scanformer bench [--model tiny|vilt_b32] [--keep-ratio R] [--train | --latency | --throughput] ... [--json PATH]`.
+"""`scanformer bench [--model tiny|vilt_b32] [--keep-ratio R] [--train [--memory] | --latency | --throughput] ... [--json PATH]`.
 
-Times compiled sparse vs dense inference with random weights (scanformer_jax/bench.py
-says how), or with `--train` one training step of each train path, or with `--latency`
+Times compiled sparse vs dense inference with random weights (scanformer_jax/bench/
+says how), or with `--train` one training step of each train path (`--train --memory`:
+the step's per-device compiled bytes and saved residuals, `--set` overrides such as
+model.dtype, model.remat, train.microbatches, train.path), or with `--latency`
 batch-1 p50/p90 latency of dense, fixed-capacity and bucketed sparse inference, or
 with `--throughput --workdir W` a trained run's eval-batch samples/s, dense vs
 sparse (scanformer_jax/bench_throughput.py), and prints the table; `--json` writes
@@ -42,6 +44,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--train", action="store_true",
                       help="time one training step (forward, backward, update) of the "
                            "dense and the sparse train path instead of inference")
+  parser.add_argument("--memory", action="store_true",
+                      help="with --train: per-device bytes of the compiled train step and "
+                      "its saved residuals instead of timing (--batch-size is per device)")
+  parser.add_argument("--image-sizes", default=None,
+                      help="with --memory: comma-separated scale sizes, e.g. 160,320,640")
+  parser.add_argument("--set", dest="overrides", action="append", default=[],
+                      metavar="KEY=VALUE", nargs="+",
+                      help="with --memory: config overrides, e.g. model.dtype=bfloat16 "
+                      "model.remat=layer train.microbatches=2 train.path=sparse")
   _add_latency_args(parser)
   common.add_verbose_arg(parser)
   args = parser.parse_args(argv)
@@ -53,6 +64,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.error("--keep-ratio must be in (0, 1]")
   if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
     parser.error("--batch-size and --steps must be >= 1, --warmup >= 0")
+  args.overrides = [item for items in args.overrides for item in items]
+  if args.memory and not args.train:
+    parser.error("--memory measures the train step: pass --train --memory")
+  if (args.overrides or args.image_sizes) and not args.memory:
+    parser.error("--set and --image-sizes go with --train --memory")
+  if args.image_sizes:
+    try:
+      args.image_sizes = [int(x) for x in args.image_sizes.split(",")]
+    except ValueError:
+      parser.error(f"--image-sizes expects integers like 160,320,640, got {args.image_sizes!r}")
   return args
 
 
@@ -103,6 +124,13 @@ def main(argv: list[str]) -> int:
     if args.latency:
       report, table = _latency_report(args)
       print(table)
+      _write_json(args, report)
+      return 0
+    if args.memory:
+      report = bench.run_memory(model=args.model, batch_size=args.batch_size,
+                                image_sizes=args.image_sizes, overrides=args.overrides,
+                                keep_ratio=args.keep_ratio)
+      print(bench.format_memory(report))
       _write_json(args, report)
       return 0
     run, format_report = ((bench.run_train, bench.format_train_report) if args.train
