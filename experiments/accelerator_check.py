@@ -137,7 +137,7 @@ def check_size(size: int, sizes, args, overrides) -> dict:
   shardings = train_state.state_shardings(cfg, tx, mesh, mesh_cfg)
   peak = peak_flops(jax.devices()[0].device_kind)
   result = {"image_sizes": list(sizes), "num_patches": list(cfg.num_patches),
-            "sparse_capacity": list(counts), "batch_size": n, "dtype": cfg.dtype,
+            "sparse_slots": list(counts), "batch_size": n, "dtype": cfg.dtype,
             "remat": getattr(cfg, "remat", "none"), "forward": {}, "train": {}}
   state = train_state.create_train_state(cfg, tx, 0, mesh, mesh_cfg)
   variables = {"params": jax.tree.map(jnp.copy, state.params)}  # The step donates its own.
@@ -157,7 +157,7 @@ def check_size(size: int, sizes, args, overrides) -> dict:
     result["forward"][path] = _timing(ms, n, model_flops, peak, compile_s, compiled)
     # Train step.
     path_tc = dataclasses.replace(tc, path=path,
-                                  capacity=counts if path == "sparse" else None)
+                                  slots=counts if path == "sparse" else None)
     step = train_step.jit_train_step(
         train_step.make_train_step(cfg, config.loss, tx, schedules, path_tc),
         shardings, mesh)

@@ -135,7 +135,7 @@ def run_memory(model: str = "vilt_b32", batch_size: int = 2,
           "remat": getattr(cfg, "remat", "none"), "microbatches": tc.microbatches,
           "batch_size_per_device": batch_size, "devices": devices,
           "global_batch": global_batch, "overrides": list(overrides),
-          "sparse_capacity": list(tc.sparse_capacity(cfg, config.loss)),
+          "sparse_slots": list(tc.sparse_slots(cfg, config.loss)),
           "modes": modes, "note": CPU_BF16_NOTE if jax.default_backend() == "cpu" else "",
           "host": host_info(load_start)}
 

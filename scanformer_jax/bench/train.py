@@ -67,7 +67,7 @@ def run_train(model: str = "vilt_b32", batch_size: int = 8, keep_ratio: float = 
 
   compiled, compile_s, states, xla = {}, {}, {}, {}
   for path in MODES:
-    train_cfg = TrainConfig(path=path, capacity=counts if path == "sparse" else None)
+    train_cfg = TrainConfig(path=path, slots=counts if path == "sparse" else None)
     fn = train_step.jit_train_step(
         train_step.make_train_step(cfg, loss_cfg, tx, schedules, train_cfg), shardings, mesh)
     states[path] = train_state.create_train_state(cfg, tx, seed, mesh, mesh_cfg)
