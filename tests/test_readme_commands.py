@@ -122,12 +122,21 @@ COMMANDS: dict[str, object] = {
     "scanformer train --config experiments/configs/synthetic_tiny.py --workdir runs/mine": Parse(
         DEMO_DATA + "; trains for minutes"),
     "scanformer calibrate --workdir runs/mine --split validation": Parse(TOUR_RUN),
-    "scanformer eval --workdir runs/mine --split validation --json runs/mine/eval.json": Parse(
+    "scanformer eval --workdir runs/mine --split test --json runs/mine/eval.json": Parse(
         TOUR_RUN),
     ('scanformer predict --workdir runs/mine --image runs/demo/predict_input.png --text '
      '"the purple square" --out scan.png'): Parse(TOUR_RUN + " and the demo's input image"),
-    ("scanformer eval --workdir runs/mine --split validation --exit-sweep "
+    ("scanformer eval --workdir runs/mine --exit-calibrate --split validation --report-split "
+     "test --risk 0.01 --delta 0.1"): Parse(TOUR_RUN),
+    ("scanformer eval --workdir runs/mine --split validation --report-split test --exit-sweep "
      "runs/mine/exit_sweep"): Parse(TOUR_RUN),
+    ("scanformer eval --workdir runs/demo --exit-calibrate --split validation --report-split "
+     "test --risk 0.01 --delta 0.1 --exit-criteria halt_head,iou_head"): Parse(DEMO_RUN),
+    "scanformer serve --workdir runs/mine": Parse(TOUR_RUN + "; a server runs until stopped"),
+    "scanformer export --workdir runs/mine --out runs/mine-export": Parse(TOUR_RUN),
+    ('python runs/mine-export/run_exported.py --image runs/demo/predict_input.png --text '
+     '"the purple square"'): Skip("the export of the tour; tests/test_export.py runs the "
+                                 "runner on a tiny export"),
     ("scanformer predict --workdir runs/demo --input queries.jsonl --output preds.jsonl "
      "[--out-dir scans/] [--batch-size 16]"): Parse(DEMO_RUN + "; tests/test_predict_jsonl.py "
                                                      "runs batch mode"),
