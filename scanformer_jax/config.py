@@ -378,7 +378,8 @@ class TrainConfig:
   # or gradient: the run has diverged. 0: never stop.
   max_consecutive_skipped: int = 10
   # Multi-process runs agree on a SIGTERM/SIGINT every this many steps (a host-side
-  # collective), then every process saves that step and stops.
+  # collective), then every process saves that step and stops. 1: the agreement
+  # (4 ms mean between 2 CPU processes) is 0.15 % of a vilt_b32 batch-1 train step.
   preemption_check_every: int = 1
   # The training forward: "dense" (every patch a token) or "sparse" (the Gumbel-taken
   # patches in `slots` slots plus one merged token: the same loss and gradients
