@@ -94,6 +94,14 @@ def first_device_batches(config: ExperimentConfig, split: str, mesh: Mesh,
   return [sharding_lib.to_global({k: b[k] for k in DEVICE_KEYS}, mesh) for b in batches]
 
 
+def refuse_non_finite(boxes: np.ndarray, what: str) -> None:
+  """One line instead of NaN metrics or boxes: the weights give non-finite outputs."""
+  if not np.isfinite(boxes).all():
+    raise UserError(f"{what}: the model gives non-finite boxes (a diverged checkpoint?); "
+                    "evaluate an earlier step with --step, or retrain with a lower "
+                    "optim.learning_rate")
+
+
 def collect(cfg: ModelConfig, params: Any, step: EvalStep, batches: Iterable[dict],
             mesh: Mesh, iou_threshold: float = 0.5, desc: str = "eval",
             progress: bool = True, blank: bool = False) -> tuple[RecMetrics, dict]:
@@ -117,6 +125,7 @@ def collect(cfg: ModelConfig, params: Any, step: EvalStep, batches: Iterable[dic
       batch = blank_expressions(batch)
     device_batch = sharding_lib.to_global({k: batch[k] for k in DEVICE_KEYS}, mesh)
     host = sharding_lib.fetch(step(params, device_batch))
+    refuse_non_finite(host["boxes"][np.asarray(host["valid"], bool)], "eval")
     if len(timed_batches) < TIMED_BATCHES:
       timed_batches.append(device_batch)
     metrics.add(host)

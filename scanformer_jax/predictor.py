@@ -29,6 +29,7 @@ from PIL import Image
 from data_pipelines import images as images_lib, processing, transforms
 from data_pipelines.bad_input import BadSample
 from data_pipelines.errors import DataError
+from scanformer_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +208,10 @@ class Predictor:
   def _prediction(self, query: Query, out: dict, i: int) -> Prediction:
     meta = {k: v[0] for k, v in query.batch["meta"].items()}
     frame_boxes = np.asarray(out["boxes"][i], np.float32)  # [S, 4]
+    if not np.isfinite(frame_boxes).all():
+      raise UserError("predict: the model gives non-finite boxes (a diverged checkpoint?); "
+                      "use an earlier step (--step) or retrain with a lower "
+                      "optim.learning_rate")
     taken = tuple(np.asarray(t[i]) > 0.5 for t in out["taken"])  # per scale [N_s]
     pred_iou = out["pred_iou"]
     return Prediction(
@@ -267,7 +272,6 @@ def load(workdir: str | os.PathLike, step: Optional[int] = None,
     (`scanformer_jax/compile_cache.py`; `SCANFORMER_NO_CACHE=1` turns it off).
   """
   from scanformer_jax import compile_cache, data_source, export as export_lib, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  from scanformer_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   compile_cache.enable()
   path = os.fspath(workdir)
   if export_lib.is_export_dir(path):

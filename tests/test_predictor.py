@@ -100,3 +100,20 @@ def test_import_stays_light():
       "assert 'orbax.checkpoint' not in sys.modules\n"
       "assert callable(scanformer_jax.load)\nprint('ok')")
   assert proc.stdout.strip() == "ok"
+
+
+def test_non_finite_weights_are_refused_in_one_line(predictor, tmp_path):
+  """A diverged checkpoint gives NaN boxes: predict and eval refuse, never print NaN."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from scanformer_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from scanformer_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  from scanformer_jax.predictor import Predictor  # pylint: disable=g-import-not-at-top
+  nan_run = dataclasses.replace(predictor.run, params=jax.tree.map(
+      lambda x: x * np.nan, predictor.run.params))
+  images, texts = _queries(tmp_path)
+  with pytest.raises(UserError, match="non-finite boxes"):
+    Predictor(nan_run, predictor.tokenizer)(images[0], texts[0])
+  with pytest.raises(UserError, match="non-finite boxes"):
+    evaluate.refuse_non_finite(np.array([[0.5, np.nan, 0.2, 0.2]]), "eval")
+  evaluate.refuse_non_finite(np.array([[0.5, 0.5, 0.2, 0.2]]), "eval")
