@@ -41,15 +41,27 @@ def best_pass(run: Callable[[], Any], passes: int = 3) -> tuple[float, Any]:
 
 def alternating_passes(runs: Mapping[str, Callable[[], Any]], passes: int
                        ) -> tuple[dict[str, list[float]], dict[str, Any]]:
-  """Times every `runs[name]()` `passes` times, the names in turn in each round:
-  ({name: seconds per round}, {name: its last result})."""
-  times: dict[str, list[float]] = {name: [] for name in runs}
+  """Times every `runs[name]()` `passes` times, the names in turn in each round, so
+  background load hits them alike: ({name: seconds per round}, {name: last result})."""
+  wall, _, last = alternating_wall_and_cpu(runs, passes)
+  return wall, last
+
+
+def alternating_wall_and_cpu(runs: Mapping[str, Callable[[], Any]], passes: int
+                             ) -> tuple[dict[str, list[float]], dict[str, list[float]],
+                                        dict[str, Any]]:
+  """`alternating_passes` with this process's CPU seconds of each pass too:
+  ({name: wall seconds}, {name: CPU seconds}, {name: last result})."""
+  wall: dict[str, list[float]] = {name: [] for name in runs}
+  cpu: dict[str, list[float]] = {name: [] for name in runs}
   last: dict[str, Any] = {}
   for _ in range(passes):
     for name, run in runs.items():
+      cpu_start = time.process_time()
       seconds, last[name] = timed_pass(run)
-      times[name].append(seconds)
-  return times, last
+      wall[name].append(seconds)
+      cpu[name].append(time.process_time() - cpu_start)
+  return wall, cpu, last
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:

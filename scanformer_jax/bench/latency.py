@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from typing import Optional
 
 from scanformer_jax.bench.common import keep_counts
@@ -43,6 +42,7 @@ def run_latency(model: str = "tiny", workdir: Optional[str] = None, steps: int =
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
+  from scanformer_jax import forward, timing  # pylint: disable=g-import-not-at-top
   from scanformer_jax.model import ScanFormer  # pylint: disable=g-import-not-at-top
   if workdir:
     from scanformer_jax import data_source, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
@@ -78,23 +78,21 @@ def run_latency(model: str = "tiny", workdir: Optional[str] = None, steps: int =
              "bucketed": base.replace(capacity_buckets=tuple(map(tuple, buckets)))}
   fns = {}
   for mode, cfg in configs.items():
-    net = ScanFormer(cfg)
     path = "dense" if mode == "dense" else "sparse"
-    fns[mode] = jax.jit(lambda v, i, t, m, net=net, path=path: net.apply(v, i, t, m, mode=path))
+    fns[mode] = jax.jit(lambda v, i, t, m, cfg=cfg, path=path: forward.rows(
+        cfg, v["params"], {"image": i, "text_ids": t, "text_mask": m}, path))
   times = {mode: [] for mode in LATENCY_MODES}
   used = {mode: [] for mode in LATENCY_MODES}
   dropped = {mode: 0 for mode in LATENCY_MODES}
   for index, sample in enumerate(samples):
     sample = tuple(jnp.asarray(x) for x in sample)
     for mode in LATENCY_MODES:  # Alternate the modes: background load hits all alike.
-      start = time.perf_counter()
-      out = jax.block_until_ready(fns[mode](variables, *sample))
+      seconds, out = timing.timed_pass(lambda mode=mode: fns[mode](variables, *sample))
       if index < max(warmup, 1):
         continue  # Compilation and warm-up.
-      times[mode].append(1e3 * (time.perf_counter() - start))
-      if out.capacity is not None:
-        used[mode].append(np.asarray(out.capacity)[0].tolist())
-        dropped[mode] += int(np.asarray(out.num_dropped).sum())
+      times[mode].append(1e3 * seconds)
+      used[mode].append(np.asarray(out["capacity"])[0].tolist())
+      dropped[mode] += int(np.asarray(out["num_dropped"]).sum())
   modes = {}
   for mode in LATENCY_MODES:
     entry = {"p50_ms": _percentile(times[mode], 50), "p90_ms": _percentile(times[mode], 90),

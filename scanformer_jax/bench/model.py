@@ -19,6 +19,7 @@ import statistics
 import time
 from typing import Optional
 
+from scanformer_jax import timing
 from scanformer_jax.bench.common import (MODES, ModeResult, bench_config, host_info,
                                          xla_flops)
 
@@ -31,7 +32,7 @@ def run(model: str = "vilt_b32", batch_size: int = 8, keep_ratio: float = 0.25,
   import jax.numpy as jnp
   import numpy as np
 
-  from scanformer_jax import flops
+  from scanformer_jax import flops, forward
   from scanformer_jax.model import ScanFormer
 
   load_start = list(os.getloadavg())
@@ -47,7 +48,8 @@ def run(model: str = "vilt_b32", batch_size: int = 8, keep_ratio: float = 0.25,
 
   compiled, compile_s, xla = {}, {}, {}
   for mode in MODES:
-    fn = jax.jit(lambda v, i, t, m, mode=mode: net.apply(v, i, t, m, mode=mode))
+    fn = jax.jit(lambda v, i, t, m, mode=mode: forward.rows(
+        cfg, v["params"], {"image": i, "text_ids": t, "text_mask": m}, mode))
     start = time.perf_counter()
     compiled[mode] = fn.lower(*args).compile()
     compile_s[mode] = time.perf_counter() - start
@@ -58,19 +60,15 @@ def run(model: str = "vilt_b32", batch_size: int = 8, keep_ratio: float = 0.25,
   for mode in MODES:
     for _ in range(max(warmup, 1)):
       outputs[mode] = jax.block_until_ready(compiled[mode](*args))
-  times = {mode: [] for mode in MODES}
-  cpu_times = {mode: [] for mode in MODES}
-  for _ in range(steps):  # Alternate the modes: background load hits both alike.
-    for mode in MODES:
-      start, cpu_start = time.perf_counter(), time.process_time()
-      jax.block_until_ready(compiled[mode](*args))
-      times[mode].append(1e3 * (time.perf_counter() - start))
-      cpu_times[mode].append(1e3 * (time.process_time() - cpu_start))
+  wall, cpu, _ = timing.alternating_wall_and_cpu(
+      {mode: lambda mode=mode: compiled[mode](*args) for mode in MODES}, steps)
+  times = {mode: [1e3 * s for s in wall[mode]] for mode in MODES}  # ms
+  cpu_times = {mode: [1e3 * s for s in cpu[mode]] for mode in MODES}
 
   analytic = {"dense": flops.dense_flops(cfg, length) / 1e9,
               "sparse": flops.sparse_flops(cfg, length) / 1e9}
   sparse_out = outputs["sparse"]
-  taken = np.stack([np.asarray(t).sum(-1) for t in sparse_out.taken], -1)  # [B, S]
+  taken = np.asarray(sparse_out["taken"])  # [B, S]
   effective = float(np.mean(flops.sparse_flops(cfg, length, taken))) / 1e9
   results = {}
   for mode in MODES:
@@ -88,7 +86,7 @@ def run(model: str = "vilt_b32", batch_size: int = 8, keep_ratio: float = 0.25,
       "text_len": length, "steps": steps, "warmup": warmup,
       "num_patches": list(cfg.num_patches), "kept_per_scale": list(cfg.capacities),
       "mean_taken_per_scale": taken.mean(0).tolist(),
-      "num_dropped": int(np.asarray(sparse_out.num_dropped).sum()),
+      "num_dropped": int(np.asarray(sparse_out["num_dropped"]).sum()),
       "sparse_effective_gflops_per_sample": effective,
       "modes": {mode: dataclasses.asdict(r) for mode, r in results.items()},
       "speedup": speedup, "cpu_time_speedup": cpu_speedup, "flops_ratio": flops_ratio,

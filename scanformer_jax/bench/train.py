@@ -14,6 +14,7 @@ import statistics
 import time
 from typing import Optional
 
+from scanformer_jax import timing
 from scanformer_jax.bench.common import (MODES, ModeResult, bench_config, host_info,
                                          keep_counts, xla_flops)
 
@@ -81,14 +82,15 @@ def run_train(model: str = "vilt_b32", batch_size: int = 8, keep_ratio: float = 
   for path in MODES:
     for _ in range(max(warmup, 1)):
       states[path], metrics[path] = jax.block_until_ready(compiled[path](states[path], batch))
-  times = {path: [] for path in MODES}
-  cpu_times = {path: [] for path in MODES}
-  for _ in range(steps):  # Alternate the paths: background load hits both alike.
-    for path in MODES:
-      start, cpu_start = time.perf_counter(), time.process_time()
-      states[path], metrics[path] = jax.block_until_ready(compiled[path](states[path], batch))
-      times[path].append(1e3 * (time.perf_counter() - start))
-      cpu_times[path].append(1e3 * (time.process_time() - cpu_start))
+  def train_step_of(path):
+    def run():
+      states[path], metrics[path] = compiled[path](states[path], batch)
+      return metrics[path]
+    return run
+  wall, cpu, _ = timing.alternating_wall_and_cpu(
+      {path: train_step_of(path) for path in MODES}, steps)
+  times = {path: [1e3 * s for s in wall[path]] for path in MODES}  # ms
+  cpu_times = {path: [1e3 * s for s in cpu[path]] for path in MODES}
 
   sparse_cfg = cfg.replace(capacity=counts)
   analytic = {"dense": train_flops(cfg, length, "dense") / 1e9,
