@@ -185,8 +185,10 @@ def read_run_record(directory: str) -> dict[str, Any]:
 
 
 def claim_directory(directory: str, workdir: str, steps: list[int],
-                    inside_workdir: bool = False) -> None:
-  """Records `workdir` as the owner of checkpoint `directory`; another owner: UserError.
+                    inside_workdir: bool = False) -> Optional[dict]:
+  """The record naming `workdir` the owner of checkpoint `directory`, to write with the
+  first checkpoint (`write_run_record`; None: it is there already); another owner:
+  UserError. Nothing is written here, so a refused command leaves no folder behind.
 
   `steps`: the steps in it already. inside_workdir: the directory is the workdir's own
   (`<workdir>/checkpoints`), which a copied or moved workdir takes over. A directory without a record that holds steps
@@ -202,10 +204,14 @@ def claim_directory(directory: str, workdir: str, steps: list[int],
         f"another checkpoint.directory (to hand it over, delete {RUN_FILE} in it)")
   since = record.get("checksums_since", max(steps) + 1 if steps and not record else 0)
   wanted = {"workdir": owner, "format": FORMAT, "checksums_since": since}
-  if record != wanted:
-    path = epath.Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / RUN_FILE).write_text(json.dumps(wanted) + "\n")
+  return None if record == wanted else wanted
+
+
+def write_run_record(directory: str, record: dict) -> None:
+  """Writes what `claim_directory` returned into the checkpoint directory."""
+  path = epath.Path(directory)
+  path.mkdir(parents=True, exist_ok=True)
+  (path / RUN_FILE).write_text(json.dumps(record) + "\n")
 
 
 class Checkpointer:

@@ -359,8 +359,9 @@ def report(cfg: ModelConfig, mapped, skipped, notes) -> str:
   else:
     lines.append("skipped nothing")
   lines.append("kept for vilt_forward, unused by ScanFormer: " + ", ".join(vilt.VILT_ONLY_GROUPS))
-  lines.append("ScanFormer initialises fresh everything beside params['backbone'] (REG, "
-               "scale and constant tokens, selection, box and exit heads)")
+  lines.append("ScanFormer initialises fresh: reg_tokens, scale_embed, const_tokens, "
+               "select_head, box_head and its exit heads (everything beside "
+               "params['backbone'])")
   lines += [f"note: {n}" for n in notes]
   return "\n".join(lines)
 

@@ -451,6 +451,7 @@ class _Run:
     self.is_main = jax.process_index() == 0
     self.config_path = workdir_lib.config_path(workdir)
     self.config_written = False
+    self.run_record: Optional[dict] = None  # The checkpoint directory's owner record.
     self.eval_step: Optional[EvalStep] = None
 
   # Set-up and restore.
@@ -494,7 +495,9 @@ class _Run:
     path = epath.Path(self.checkpoint_dir)
     if path.exists():
       steps = [int(p.name) for p in path.iterdir() if p.name.isdigit()]
-    checkpointing.claim_directory(self.checkpoint_dir, self.workdir, steps, inside)
+    # Written with the first checkpoint: a refused command leaves no folder behind.
+    self.run_record = checkpointing.claim_directory(self.checkpoint_dir, self.workdir, steps,
+                                                    inside)
 
   def restore(self) -> None:
     """Sets `state` and `start`: the newest readable checkpoint, or a fresh state."""
@@ -675,6 +678,9 @@ class _Run:
       config_io.save_json(self.config, self.config_path)
       workdir_lib.bundle_vocab(self.config, self.workdir)  # The run predicts wherever it moves.
       self.config_written = True
+    if self.is_main and self.run_record is not None:
+      checkpointing.write_run_record(self.checkpoint_dir, self.run_record)
+      self.run_record = None
     self.ckpt.save(self.state, self.batches or self.data_iter)
     self.reference_norm, self.last_saved = norm, step
     self.streak.last_saved = step

@@ -36,7 +36,8 @@ def test_a_step_without_its_metadata_is_unverifiable(tmp_path, caplog):
 
 def test_steps_from_before_checksums_restore_with_a_warning(tmp_path, caplog):
   helpers._save_steps(tmp_path, [2])
-  checkpointing.claim_directory(str(tmp_path), str(tmp_path / "w"), [2])  # An old run.
+  record = checkpointing.claim_directory(str(tmp_path), str(tmp_path / "w"), [2])  # An old run.
+  checkpointing.write_run_record(str(tmp_path), record)  # With the first checkpoint.
   assert json.loads((tmp_path / checkpointing.RUN_FILE).read_text())["checksums_since"] == 3
   ckpt = checkpointing.Checkpointer(str(tmp_path), helpers.CFG)
   ckpt.custom_metadata = lambda step: {}  # As written before checksums existed.
@@ -70,7 +71,9 @@ def test_another_optimizer_structure_is_refused_and_nothing_moved(tmp_path):
 
 def test_a_checkpoint_directory_has_one_owner(tmp_path):
   directory = str(tmp_path / "shared")
-  checkpointing.claim_directory(directory, str(tmp_path / "a"), [])
-  checkpointing.claim_directory(directory, str(tmp_path / "a"), [])  # The owner again.
+  assert not os.path.exists(directory)  # Claiming writes nothing: the first save does.
+  checkpointing.write_run_record(directory, checkpointing.claim_directory(
+      directory, str(tmp_path / "a"), []))
+  assert checkpointing.claim_directory(directory, str(tmp_path / "a"), []) is None  # The owner.
   with pytest.raises(UserError, match=f"belongs to the run in workdir {tmp_path / 'a'}"):
     checkpointing.claim_directory(directory, str(tmp_path / "b"), [])

@@ -140,7 +140,7 @@ def _fake_scanformer_params(cfg):
   """A ScanFormer-shaped tree without model.py: backbone + ScanFormer-only leaves."""
   flat = {k: np.zeros(s, np.float32) for k, s in vilt.param_shapes(cfg).items()
           if k[0] not in vilt.VILT_ONLY_GROUPS}
-  params = traverse_util.unflatten_dict(flat)
+  params = {"backbone": traverse_util.unflatten_dict(flat)}
   params["reg_tokens"] = np.ones((cfg.num_scales, cfg.hidden_size), np.float32)
   params["box_head"] = {"out": {"kernel": np.ones((cfg.hidden_size, 4), np.float32)}}
   return {"params": params}
@@ -153,9 +153,9 @@ def test_init_from_copies_backbone_keeps_the_rest(converted):
   loaded, summary = vilt.init_scanformer_from_vilt(fresh, str(out), cfg)
   assert set(loaded) == {"params"}
   got = loaded["params"]
-  np.testing.assert_array_equal(got["layers_0"]["mlp"]["fc1"]["kernel"],
+  np.testing.assert_array_equal(got["backbone"]["layers_0"]["mlp"]["fc1"]["kernel"],
                                 params["layers_0"]["mlp"]["fc1"]["kernel"])
-  np.testing.assert_array_equal(got["modality_embed"]["embedding"],
+  np.testing.assert_array_equal(got["backbone"]["modality_embed"]["embedding"],
                                 state["vilt.embeddings.token_type_embeddings.weight"])
   np.testing.assert_array_equal(got["reg_tokens"], fresh["params"]["reg_tokens"])
   assert "initialised fresh: box_head, reg_tokens" in summary
@@ -226,7 +226,7 @@ def test_converted_checkpoint_runs_in_scanformer(converted):
   host = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), shapes)
   params, summary = vilt.init_scanformer_from_vilt(host, out, cfg)
   assert "reg_tokens" in summary and "const_tokens" in summary
-  flat = dict(jax.tree_util.tree_flatten_with_path(params["params"])[0])
+  flat = dict(jax.tree_util.tree_flatten_with_path(params["params"]["backbone"])[0])
   for path, value in jax.tree_util.tree_flatten_with_path(vilt_params)[0]:
     if path[0].key in ("cls_token", "pooler"):
       continue

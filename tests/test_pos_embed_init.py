@@ -38,7 +38,7 @@ def test_scanformer_initialises_pos_embed_from_sincos():
   variables = ScanFormer(cfg).init(
       jax.random.key(0), jnp.zeros((1, cfg.image_size, cfg.image_size, 3)),
       jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), bool), mode="dense")
-  np.testing.assert_allclose(variables["params"]["pos_embed"],
+  np.testing.assert_allclose(variables["params"]["backbone"]["pos_embed"],
                              sincos_pos_grid(cfg.pos_grid_size, cfg.hidden_size))
 
 

@@ -77,7 +77,6 @@ TOUR_RUN = "needs the runs/mine workdir of the README's tour"
 COMMANDS: dict[str, object] = {
     "make demo": Skip("the full 13-minute demo (experiments/run_demo.py); run by hand"),
     "make test": Skip("runs this suite itself"),
-    'make test PYTEST_ARGS="tests/test_model.py -x"': Skip("runs part of this suite"),
     "pip install -e '.[refcoco-build]'": Skip("needs the network"),
     "scanformer data synthetic --data-dir runs/data": Parse("20k scenes: minutes"),
     "scanformer data synthetic --data-dir runs/data --config small": Run(),

@@ -120,7 +120,7 @@ def test_warmup_leaves_the_gumbel_step_memory_unchanged(setup):
   batch = sharding.to_global(_batch(config), mesh)
   temp = {}
   for warmup in (0, 3):
-    step, state = _step(config, mesh, path="sparse", capacity=(4, 8),
+    step, state = _step(config, mesh, path="sparse", slots=(4, 8),
                         select_warmup_steps=warmup)
     compiled = step.lower(state, batch).compile()
     temp[warmup] = compiled.memory_analysis().temp_size_in_bytes
