@@ -1,5 +1,5 @@
 """A run whose every step is non-finite stops after train.max_consecutive_skipped
-steps with one line, and saves nothing (issue 20, item 4)."""
+steps with one line, and saves nothing."""
 
 import os
 
