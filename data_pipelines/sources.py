@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import threading
 from typing import Any, Callable
 
 import numpy as np
@@ -100,8 +101,15 @@ def _cached_builder(path: str, build_id: int):
   return tfds.builder_from_directory(path)
 
 
+# Serialises the first import of tensorflow_datasets and each builder's creation: two
+# grain prefetch threads importing it at once in a fresh worker process can deadlock
+# (one holds a module lock, the other a lazy module's cached_property lock).
+_BUILDER_LOCK = threading.Lock()
+
+
 def _builder(path: str):
-  return _cached_builder(path, _build_id(path))
+  with _BUILDER_LOCK:
+    return _cached_builder(path, _build_id(path))
 
 
 def split_names(ref: DatasetRef) -> list[str]:
