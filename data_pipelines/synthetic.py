@@ -102,6 +102,26 @@ def vocab() -> list[str]:
 
 VOCAB_SIZE = len(vocab())
 
+# What an expression names its target by, for per-group accuracy (`attribute_group`).
+ATTRIBUTE_GROUPS = ("colour-only", "size-only", "shape-only", "combined", "spatial")
+_ATTRIBUTE_WORDS = (set(COLORS), set(SIZES), set(SHAPES))
+
+
+def attribute_group(text: str) -> int:
+  """Index into ATTRIBUTE_GROUPS of a synthetic expression: one attribute alone, two
+  or three together ("combined"), or a superlative/relation ("spatial"); -1 when the
+  text is not of the synthetic grammar."""
+  words = text.lower().split()
+  named = [bool(kind & set(words)) for kind in _ATTRIBUTE_WORDS]  # colour, size, shape
+  grammar = set().union(*_ATTRIBUTE_WORDS, {"the", "object"})
+  if not any(named) or not set(words) <= set(vocab()):
+    return -1
+  if not set(words) <= grammar:
+    return ATTRIBUTE_GROUPS.index("spatial")
+  if sum(named) > 1:
+    return ATTRIBUTE_GROUPS.index("combined")
+  return named.index(True)
+
 
 # ------------------------------------------------------------------------- drawing
 def _background(rng: np.random.Generator, s: int) -> np.ndarray:

@@ -67,6 +67,25 @@ def eval_batches(config: ExperimentConfig, split: str, mesh: Mesh) -> Iterator[d
                                  **_common_kwargs(config, global_batch))
 
 
+@dataclasses.dataclass(frozen=True)
+class ExpressionGroups:
+  """Named groups of expressions (e.g. by the attributes they name), for per-group
+  accuracy: `group_of(text)` is an index into `names`, or -1 for none."""
+
+  names: tuple[str, ...]
+  group_of: Callable[[str], int]
+
+
+def expression_groups(config: ExperimentConfig):
+  """The synthetic datasets' attribute groups (colour-only, size-only, shape-only,
+  combined, spatial); None for other datasets."""
+  name = config.data.dataset
+  if name in _SOURCES or not (name == "synthetic" or name.startswith("synthetic/")):
+    return None
+  from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
+  return ExpressionGroups(synthetic.ATTRIBUTE_GROUPS, synthetic.attribute_group)
+
+
 def data_dir(config: ExperimentConfig) -> str:
   return os.path.expanduser(config.data.data_dir)
 

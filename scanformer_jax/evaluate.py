@@ -104,14 +104,17 @@ def refuse_non_finite(boxes: np.ndarray, what: str) -> None:
 
 def collect(cfg: ModelConfig, params: Any, step: EvalStep, batches: Iterable[dict],
             mesh: Mesh, iou_threshold: float = 0.5, desc: str = "eval",
-            progress: bool = True, blank: bool = False) -> tuple[RecMetrics, dict]:
+            progress: bool = True, blank: bool = False,
+            groups: Optional[data_source.ExpressionGroups] = None
+            ) -> tuple[RecMetrics, dict]:
   """Runs `step` over `batches` (process-local contract batches).
 
   Returns the accumulated per-sample results and run facts (`samples_per_s`: end to
   end, reading the data included, the first batch (compilation) left out;
   `model_samples_per_s`: the compiled step alone, `best_pass` over the first
   `TIMED_BATCHES` batches kept on the device; `duplicates`). blank=True blanks every
-  expression first (`blank_expressions`).
+  expression first (`blank_expressions`). `groups`: each sample's expression group is
+  stored as the row `expression_group` (`group_accuracy` reports it).
   """
   metrics = RecMetrics(cfg.num_patches, iou_threshold)
   seen_indices: list[np.ndarray] = []
@@ -126,6 +129,8 @@ def collect(cfg: ModelConfig, params: Any, step: EvalStep, batches: Iterable[dic
     device_batch = sharding_lib.to_global({k: batch[k] for k in DEVICE_KEYS}, mesh)
     host = sharding_lib.fetch(step(params, device_batch))
     refuse_non_finite(host["boxes"][np.asarray(host["valid"], bool)], "eval")
+    if groups is not None:
+      host["expression_group"] = _expression_groups(batch, groups, mesh)
     if len(timed_batches) < TIMED_BATCHES:
       timed_batches.append(device_batch)
     metrics.add(host)
@@ -155,6 +160,30 @@ def collect(cfg: ModelConfig, params: Any, step: EvalStep, batches: Iterable[dic
     facts["skipped_by_reason"] = {reason: n for reason, n in skipped.items() if n}
     facts["truncated_expressions"] = int(stats.totals["truncated"])
   return metrics, facts
+
+
+def _expression_groups(batch: dict, groups: data_source.ExpressionGroups,
+                       mesh: Mesh) -> np.ndarray:
+  """The global batch's group index per row [B] (-1: no group), from this process's
+  expressions (placed like the batch, so that every process sees every row's)."""
+  texts = batch["meta"]["expression"]
+  local = np.array([groups.group_of(str(t)) for t in texts], np.int32)  # [B_local]
+  return sharding_lib.fetch(sharding_lib.to_global({"group": local}, mesh))["group"]
+
+
+def group_accuracy(metrics: RecMetrics, names: Sequence[str],
+                   iou_threshold: float) -> dict[str, dict[str, float]]:
+  """Acc@0.5 at the last scale and sample count per expression group (empty groups
+  left out)."""
+  rows = metrics.arrays()
+  group, final_iou = rows["expression_group"], rows["iou"][:, -1]  # [N], [N]
+  report = {}
+  for index, name in enumerate(names):
+    chosen = group == index
+    if chosen.any():
+      report[name] = {"acc@0.5": float(np.mean(final_iou[chosen] >= iou_threshold)),
+                      "count": int(chosen.sum())}
+  return report
 
 
 def exit_scales(metrics: RecMetrics, criterion: early_exit.ExitCriterion) -> np.ndarray:
@@ -187,10 +216,13 @@ def evaluate_batches(cfg: ModelConfig, params: Any, step: EvalStep,
                      batches: Iterable[dict], mesh: Mesh, iou_threshold: float = 0.5,
                      criterion: Optional[early_exit.ExitCriterion] = None,
                      desc: str = "eval", progress: bool = True,
-                     blank: bool = False) -> dict[str, Any]:
-  """The report of one split (module docstring); see `collect` for the arguments."""
+                     blank: bool = False,
+                     groups: Optional[data_source.ExpressionGroups] = None
+                     ) -> dict[str, Any]:
+  """The report of one split (module docstring); see `collect` for the arguments.
+  With `groups`, `acc@0.5_by_group`: Acc@0.5 and count per expression group."""
   metrics, facts = collect(cfg, params, step, batches, mesh, iou_threshold, desc, progress,
-                           blank)
+                           blank, groups)
   report = metrics.result()
   if metrics.count == 0:
     return report
@@ -199,6 +231,8 @@ def evaluate_batches(cfg: ModelConfig, params: Any, step: EvalStep,
   report.update(capacity_report(rows))
   report["mode"] = step.mode
   report.update(facts)
+  if groups is not None:
+    report["acc@0.5_by_group"] = group_accuracy(metrics, groups.names, iou_threshold)
   if criterion is not None:
     report["early_exit"] = exit_report(cfg, metrics, criterion)
   return report
@@ -247,7 +281,7 @@ def evaluate_params(config: ExperimentConfig, params: Any, mesh: Mesh, param_sha
       split: evaluate_batches(
           cfg, params, step, data_source.eval_batches(config, split, mesh), mesh,
           config.eval.iou_threshold, criterion, desc=f"eval {split}", progress=progress,
-          blank=config.eval.blank_expressions)
+          blank=config.eval.blank_expressions, groups=data_source.expression_groups(config))
       for split in splits
   }
 

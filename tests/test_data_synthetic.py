@@ -195,3 +195,15 @@ def test_config_spec_and_kind_weights():
   for _, sc in S.generate_split(0, "train", 40, only_rel):
     assert len(sc.objects) <= 4
     assert all(e.kind == "relation" for e in sc.expressions)
+
+
+def test_attribute_group_names_what_the_expression_uses():
+  groups = S.ATTRIBUTE_GROUPS
+  named = {"the red object": "colour-only", "the small object": "size-only",
+           "the triangle": "shape-only", "the small red cross": "combined",
+           "the large circle": "combined", "the leftmost circle": "spatial",
+           "the red object left of the blue square": "spatial"}
+  for text, group in named.items():
+    assert groups[S.attribute_group(text)] == group, text
+  for text in ("", "a dog", "the"):
+    assert S.attribute_group(text) == -1

@@ -64,7 +64,13 @@ def test_eval_json_report(trained, tmp_path, capsys):
     assert REPORT_KEYS <= set(report)
     assert report["count"] == 24  # Every expression of the split, once.
     assert len(report["acc@0.5_per_scale"]) == len(report["keep_ratio"]) == 2
-  assert "acc@0.5" in capsys.readouterr().out
+    # Every synthetic expression falls in one group; the groups' hits add up.
+    groups = report["acc@0.5_by_group"]
+    assert sum(g["count"] for g in groups.values()) == report["count"]
+    hits = sum(g["acc@0.5"] * g["count"] for g in groups.values())
+    assert hits == pytest.approx(report["acc@0.5"] * report["count"])
+  out = capsys.readouterr().out
+  assert "acc@0.5" in out and "acc@0.5 by expression:" in out
 
 
 @pytest.mark.slow

@@ -134,7 +134,15 @@ def format_report(split: str, r: dict) -> str:
           f"{r['gflops_dense']:.3f} dense, overflow {r['overflow_fraction']:.4f} "
           f"({r['patches_dropped']} patches dropped) "
           f"{r['samples_per_s']:.1f} samples/s (model {r['model_samples_per_s']:.1f}) "
-          f"n={r['count']}" + _format_exit(r.get("early_exit")))
+          f"n={r['count']}" + _format_groups(r.get("acc@0.5_by_group"))
+          + _format_exit(r.get("early_exit")))
+
+
+def _format_groups(groups) -> str:
+  if not groups:
+    return ""
+  return "\n  acc@0.5 by expression: " + ", ".join(
+      f"{name} {g['acc@0.5']:.3f} (n={g['count']})" for name, g in groups.items())
 
 
 def _format_exit(e) -> str:
