@@ -239,3 +239,28 @@ def test_train_iterator_passes_the_flag(data_dir):
   assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.uint8
   name = ready_rows.cache_name(DS, "train", 32, L, Tokenizer(synthetic.vocab(), L))
   assert (data_dir / "ready" / name / "manifest.json").is_file()
+
+
+def test_data_ready_command_builds_and_times(data_dir, tmp_path, capsys):
+  from data_pipelines import cli
+  config = tmp_path / "config.py"
+  config.write_text(
+      "from scanformer_jax import config as C\n"
+      "def get_config():\n"
+      "  return C.ExperimentConfig(\n"
+      f"      model=C.ModelConfig.tiny(image_sizes=(16, 32), patch_size=8, max_text_len={L}),\n"
+      f"      data=C.DataConfig(dataset={DS!r}, data_dir={str(data_dir)!r}, augment=False),\n"
+      "      train=C.TrainConfig(batch_size=4))\n")
+  rows = tmp_path / "rows"
+  argv = ["ready", "--config", str(config), "--ready-dir", str(rows)]
+  assert cli.main(argv + ["--time-batches", "2"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert "data.ready_rows=true" in lines[1]
+  timed = [json.loads(line) for line in lines[2:]]
+  assert [t["pipeline"] for t in timed] == ["decoding", "ready_rows"]
+  assert all(t["examples_per_s"] > 0 and t["cpu_s_per_batch"] >= 0 for t in timed)
+  name = ready_rows.cache_name(DS, "train", 32, L, Tokenizer(synthetic.vocab(), L))
+  assert _cache_dirs(rows) == [name]
+  assert cli.main(argv + ["--set", "data.augment=true"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "data.augment=True" in err and "\n" not in err
