@@ -156,23 +156,25 @@ def get_or_build(src: Sequence[dict], root: str | os.PathLike, *, dataset: str, 
       return load(path, expect)
     except _Unusable as e:
       log.warning("ready rows %s unusable (%s): rebuilding them", path, e)
+  tmp = None
   try:
     root.mkdir(parents=True, exist_ok=True)
     _remove_orphans(root, name)
-    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(name), dir=root))
-  except OSError as e:
-    raise DataError(f"cannot write the ready rows under {root}: {e.strerror or e}; make "
-                    "it writable or set data.ready_rows=False") from None
-  try:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{socket.gethostname()}-{os.getpid()}-",
+                                dir=root))
     _write(src, tmp, expect, tokenizer, max_bad_fraction, threads)
     _publish(tmp, path)
+  except OSError as e:
+    raise DataError(f"cannot write the ready rows under {root}: {e.strerror or e}; make "
+                    "it writable (and free space) or set data.ready_rows=False") from None
   finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-  return load(path, expect)
-
-
-def _tmp_prefix(name: str, host: str | None = None, pid: int | None = None) -> str:
-  return f".{name}.tmp-{host or socket.gethostname()}-{pid or os.getpid()}-"
+    if tmp is not None:
+      shutil.rmtree(tmp, ignore_errors=True)
+  try:
+    return load(path, expect)
+  except _Unusable as e:  # e.g. another process replaced them meanwhile
+    raise DataError(f"the ready rows just built at {path} do not load ({e}); build them "
+                    "again or set data.ready_rows=False") from None
 
 
 def _remove_orphans(root: Path, name: str) -> None:
@@ -195,8 +197,8 @@ def _alive(pid: int) -> bool:
 
 
 def _publish(tmp: Path, path: Path) -> None:
-  """Moves the finished build into place (an old unusable cache is removed first);
-  when another process published the same rows meanwhile, theirs are kept."""
+  """Moves the finished build into place, replacing what is there (an unusable
+  cache); when another process's build lands there first, that one stays."""
   if path.exists():
     old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
     with contextlib.suppress(FileNotFoundError):
