@@ -5,6 +5,7 @@
   refer     --refer-root R --dataset refclef --split-by berkeley --image-dir I --data-dir D
             [--overwrite]
   inspect   --dataset NAME --split S --data-dir D [--num N] [--json] [--out DIR]
+  ready     --config CONFIG [--set KEY=VALUE] [--ready-dir D] [--time-batches N]
 
 User errors print one line (no traceback) and exit with code 2.
 """
@@ -62,7 +63,69 @@ def _parser() -> argparse.ArgumentParser:
   i.add_argument("--out", default=None, help="also write PNGs with the box drawn here")
   i.add_argument("--image-size", type=int, default=512,
                  help="letterbox frame used for the round trip through the pipeline")
+
+  y = sub.add_parser("ready", help="build a config's ready rows (data.ready_rows) now, "
+                     "and optionally time them against the decoding pipeline")
+  y.add_argument("--config", required=True, help="experiment config file (get_config())")
+  y.add_argument("--set", dest="overrides", action="append", default=[],
+                 metavar="KEY=VALUE", help="override a config field (repeatable)")
+  y.add_argument("--ready-dir", default=None,
+                 help="where the rows go (default: <data.data_dir>/ready, where training "
+                 "looks for them)")
+  y.add_argument("--time-batches", type=int, default=0, metavar="N",
+                 help="then time N train batches of each pipeline: examples/s and "
+                 "CPU s per batch, one JSON line each")
   return p
+
+
+def _ready(args: argparse.Namespace) -> None:
+  """Builds (or finds) the ready rows of the config's train split; times them."""
+  import time
+  from data_pipelines import pipeline
+  from scanformer_jax import config_io
+  if args.time_batches < 0:
+    raise DataError("--time-batches must be >= 0")
+  config = config_io.apply_overrides(config_io.load_config_file(args.config), args.overrides)
+  data, model = config.data, config.model
+  if data.augment:
+    raise DataError(f"{args.config} trains with data.augment=True: ready rows are for "
+                    "unaugmented training (--set data.augment=false)")
+  data_dir = os.path.expanduser(data.data_dir)
+  kwargs = dict(image_size=model.image_size, max_text_len=model.max_text_len,
+                global_batch_size=config.train.batch_size, seed=data.seed,
+                num_workers=data.worker_count, augment=None, uint8_images=True,
+                max_bad_fraction=data.max_bad_fraction,
+                tokenizer_path=os.path.expanduser(data.vocab_path) if data.vocab_path else None)
+  t0 = time.perf_counter()
+  ready = pipeline.make_train_iter(data.dataset, data.train_split, data_dir, ready_rows=True,
+                                   ready_dir=args.ready_dir, **kwargs)
+  print(f"ready rows of {data.dataset}:{data.train_split} at {model.image_size} px in "
+        f"{args.ready_dir or os.path.join(data_dir, 'ready')} "
+        f"({time.perf_counter() - t0:.1f} s)")
+  if not data.ready_rows:
+    print("train with --set data.ready_rows=true to read them")
+  if args.time_batches:
+    decoding = pipeline.make_train_iter(data.dataset, data.train_split, data_dir, **kwargs)
+    for name, it in (("decoding", decoding), ("ready_rows", ready)):
+      print(json.dumps({"pipeline": name, **_time_batches(it, args.time_batches,
+                                                          kwargs["global_batch_size"])}),
+            flush=True)
+      it.close()
+
+
+def _time_batches(it, num: int, batch_size: int, warmup: int = 3) -> dict:
+  """examples/s (wall) and CPU seconds per batch (every thread of this process) of
+  `num` batches after `warmup` ones."""
+  import time
+  for _ in range(warmup):
+    next(it)
+  wall, cpu = time.perf_counter(), time.process_time()
+  for _ in range(num):
+    next(it)
+  wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+  return {"batches": num, "batch_size": batch_size,
+          "examples_per_s": round(num * batch_size / wall, 1),
+          "cpu_s_per_batch": round(cpu / num, 5), "wall_s_per_batch": round(wall / num, 5)}
 
 
 def _inspect(args: argparse.Namespace) -> list[dict]:
@@ -112,7 +175,7 @@ def _draw(image_bytes: bytes, box, item: dict, path: Path) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-  if args.cmd != "inspect":  # The builds write into --data-dir.
+  if args.cmd not in ("inspect", "ready"):  # The builds write into --data-dir.
     from scanformer_jax.cli import common
     common.check_writable(args.data_dir, "--data-dir", directory=True)
   if args.cmd == "synthetic":
@@ -131,6 +194,8 @@ def _run(args: argparse.Namespace) -> int:
                                args.image_dir, args.data_dir, args.max_bad_fraction,
                                overwrite=args.overwrite)
     print(f"built {path}")
+  elif args.cmd == "ready":
+    _ready(args)
   elif args.cmd == "inspect":
     items = _inspect(args)
     if args.json:

@@ -35,6 +35,9 @@ shuffle -> repeat -> per-sample decode/letterbox/augment/tokenize (seeded per in
 -> to_iter_dataset (thread prefetch) -> skip bad -> batch -> mp_prefetch (workers) or
 a background batching thread ->
 DataIterator (counts bad samples per epoch, logs them, enforces max_bad_fraction).
+With `ready_rows=True` (no augmentation) the per-sample work is done once into
+memory-mapped uint8 arrays (`ready_rows`), which the same shard / shuffle / repeat
+then reads a batch at a time.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ import grain
 import numpy as np
 
 from data_pipelines import bad_input, grain_ops, sources, synthetic, transforms
+from data_pipelines import ready_rows as ready_rows_lib
 from data_pipelines.errors import DataError
 from data_pipelines.grain_ops import DataIterator
 from data_pipelines.processing import EvalRow, SampleProcessor, collate
@@ -75,15 +79,36 @@ def make_train_iter(dataset: str, split: str, data_dir: str | os.PathLike, *,
                     max_bad_fraction: float = 0.01,
                     read_threads: int | None = None,
                     source: Sequence[dict] | None = None,
-                    uint8_images: bool = False) -> DataIterator:
+                    uint8_images: bool = False, ready_rows: bool = False,
+                    ready_dir: str | os.PathLike | None = None) -> DataIterator:
   """Endless training batches for this process (see the module docstring).
 
   `source` replaces the dataset lookup with any sequence of raw samples (tests).
   `uint8_images`: `image` stays uint8 (`collate_uint8`), 4x fewer bytes to the device.
+  `ready_rows`: read the split's rows processed once (`ready_rows`, built on first use
+  under `ready_dir`, default <data_dir>/ready) instead of decoding every sample every
+  epoch: the same batches; needs `augment=None` and `uint8_images`; `num_workers` unused.
   """
   b = grain_ops.per_process_batch(global_batch_size, process_count)
   src = source if source is not None else sources.SampleSource(dataset, split, data_dir)
   tok = load_tokenizer(dataset, data_dir, tokenizer_path, max_text_len)
+  name = getattr(src, "name", dataset)
+  if ready_rows:
+    if augment is not None:
+      raise DataError("ready rows are processed once, so they cannot be augmented: "
+                      "set data.augment=False (or data.ready_rows=False)")
+    if not uint8_images:
+      raise DataError("ready rows hold uint8 images: pass uint8_images=True")
+    root = ready_dir if ready_dir is not None else _ready_root(data_dir)
+    threads = grain_ops.default_read_threads() if read_threads is None else read_threads
+    arrays, _ = ready_rows_lib.get_or_build(
+        src, root, dataset=dataset, split=getattr(src, "split", split), image_size=image_size,
+        max_text_len=max_text_len, tokenizer=tok, max_bad_fraction=max_bad_fraction,
+        threads=threads)
+    return ready_rows_lib.train_iter(arrays, batch_size=b, seed=seed,
+                                     process_index=process_index,
+                                     process_count=process_count, name=name,
+                                     max_bad_fraction=max_bad_fraction, tokenizer=tok)
   ds = grain.MapDataset.source(src)[process_index::process_count]
   if len(ds) < b:
     raise DataError(f"{dataset}:{split} has {len(ds)} samples for this process, fewer "
@@ -102,9 +127,17 @@ def make_train_iter(dataset: str, split: str, data_dir: str | os.PathLike, *,
     it = grain_ops.mp_prefetch(it, workers, 2)
   else:  # batch in a background thread, so `next` does not pay for collating
     it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=2)
-  name = getattr(src, "name", dataset)
   stats = bad_input.SkipStats(f"{name} (train)", max_bad_fraction)
   return iter(grain_ops.Account(it, stats, None, tok))
+
+
+def _ready_root(data_dir: str | os.PathLike | None) -> str:
+  """<data_dir>/ready: a local directory (the rows are memory-mapped)."""
+  path = os.fspath(data_dir) if data_dir is not None else ""
+  if not path or "://" in path:
+    raise DataError(f"ready rows are memory-mapped from a local directory, and data_dir "
+                    f"{path!r} is not one: set data.ready_rows=False")
+  return os.path.join(path, "ready")
 
 
 def collate_uint8(rows: Sequence[dict]) -> dict:

@@ -163,6 +163,11 @@ class SampleSource:
   def name(self) -> str:
     return f"{self.ref.name}:{self.split}"
 
+  @property
+  def fingerprint(self) -> str:
+    """Which build of which split: changes when the dataset is rebuilt (caches key on it)."""
+    return f"{self.path}:{self.split}:{_build_id(self.path)}"
+
   def __getstate__(self) -> dict[str, Any]:
     state = dict(self.__dict__)
     state["_records"] = None

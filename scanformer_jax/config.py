@@ -278,9 +278,19 @@ class DataConfig:
   max_bad_fraction: float = 0.01
   # Shuffling and augmentation seed.
   seed: int = 0
+  # Process the train split once (decode, letterbox, tokenize) into uint8 arrays at the
+  # model's frame size under <data_dir>/ready/, built on first use, and train from
+  # those memory-mapped rows: without augmentation every epoch repeats the same
+  # per-sample work, which otherwise costs a share of the CPU the train step needs.
+  # Same batches as the decoding pipeline. Needs augment=False; one array row per
+  # expression (N * R * R * 3 bytes on disk), so meant for small sets like the demo's.
+  ready_rows: bool = False
 
   def __post_init__(self):
     _check_numbers("data", self, max_bad_fraction=(0.0, 1.0))
+    if self.ready_rows and self.augment:
+      raise UserError("data.ready_rows=True stores every sample processed once, which "
+                      "needs data.augment=False (augmentation redraws each epoch)")
     if not self.eval_splits:
       raise UserError("data.eval_splits is empty: name at least one split to evaluate "
                       "(e.g. validation)")

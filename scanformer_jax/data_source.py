@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 
 from scanformer_jax import sharding as sharding_lib
 from scanformer_jax.config import ExperimentConfig
+from scanformer_jax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,12 +46,16 @@ def train_iterator(config: ExperimentConfig, mesh: Mesh):
   global_batch = config.train.batch_size
   sharding_lib.check_batch_size(global_batch, mesh, "train.batch_size")
   if data.dataset in _SOURCES:
+    if data.ready_rows:
+      raise UserError(f"data.ready_rows=True applies to the data_pipelines datasets, not to "
+                      f"the registered source {data.dataset!r}: set data.ready_rows=False")
     return _SOURCES[data.dataset].train(config, sharding_lib.process_rows(mesh, global_batch))
   from data_pipelines import pipeline, transforms  # pylint: disable=g-import-not-at-top
   return pipeline.make_train_iter(
       data.dataset, data.train_split, data_dir(config), seed=data.seed,
       augment=transforms.AugmentConfig() if data.augment else None,
       uint8_images=True,  # Normalised in the train step (pixels.py): 4x less to transfer.
+      ready_rows=data.ready_rows,  # Built under <data_dir>/ready on first use.
       **_common_kwargs(config, global_batch))
 
 

@@ -95,6 +95,8 @@ COMMANDS: dict[str, object] = {
                                         "builds the catalog fixture"),
     ("scanformer data inspect --dataset refer/refcoco_unc --split val --data-dir runs/data "
      "--num 5 --json --out /tmp/inspect"): Run(),
+    ("scanformer data ready --config experiments/configs/synthetic_tiny.py --time-batches "
+     "200"): Parse(DEMO_DATA + "; tests/test_data_ready_rows.py runs the command"),
     "scanformer convert-vilt --src vilt-b32-mlm --out weights/vilt-b32": Run(),
     ("scanformer convert-vilt --src vilt_200k_mlm_itm.ckpt --out weights/vilt-b32 --vocab "
      "vocab.txt"): Parse("needs the original ViLT checkpoint (a torch file)"),
