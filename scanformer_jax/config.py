@@ -381,6 +381,11 @@ class TrainConfig:
   # microbatches inside the step (summed gradients; the same update as 1, for less
   # activation memory). train.batch_size must divide by microbatches x devices.
   microbatches: int = 1
+  # Optimizer steps per compiled call: a `lax.scan` over this many batches, so the
+  # host dispatches, transfers and checks once per call (the same updates as single
+  # steps). The step count, log, eval, checkpoint and warm-up steps must be
+  # multiples of it; a signal is acted on at the end of a call.
+  steps_per_call: int = 1
   # Global batches a background thread keeps in flight to the devices (prefetch.py),
   # so the host never waits on a transfer; 0: transfer on the main thread.
   device_prefetch: int = 2

@@ -1,7 +1,8 @@
 """Device prefetch: global batches assembled and sent in a background thread.
 
 `DevicePrefetch(batches, mesh, depth=2)` wraps a process-local host iterator (numpy
-contract batches) and yields global device arrays sharded on the batch axes
+contract batches) and yields global device arrays sharded on the batch axes (with
+`steps_per_call=K`, K batches stacked [K, B, ...] for one multi-step call)
 (`jax.make_array_from_process_local_data`). A thread keeps `depth` batches in flight,
 so the transfer of the next batch overlaps the running step and the host loop never
 waits on it.
@@ -23,11 +24,23 @@ from typing import Any, Iterator, Optional, Sequence
 
 import grain
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
 from scanformer_jax import pixels, sharding as sharding_lib
 
 _DONE = object()
+
+
+def take_host_batches(batches: Iterator[dict], keys: Sequence[str], count: int) -> dict:
+  """The next batch of `batches` (its `keys` plus `extra_keys`), or with count > 1 the
+  next `count` batches stacked: [count, B_local, ...] per key (a multi-step call)."""
+  first = next(batches)
+  keys = tuple(keys) + extra_keys(first)
+  if count == 1:
+    return {k: first[k] for k in keys}
+  rest = [next(batches) for _ in range(count - 1)]
+  return {k: np.stack([b[k] for b in [first, *rest]]) for k in keys}
 
 
 def extra_keys(batch: dict) -> tuple[str, ...]:
@@ -39,12 +52,13 @@ class DevicePrefetch:
   """Iterator of device batches (only `keys`, plus `content_hw` when present)."""
 
   def __init__(self, batches: Iterator[dict], mesh: Mesh, keys: Sequence[str],
-               depth: int = 2):
+               depth: int = 2, steps_per_call: int = 1):
     if depth < 1:
       raise ValueError(f"depth must be >= 1, got {depth}")
     self._batches = batches
     self._mesh = mesh
     self._keys = tuple(keys)
+    self._steps_per_call = steps_per_call
     self._queue: queue.Queue = queue.Queue(maxsize=depth)
     self._stop = threading.Event()
     self._thread: Optional[threading.Thread] = None
@@ -53,9 +67,8 @@ class DevicePrefetch:
     self._grain = isinstance(batches, grain.DatasetIterator)
 
   # ------------------------------------------------------------------- the thread
-  def _device_batch(self, batch: dict) -> dict:
-    keys = self._keys + extra_keys(batch)
-    return sharding_lib.to_global({k: batch[k] for k in keys}, self._mesh)
+  def _device_batch(self, host: dict) -> dict:
+    return sharding_lib.to_global(host, self._mesh, stacked=self._steps_per_call > 1)
 
   def _state_of_source(self) -> Any:
     get_state = getattr(self._batches, "get_state", None)
@@ -75,7 +88,7 @@ class DevicePrefetch:
     try:
       while not self._stop.is_set():
         try:
-          host = next(self._batches)
+          host = take_host_batches(self._batches, self._keys, self._steps_per_call)
         except StopIteration:
           self._put((_DONE, None))
           return

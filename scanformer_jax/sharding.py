@@ -61,6 +61,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
+  """[K, B, ...] batches of a multi-step call: the second (batch) axis split."""
+  return NamedSharding(mesh, P(None, BATCH_AXES))
+
+
 def fsdp_spec(shape: Sequence[int], mesh: Mesh, min_size: int) -> P:
   """Split the largest dimension divisible by the fsdp size (big_vision's rule)."""
   size = mesh.shape["fsdp"]
@@ -101,9 +106,13 @@ def process_rows(mesh: Mesh, global_batch: int) -> slice:
   return slice(start, stop)
 
 
-def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Process-local numpy rows -> global arrays sharded on the batch axes."""
-  sharding = batch_sharding(mesh)
+def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh,
+              stacked: bool = False) -> dict[str, jax.Array]:
+  """Process-local numpy rows -> global arrays sharded on the batch axes.
+
+  stacked: the leaves are [K, B_local, ...] (K batches, one per step of a call).
+  """
+  sharding = stacked_batch_sharding(mesh) if stacked else batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in batch.items()}
 

@@ -213,12 +213,26 @@ class SwitchedStep:
     return sum(p._cache_size() for p in programs)  # pylint: disable=protected-access
 
 
+def multi_step(step: StepFn) -> StepFn:
+  """`step` over K stacked batches [K, B, ...] in one `lax.scan`: the same K updates,
+  metrics stacked [K]."""
+  def run(state: TrainState, batches: Batch):
+    return jax.lax.scan(step, state, batches)
+  return run
+
+
 def jit_train_step(step: StepPrograms | StepFn, state_shardings: Any,
-                   mesh: Mesh) -> SwitchedStep:
-  """Jitted with the state donated, batch split on the batch axes, metrics replicated."""
+                   mesh: Mesh, steps_per_call: int = 1) -> SwitchedStep:
+  """Jitted with the state donated, batch split on the batch axes, metrics replicated.
+
+  steps_per_call > 1: each call takes that many stacked batches (`multi_step`)."""
+  batch_sharding = (sharding_lib.stacked_batch_sharding(mesh) if steps_per_call > 1
+                    else sharding_lib.batch_sharding(mesh))
   def jit(fn):
+    if steps_per_call > 1:
+      fn = multi_step(fn)
     return jax.jit(fn,
-                   in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
+                   in_shardings=(state_shardings, batch_sharding),
                    out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
                    donate_argnums=0)
   if not isinstance(step, StepPrograms):

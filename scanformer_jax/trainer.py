@@ -141,8 +141,14 @@ class _SkipStreak:
     while self._pending:
       self._resolve(*self._pending.pop(0))
 
-  def _resolve(self, step: int, finite: Any) -> None:
-    self.count = 0 if int(jax.device_get(finite)) else self.count + 1
+  def _resolve(self, last_step: int, finite: Any) -> None:
+    """`finite`: the flag of `last_step`, or [K] flags of the K steps ending there."""
+    flags = np.asarray(jax.device_get(finite)).reshape(-1)
+    for step, flag in enumerate(flags, last_step - len(flags) + 1):
+      self._count_one(step, bool(flag))
+
+  def _count_one(self, step: int, finite: bool) -> None:
+    self.count = 0 if finite else self.count + 1
     if self.limit and self.count >= self.limit:
       raise UserError(
           f"training diverged: steps {step - self.count + 1}-{step} all had a non-finite "
@@ -289,7 +295,9 @@ def _vilt_loader(config: ExperimentConfig):
 
 
 def _host_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-  return {k: float(v) for k, v in sharding_lib.fetch(metrics).items()}
+  """Scalars of the last step (a multi-step call's metrics are stacked [K])."""
+  return {k: float(np.asarray(v).reshape(-1)[-1])
+          for k, v in sharding_lib.fetch(metrics).items()}
 
 
 def _log_line(step: int, m: dict[str, float]) -> str:
@@ -309,7 +317,10 @@ def _eval_line(step: int, split: str, report: dict[str, Any]) -> str:
   """One line per split: Acc@0.5 (overall and per scale), mean IoU, keep ratios."""
   parts = [f"eval step {step} {split}:"]
   for key in sorted(report):
-    if key.startswith("acc@") and not key.endswith("_per_scale"):
+    if key.startswith("acc@") and isinstance(report[key], dict):  # Per expression group.
+      parts.append("(" + ", ".join(f"{name} {g['acc@0.5']:.3f}"
+                                   for name, g in report[key].items()) + ")")
+    elif key.startswith("acc@") and not key.endswith("_per_scale"):
       parts.append(f"{key} {float(report[key]):.4f}")
       if f"{key}_per_scale" in report:
         parts.append(f"(per scale {_per_scale(report[key + '_per_scale'])})")
@@ -426,14 +437,31 @@ def _build_step(config: ExperimentConfig, tx: Any, schedules: dict[str, Callable
   return train_step.jit_train_step(
       train_step.make_train_step(config.model, config.loss, tx, schedules, config.train,
                                  mesh.size),
-      shardings, mesh)
+      shardings, mesh, config.train.steps_per_call)
 
 
-def _next_batch(data_iter: Any, mesh: Mesh) -> dict[str, jax.Array]:
-  """The next global batch, placed on the mesh (this process feeds its own rows)."""
-  batch = next(data_iter)
-  return sharding_lib.to_global({k: batch[k] for k in DEVICE_KEYS + prefetch.extra_keys(batch)},
-                                mesh)
+def _next_batch(data_iter: Any, mesh: Mesh, steps_per_call: int) -> dict[str, jax.Array]:
+  """The next global batch (stacked [K, B, ...] for K steps per call), placed on the
+  mesh (this process feeds its own rows)."""
+  host = prefetch.take_host_batches(data_iter, DEVICE_KEYS, steps_per_call)
+  return sharding_lib.to_global(host, mesh, stacked=steps_per_call > 1)
+
+
+def _check_steps_per_call(config: ExperimentConfig) -> None:
+  """One line unless every step boundary the loop acts on is a whole number of calls."""
+  k = config.train.steps_per_call
+  if k < 1:
+    raise UserError(f"train.steps_per_call={k} must be >= 1")
+  boundaries = {"train.num_steps": config.train.num_steps,
+                "train.log_every": config.train.log_every,
+                "train.select_warmup_steps": config.train.select_warmup_steps,
+                "checkpoint.every_steps": config.checkpoint.every_steps,
+                "eval.every_steps": config.eval.every_steps}
+  bad = [f"{name}={value}" for name, value in boundaries.items() if value % k]
+  if bad:
+    raise UserError(f"train.steps_per_call={k} runs {k} steps per call, but "
+                    f"{', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not a multiple "
+                    f"of {k}")
 
 
 class _Run:
@@ -475,6 +503,7 @@ class _Run:
     for key in ("preemption_check_every",):
       if getattr(config.train, key) < 1:
         raise UserError(f"train.{key}={getattr(config.train, key)} must be >= 1")
+    _check_steps_per_call(config)
     if config.checkpoint.max_param_norm_growth < 0:
       raise UserError(f"checkpoint.max_param_norm_growth="
                       f"{config.checkpoint.max_param_norm_growth} must be >= 0 (0: no bound)")
@@ -535,6 +564,11 @@ class _Run:
   def _check_start(self) -> None:
     _check_schedule(self.previous, self.config, self.start, self.schedules,
                     self.options.extend)
+    k = self.config.train.steps_per_call
+    if self.start % k:
+      raise UserError(f"the checkpoint is at step {self.start}, not a multiple of "
+                      f"train.steps_per_call={k}: resume with a steps_per_call that "
+                      f"divides {self.start} (e.g. 1)")
     aside = self.ckpt.moved_aside()
     if not self.start and aside and not self.options.from_scratch:
       raise UserError(
@@ -548,51 +582,66 @@ class _Run:
     """Steps from `start` to `train.num_steps`; the checkpointer is closed at the end."""
     tc = self.config.train
     try:
-      self.step_fn = _build_step(self.config, self.tx, self.schedules, self.shardings,
-                                 self.mesh)
-      # Restored above; from here on batches are taken (and checkpointed) through
-      # `batches`: a device prefetch, or the data iterator itself.
-      self.batches = (prefetch.DevicePrefetch(self.data_iter, self.mesh, DEVICE_KEYS,
-                                              tc.device_prefetch)
-                      if tc.device_prefetch else None)
-      self.writer = MetricWriter(self.workdir)
-      self.stop = _StopFlag()
-      self.streak = _SkipStreak(tc.max_consecutive_skipped)
-      self.streak.last_saved = self.last_saved
-      self.bar = tqdm(total=tc.num_steps, initial=self.start, desc="train", unit="step",
-                      disable=not (self.progress and self.is_main), dynamic_ncols=True)
-      self.t_last, self.step_last = time.perf_counter(), self.start
+      self.open_loop()
       with self.stop:
-        for step in range(self.start + 1, tc.num_steps + 1):  # `step` = updates done.
+        # `step` = updates done after each call of `steps_per_call` updates.
+        for step in range(self.start + tc.steps_per_call, tc.num_steps + 1,
+                          tc.steps_per_call):
           metrics = self.step(step)
           if self.periodic(step, metrics):
             return TrainResult(state=self.state, start_step=self.start, stopped_early=True,
                                stop_signal=self.stop.signum)
     finally:
-      for closing in ("batches", "bar", "writer"):
-        if getattr(self, closing, None) is not None:
-          getattr(self, closing).close()
-      self.ckpt.close()
+      self.close_loop()
     return TrainResult(state=self.state, start_step=self.start, stopped_early=False)
 
+  def open_loop(self) -> None:
+    """Compiles the step (lazily) and opens what the steps use: batches, metric
+    writer, progress bar, stop flag, skip streak. `bench --train --loop` drives the
+    same `step` and `periodic` between `open_loop` and `close_loop`."""
+    tc = self.config.train
+    self.step_fn = _build_step(self.config, self.tx, self.schedules, self.shardings,
+                               self.mesh)
+    # Restored above; from here on batches are taken (and checkpointed) through
+    # `batches`: a device prefetch, or the data iterator itself.
+    self.batches = (prefetch.DevicePrefetch(self.data_iter, self.mesh, DEVICE_KEYS,
+                                            tc.device_prefetch, tc.steps_per_call)
+                    if tc.device_prefetch else None)
+    self.writer = MetricWriter(self.workdir)
+    self.stop = _StopFlag()
+    self.streak = _SkipStreak(tc.max_consecutive_skipped)
+    self.streak.last_saved = self.last_saved
+    self.bar = tqdm(total=tc.num_steps, initial=self.start, desc="train", unit="step",
+                    disable=not (self.progress and self.is_main), dynamic_ncols=True)
+    self.t_last, self.step_last = time.perf_counter(), self.start
+
+  def close_loop(self) -> None:
+    for closing in ("batches", "bar", "writer"):
+      if getattr(self, closing, None) is not None:
+        getattr(self, closing).close()
+    self.ckpt.close()
+
   def step(self, step: int) -> dict[str, jax.Array]:
-    """One update on the next batch; returns its (device) metrics."""
-    first = step == self.start + 1
+    """The call whose updates end at `step` (`train.steps_per_call` of them) on the
+    next batches; returns its (device) metrics, stacked [K] when K > 1."""
+    k = self.config.train.steps_per_call
+    first = step == self.start + k
     if self.batches is not None:
       batch = next(self.batches)
     else:
-      batch = _next_batch(self.data_iter, self.mesh)
+      batch = _next_batch(self.data_iter, self.mesh, k)
     if first:
       log.info("compiling the train step (the first step takes a while)...")
-    self.state, metrics = self.step_fn(self.state, batch, step - 1)
+    self.state, metrics = self.step_fn(self.state, batch, step - k)
     if first:  # Throughput from here on: compile time excluded.
       jax.block_until_ready(metrics)
       log.info("train step compiled and ran in %.1f s", time.perf_counter() - self.t_last)
       self.t_last = time.perf_counter()
     self.streak.push(step, metrics["finite"])
-    self.bar.update(1)
-    for callback in self.step_callbacks:
-      callback(step, self.ckpt)
+    self.bar.update(k)
+    for done in range(step - k + 1, step + 1):
+      for callback in self.step_callbacks:
+        callback(done, self.ckpt)
     return metrics
 
   # Periodic hooks.
@@ -624,7 +673,8 @@ class _Run:
     agree every `train.preemption_check_every` steps (a collective) and stop together."""
     if jax.process_count() == 1:
       return self.stop.requested
-    if step % self.config.train.preemption_check_every:
+    every, k = self.config.train.preemption_check_every, self.config.train.steps_per_call
+    if step // every == (step - k) // every:  # No multiple of `every` in this call.
       return False
     requested = np.int32(self.stop.signum)
     self.stop.signum = int(multihost_utils.process_allgather(requested).max())

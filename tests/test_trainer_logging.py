@@ -44,3 +44,12 @@ def test_training_logs_eval_lines_and_one_name_per_metric(tmp_path, capsys, capl
   numeric = {k for r in records for k, v in r.items()
              if k != "step" and isinstance(v, (int, float))}
   assert tags == numeric, (tags ^ numeric)
+
+
+def test_eval_line_shows_the_per_group_accuracy():
+  """A synthetic split's report carries a dict per expression group (not a number)."""
+  report = {"acc@0.5": 0.5, "acc@0.5_per_scale": [0.25, 0.5], "mean_iou": 0.4,
+            "acc@0.5_by_group": {"colour-only": {"acc@0.5": 0.9, "count": 10},
+                                 "shape-only": {"acc@0.5": 0.3, "count": 4}}}
+  line = trainer._eval_line(900, "validation", report)  # pylint: disable=protected-access
+  assert "acc@0.5 0.5000" in line and "(colour-only 0.900, shape-only 0.300)" in line

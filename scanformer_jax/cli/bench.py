@@ -1,9 +1,11 @@
-"""`scanformer bench [--model tiny|vilt_b32] [--keep-ratio R] [--train [--memory] | --latency | --throughput] ... [--json PATH]`.
+"""`scanformer bench [--model tiny|vilt_b32] [--keep-ratio R] [--train [--memory | --loop --config C] | --latency | --throughput] ... [--json PATH]`.
 
 Times compiled sparse vs dense inference with random weights (scanformer_jax/bench/
 says how), or with `--train` one training step of each train path (`--train --memory`:
 the step's per-device compiled bytes and saved residuals, `--set` overrides such as
-model.dtype, model.remat, train.microbatches, train.path), or with `--latency`
+model.dtype, model.remat, train.microbatches, train.path; `--train --loop --config C`:
+the config's whole training loop against a baseline loop, scanformer_jax/bench/loop.py),
+or with `--latency`
 batch-1 p50/p90 latency of dense, fixed-capacity and bucketed sparse inference, or
 with `--throughput --workdir W` a trained run's eval-batch samples/s, dense vs
 sparse (scanformer_jax/bench_throughput.py), and prints the table; `--json` writes
@@ -47,12 +49,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--memory", action="store_true",
                       help="with --train: per-device bytes of the compiled train step and "
                       "its saved residuals instead of timing (--batch-size is per device)")
+  parser.add_argument("--loop", action="store_true",
+                      help="with --train --config: the config's training loop (data, "
+                      "transfer, step, hooks) against the baseline loop, paired passes")
+  parser.add_argument("--config", default=None, metavar="PATH",
+                      help="with --loop: the experiment config, e.g. "
+                      "experiments/configs/synthetic_tiny.py")
+  parser.add_argument("--baseline-set", dest="baseline", action="append", default=None,
+                      metavar="KEY=VALUE",
+                      help="with --loop: the overrides that make the baseline loop from "
+                      "the config (repeatable; default: data.ready_rows=False)")
+  parser.add_argument("--passes", type=int, default=5,
+                      help="with --loop: paired passes of --steps steps (default: %(default)s)")
   parser.add_argument("--image-sizes", default=None,
                       help="with --memory: comma-separated scale sizes, e.g. 160,320,640")
   parser.add_argument("--set", dest="overrides", action="append", default=[],
                       metavar="KEY=VALUE", nargs="+",
-                      help="with --memory: config overrides, e.g. model.dtype=bfloat16 "
-                      "model.remat=layer train.microbatches=2 train.path=sparse")
+                      help="with --memory or --loop: config overrides, e.g. "
+                      "model.dtype=bfloat16 model.remat=layer train.microbatches=2")
   _add_latency_args(parser)
   common.add_verbose_arg(parser)
   args = parser.parse_args(argv)
@@ -67,8 +81,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   args.overrides = [item for items in args.overrides for item in items]
   if args.memory and not args.train:
     parser.error("--memory measures the train step: pass --train --memory")
-  if (args.overrides or args.image_sizes) and not args.memory:
-    parser.error("--set and --image-sizes go with --train --memory")
+  if args.loop and not (args.train and args.config):
+    parser.error("--loop times a config's training loop: pass --train --loop --config PATH")
+  if args.loop and args.memory:
+    parser.error("--loop and --memory are separate benchmarks: pass one")
+  if (args.config or args.baseline) and not args.loop:
+    parser.error("--config and --baseline-set go with --train --loop")
+  if args.image_sizes and not args.memory:
+    parser.error("--image-sizes goes with --train --memory")
+  if args.overrides and not (args.memory or args.loop):
+    parser.error("--set goes with --train --memory or --train --loop")
   if args.image_sizes:
     try:
       args.image_sizes = [int(x) for x in args.image_sizes.split(",")]
@@ -124,6 +146,17 @@ def main(argv: list[str]) -> int:
     if args.latency:
       report, table = _latency_report(args)
       print(table)
+      _write_json(args, report)
+      return 0
+    if args.loop:
+      from scanformer_jax import config_io  # pylint: disable=g-import-not-at-top
+      config = config_io.apply_overrides(config_io.load_config_file(args.config),
+                                         args.overrides)
+      baseline = (bench.loop.BASELINE_OVERRIDES if args.baseline is None
+                  else tuple(args.baseline))
+      report = bench.run_loop(config, baseline, steps=args.steps, passes=args.passes)
+      report["config"] = os.path.abspath(args.config)
+      print(bench.format_loop(report))
       _write_json(args, report)
       return 0
     if args.memory:
