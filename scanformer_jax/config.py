@@ -440,6 +440,11 @@ class EvalConfig:
   # Ablation: replace every expression by "[CLS] [SEP]" (how much does the model
   # need the sentence?).
   blank_expressions: bool = False
+  # The faster inference plan per batch size, measured by `scanformer calibrate` on the
+  # model's own selection: (batch size, "sparse" or "dense", bucketed sparse ms, dense
+  # ms) per timed batch. `eval` and `predict` (and `load()`) run the plan recorded for
+  # the batch size nearest theirs (capacity.plan_for); empty: the sparse path.
+  plans: tuple[tuple[int, str, float, float], ...] = ()
 
   def __post_init__(self):
     _check_numbers("eval", self, batch_size=(1,), iou_threshold=(0.0, 1.0, True))
