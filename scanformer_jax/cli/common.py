@@ -138,7 +138,60 @@ def resolve_config(config_path: Optional[str], workdir: str, overrides: list[str
   if CLI_PLUGINS:
     named = tuple(plugins.resolve(spec) for spec in CLI_PLUGINS)
     config = config.replace(plugins=tuple(dict.fromkeys(config.plugins + named)))
-  return workdir_lib.relocated(config_io.apply_overrides(config, overrides), workdir)
+  config = with_converted_shape(config_io.apply_overrides(config, overrides), overrides)
+  return workdir_lib.relocated(config, workdir)
+
+
+def with_converted_shape(config, overrides: list[str]):
+  """`train.init_from` names a `scanformer convert-vilt` directory: the backbone shape
+  its config.json records (hidden size, layers, heads, MLP, patch, position grid,
+  text length, vocab, ...) fills `model`, so a converted ViLT of any size needs no
+  `--set model.*`. Encoder1 follows when the layer count changes. A `--set model.X`
+  is never replaced: one that differs from the converted value is a UserError (its
+  weights could not load), one line naming both values.
+  """
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  from scanformer_jax import config_io  # pylint: disable=g-import-not-at-top
+  from scanformer_jax.config import INIT_FROM_REQUIRED  # pylint: disable=g-import-not-at-top
+  init = config.train.init_from
+  if not init or init == INIT_FROM_REQUIRED:
+    return config
+  path = os.path.join(os.path.expanduser(init), "config.json")
+  if not os.path.isfile(path):
+    return config  # Not converted yet (or moved): the trainer names what is missing.
+  from scanformer_jax.vilt import BACKBONE_FIELDS  # pylint: disable=g-import-not-at-top
+  try:
+    with open(path, encoding="utf-8") as f:
+      converted = config_io.model_config_from_dict(json.load(f), path)
+  except (OSError, ValueError) as e:
+    raise UserError(f"train.init_from={init}: cannot read its {path} ({e}); convert the "
+                    "weights again with `scanformer convert-vilt`") from None
+  given = {item.partition("=")[0].strip() for item in overrides}
+  model, changes = config.model, {}
+  for name in BACKBONE_FIELDS:
+    ours, theirs = getattr(model, name), getattr(converted, name)
+    if ours == theirs:
+      continue
+    if f"model.{name}" in given:
+      raise UserError(f"--set model.{name}={ours!r} conflicts with the converted ViLT in "
+                      f"{init} (model.{name}={theirs!r}): its weights would not load; drop "
+                      "the --set (the converted shape is used) or convert a ViLT of that "
+                      "shape")
+    changes[name] = theirs
+  if ("num_layers" in changes and "model.encoder1_layers" not in given
+      and model.encoder1_layers != converted.encoder1_layers):
+    changes["encoder1_layers"] = converted.encoder1_layers
+  if not changes:
+    return config
+  try:
+    model = dataclasses.replace(model, **changes)
+  except ValueError as e:
+    raise UserError(f"the converted ViLT in {init} does not fit this config: {e}") from None
+  logging.getLogger(__name__).info(
+      "model shape from train.init_from=%s: %s", init,
+      ", ".join(f"{k}={v!r}" for k, v in changes.items()))
+  return config.replace(model=model)
 
 
 def check_writable(path: Optional[str], flag: str, directory: bool = False) -> None:
