@@ -139,7 +139,49 @@ def resolve_config(config_path: Optional[str], workdir: str, overrides: list[str
     named = tuple(plugins.resolve(spec) for spec in CLI_PLUGINS)
     config = config.replace(plugins=tuple(dict.fromkeys(config.plugins + named)))
   config = with_converted_shape(config_io.apply_overrides(config, overrides), overrides)
+  config = with_epoch_schedule(config, overrides, from_file=bool(config_path))
   return workdir_lib.relocated(config, workdir)
+
+
+def train_split_size(config) -> int:
+  """Expressions in the built train split of `data.dataset` (a UserError naming the
+  build command when it is not built, or when the dataset cannot say)."""
+  from data_pipelines import sources  # pylint: disable=g-import-not-at-top
+  from scanformer_jax import data_source  # pylint: disable=g-import-not-at-top
+  data = config.data
+  try:
+    return len(sources.SampleSource(data.dataset, data.train_split,
+                                    data_source.data_dir(config)))
+  except UserError as e:
+    raise UserError(f"train.num_epochs / optim.warmup_epochs count the train split: {e}"
+                    ) from None
+
+
+def with_epoch_schedule(config, overrides: list[str], from_file: bool = True):
+  """`train.num_epochs` and `optim.warmup_epochs` as steps of the train split's size
+  (`train_split_size`): set from the config file (`from_file`) or a --set; an explicit
+  --set train.num_steps / optim.warmup_steps is kept. A resumed run reads the steps
+  its config.json recorded."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  train, optim = config.train, config.optim
+  given = {item.partition("=")[0].strip() for item in overrides}
+  wanted = {"train.num_steps": train.num_epochs, "optim.warmup_steps": optim.warmup_epochs}
+  wanted = {key: epochs for key, epochs in wanted.items()
+            if epochs is not None and key not in given}
+  asked = from_file or {"train.num_epochs", "optim.warmup_epochs"} & given
+  from scanformer_jax.config import INIT_FROM_REQUIRED  # pylint: disable=g-import-not-at-top
+  if not wanted or not asked or train.init_from == INIT_FROM_REQUIRED:
+    return config  # (The last: training refuses until init_from is chosen; say that first.)
+  size = train_split_size(config)
+  steps = {key: max(1, int(epochs * size // train.batch_size)) for key, epochs in wanted.items()}
+  if "train.num_steps" in steps:
+    train = dataclasses.replace(train, num_steps=steps["train.num_steps"])
+  if "optim.warmup_steps" in steps:
+    optim = dataclasses.replace(optim, warmup_steps=steps["optim.warmup_steps"])
+  logging.getLogger(__name__).info(
+      "%s from %d train expressions of %s", ", ".join(f"{k}={v}" for k, v in steps.items()),
+      size, config.data.dataset)
+  return config.replace(train=train, optim=optim)
 
 
 def with_converted_shape(config, overrides: list[str]):
