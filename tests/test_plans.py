@@ -135,3 +135,13 @@ def test_predict_and_load_follow_the_plan(calibrated_run, tmp_path, monkeypatch,
   predictor = scanformer_jax.load(calibrated_run, batch_size=8)
   assert [predictor.mode(b) for b in (1, 2, 4, 8)] == ["dense", "dense", "sparse", "sparse"]
   assert predictor.describe_plan(8).startswith("plan: sparse (")
+
+
+def test_export_follows_the_plan_of_its_batch_size(calibrated_run, tmp_path, capsys):
+  from scanformer_jax import cli  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "export"
+  assert cli.main(["export", "--workdir", str(calibrated_run), "--out", str(out)]) == 0
+  captured = capsys.readouterr()
+  assert json.loads(captured.out)["mode"] == "dense"  # batch 1's plan
+  assert "plan: dense (bucketed sparse measured 26.6 ms" in captured.err
+  assert json.loads((out / "export.json").read_text())["mode"] == "dense"
