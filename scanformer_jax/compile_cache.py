@@ -38,8 +38,9 @@ _JAX_DIR_ENV = "JAX_COMPILATION_CACHE_DIR"
 # yet their compilations add up to most of a short command's time.
 _MIN_COMPILE_SECS = "0"
 
-HELP = (f"compiled programs are cached in {DIR_ENV} (default ~/.cache/scanformer_jax/jax, "
-        f"under $XDG_CACHE_HOME when set); {OFF_ENV}=1 turns the cache off")
+HELP = (f"compiled and traced programs are cached in {DIR_ENV} (default "
+        "~/.cache/scanformer_jax/jax, under $XDG_CACHE_HOME when set); "
+        f"{OFF_ENV}=1 turns the cache off")
 
 
 def disabled() -> bool:

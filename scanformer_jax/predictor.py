@@ -194,6 +194,9 @@ class Predictor:
     return program
 
   def _build(self, batch_size: int):
+    """The jitted forward of `batch_size` in its plan's mode. With the cache on it runs
+    a `jax.export` program, read from `compile_cache` when an earlier process stored
+    it (no tracing), else traced, exported and stored; plain jit otherwise."""
     import jax  # pylint: disable=g-import-not-at-top
     from jax import export as jax_export  # pylint: disable=g-import-not-at-top
     from scanformer_jax import compile_cache, config_io, forward, workdir  # pylint: disable=g-import-not-at-top
