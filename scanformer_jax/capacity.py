@@ -11,13 +11,22 @@ into the run's config.json:
     (`cheapest_buckets`).
 Eval and predict then run the bucketed scan in capacity groups (`model.py`): rows
 sorted by need, each group of rows in its own bucket.
+
+The bucketed scan is not always the faster program: at batch 1, or for a small
+model, its gathers and bucket branches can cost more than the dense scan saves.
+So `calibrate` also times both plans on the model's own selection (the split's
+first samples), alternating, at batch 1 and at the eval batch (`measure_plans`),
+and records the faster one per batch size in `eval.plans` (`Plan`); `eval`,
+`predict` and `load()` follow the plan of the batch size nearest theirs
+(`plan_for`) and say which ran (`Plan.describe`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 from jax.sharding import Mesh
@@ -137,13 +146,17 @@ def with_capacities(config: ExperimentConfig, capacity: Sequence[int],
 
 
 def write_capacities(config_path: str, capacity: Sequence[int],
-                     buckets: Sequence[Sequence[int]]) -> ExperimentConfig:
-  """Sets the capacities in the config.json at `config_path` (atomically); returns it.
+                     buckets: Sequence[Sequence[int]],
+                     plans: Sequence["Plan"] = ()) -> ExperimentConfig:
+  """Sets the capacities and the measured plans (`eval.plans`; none: the old ones are
+  dropped, they timed other buckets) in the config.json at `config_path`
+  (atomically); returns it.
 
-  Only model.capacity and model.capacity_buckets change: neither changes a parameter
-  shape, so the checkpoints still restore and `train` resumes.
+  Only model.capacity, model.capacity_buckets and eval.plans change: none changes a
+  parameter shape, so the checkpoints still restore and `train` resumes.
   """
   config = with_capacities(config_io.load_json(config_path), capacity, buckets)
+  config = with_plans(config, plans)
   config_io.save_json(config, config_path)
   return config
 
@@ -171,3 +184,136 @@ def flops_as_run(cfg: ModelConfig, text_len, capacities) -> np.ndarray:
 
 def calibration_path(workdir: str) -> str:
   return os.path.join(workdir, CALIBRATION_FILE)
+
+
+# ------------------------------------------------------------ the plan per batch size
+PLAN_MODES = ("sparse", "dense")
+# Rounds of alternating timing per batch size: each round runs both plans once.
+PLAN_ROUNDS = 7
+# Samples timed one by one at batch 1 (a pass runs each once): several, because each
+# sample's selection picks its own buckets.
+SINGLE_SAMPLES = 8
+# Eval batches a pass runs at the eval batch size.
+PLAN_BATCHES = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """The plan run at `batch_size`: "sparse" (the bucketed scan) or "dense", with the
+  milliseconds per forward of that batch size `calibrate` measured for each (medians
+  of paired rounds)."""
+  batch_size: int
+  mode: str
+  sparse_ms: float
+  dense_ms: float
+
+  def describe(self) -> str:
+    """`plan: dense (bucketed sparse measured 26.6 ms vs dense 9.3 ms at batch 1)`."""
+    return (f"plan: {self.mode} (bucketed sparse measured {self.sparse_ms:.1f} ms vs dense "
+            f"{self.dense_ms:.1f} ms at batch {self.batch_size})")
+
+  def as_tuple(self) -> tuple[int, str, float, float]:
+    return (self.batch_size, self.mode, self.sparse_ms, self.dense_ms)
+
+
+def plans_of(config: ExperimentConfig) -> list[Plan]:
+  """`eval.plans` as `Plan`s; a UserError naming the entry if one is malformed."""
+  from scanformer_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  plans = []
+  for i, entry in enumerate(config.eval.plans):
+    plan = Plan(*entry)
+    if plan.mode not in PLAN_MODES or plan.batch_size < 1:
+      raise UserError(f"eval.plans[{i}]={tuple(entry)!r}: expected (batch size >= 1, "
+                      f"{' or '.join(PLAN_MODES)}, sparse ms, dense ms); rerun "
+                      "`scanformer calibrate` to measure it again")
+    plans.append(plan)
+  return plans
+
+
+def with_plans(config: ExperimentConfig, plans: Sequence[Plan]) -> ExperimentConfig:
+  """`config` with eval.plans set to `plans` (sorted by batch size)."""
+  entries = tuple(p.as_tuple() for p in sorted(plans, key=lambda p: p.batch_size))
+  return config.replace(eval=dataclasses.replace(config.eval, plans=entries))
+
+
+def plan_for(plans: Sequence[Plan], batch_size: int) -> Optional[Plan]:
+  """The recorded plan whose batch size is nearest `batch_size` (in log2; a tie goes to
+  the smaller one), or None when none was recorded."""
+  if not plans:
+    return None
+  return min(plans, key=lambda p: (abs(math.log2(p.batch_size) - math.log2(batch_size)),
+                                   p.batch_size))
+
+
+def choose_plan(batch_size: int, seconds: Mapping[str, Sequence[float]],
+                calls: int = 1) -> Plan:
+  """The faster of the two plans by median seconds per pass of `calls` forwards (a tie
+  keeps sparse), with the milliseconds per forward."""
+  sparse = round(float(np.median(seconds["sparse"])) * 1e3 / calls, 3)  # ms, to the µs
+  dense = round(float(np.median(seconds["dense"])) * 1e3 / calls, 3)
+  return Plan(batch_size, "dense" if dense < sparse else "sparse", sparse, dense)
+
+
+PlanTimer = Callable[[int, Mapping[str, Callable[[], Any]]], Mapping[str, Sequence[float]]]
+
+
+def paired_timer(batch_size: int, runs: Mapping[str, Callable[[], Any]],
+                 rounds: int = PLAN_ROUNDS) -> dict[str, list[float]]:
+  """Seconds per pass of each run: one untimed call each (compilation), then `rounds`
+  rounds alternating them (`timing.alternating_passes`: drift hits both alike)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from scanformer_jax import timing  # pylint: disable=g-import-not-at-top
+  del batch_size
+  for run in runs.values():
+    jax.block_until_ready(run())
+  seconds, _ = timing.alternating_passes(runs, rounds)
+  return seconds
+
+
+def measure_plans(cfg: ModelConfig, params: Any, mesh: Mesh, param_shardings: Any,
+                  batches: Sequence[dict], timer: Optional[PlanTimer] = None,
+                  progress: Callable[[str], None] = lambda _: None) -> list[Plan]:
+  """Times the bucketed sparse scan of `cfg` (calibrated) against the dense scan on
+  the model's own selection, at batch 1 and at the batch size of `batches` (eval
+  batches, process-local contract batches, the first `PLAN_BATCHES` used); returns
+  the faster `Plan` of each.
+
+  Batch 1 runs what `predict` runs: one device, the jitted forward, each of the
+  first `SINGLE_SAMPLES` valid samples alone. The eval batch runs the `EvalStep`
+  that `eval` runs, on `mesh`. `timer(batch_size, {"sparse": run, "dense": run})`
+  gives the seconds per pass of each (default `paired_timer`).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from data_pipelines.contract import DEVICE_KEYS  # pylint: disable=g-import-not-at-top
+  from scanformer_jax import forward  # pylint: disable=g-import-not-at-top
+  from scanformer_jax.eval_step import EvalStep  # pylint: disable=g-import-not-at-top
+  timer = timer or paired_timer
+  batches = list(batches)[:PLAN_BATCHES]
+  if not batches:
+    return []
+  plans = []
+  eval_batch = int(np.shape(batches[0]["text_ids"])[0]) * jax.process_count()
+  singles = [{k: np.asarray(b[k])[i:i + 1] for k in DEVICE_KEYS}
+             for b in batches for i in np.nonzero(np.asarray(b["valid"], bool))[0]]
+  singles = singles[:SINGLE_SAMPLES]
+  if singles and jax.process_count() == 1:
+    device = jax.local_devices()[0]
+    one_params = jax.device_put(params, device)
+    on_device = [jax.device_put(s, device) for s in singles]
+    runs = {}
+    for mode in PLAN_MODES:
+      fn = jax.jit(lambda p, b, mode=mode: forward.rows(cfg, p, b, mode))
+      runs[mode] = lambda fn=fn: [fn(one_params, b) for b in on_device]
+    progress("timing the bucketed sparse and the dense plan at batch 1")
+    plans.append(choose_plan(1, timer(1, runs), calls=len(on_device)))
+  if eval_batch > 1:
+    device_batches = [sharding_lib.to_global({k: b[k] for k in DEVICE_KEYS}, mesh)
+                      for b in batches]
+    runs = {}
+    for mode in PLAN_MODES:
+      step = EvalStep(cfg, mesh, param_shardings, mode=mode)
+      runs[mode] = lambda step=step: [step(params, b) for b in device_batches]
+    progress(f"timing the bucketed sparse and the dense plan at batch {eval_batch}")
+    plans.append(choose_plan(eval_batch, timer(eval_batch, runs),
+                             calls=len(device_batches)))
+  return plans

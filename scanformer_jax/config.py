@@ -342,6 +342,10 @@ class OptimConfig:
   learning_rate: float = 1e-4  # New parameters: REG, scale/constant tokens, heads.
   backbone_learning_rate: float = 1e-5  # Pretrained ViLT layers and embeddings.
   warmup_steps: int = 1000
+  # Warmup in epochs of the train split instead: `scanformer train` sets warmup_steps
+  # to floor(warmup_epochs * train expressions / train.batch_size), at least 1,
+  # counting the built split (an explicit --set optim.warmup_steps wins). None: off.
+  warmup_epochs: Optional[float] = None
   # Learning rate at the end of the cosine, as a fraction of the peak.
   end_lr_fraction: float = 0.0
   weight_decay: float = 1e-4
@@ -361,6 +365,10 @@ INIT_FROM_REQUIRED = "required: set train.init_from"
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   num_steps: int = 100_000
+  # Length in epochs of the train split instead: `scanformer train` sets num_steps to
+  # floor(num_epochs * train expressions / batch_size), counting the built split (an
+  # explicit --set train.num_steps wins). None: num_steps as given.
+  num_epochs: Optional[float] = None
   batch_size: int = 128  # Global, over all processes and devices.
   log_every: int = 100
   seed: int = 0  # Parameter init and Gumbel noise; the data seed is data.seed.
@@ -455,6 +463,11 @@ class EvalConfig:
   # Ablation: replace every expression by "[CLS] [SEP]" (how much does the model
   # need the sentence?).
   blank_expressions: bool = False
+  # The faster inference plan per batch size, measured by `scanformer calibrate` on the
+  # model's own selection: (batch size, "sparse" or "dense", bucketed sparse ms, dense
+  # ms) per timed batch. `eval` and `predict` (and `load()`) run the plan recorded for
+  # the batch size nearest theirs (capacity.plan_for); empty: the sparse path.
+  plans: tuple[tuple[int, str, float, float], ...] = ()
 
   def __post_init__(self):
     _check_numbers("eval", self, batch_size=(1,), iou_threshold=(0.0, 1.0, True))

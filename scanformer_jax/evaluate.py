@@ -346,13 +346,23 @@ def gallery_image_loader(config: ExperimentConfig, split: str):
 
 def write_split_gallery(config: ExperimentConfig, params: Any, split: str, mesh: Mesh,
                         report: dict, out_dir: str, size: int,
-                        progress: bool = True) -> str:
-  """The gallery page of `split` (`visualize/gallery.py`); returns index.html's path."""
+                        progress: bool = True, workdir: Optional[str] = None,
+                        step: Optional[int] = None) -> str:
+  """The gallery page of `split` (`visualize/gallery.py`); returns index.html's path.
+
+  Its header names what was evaluated: the workdir (absolute), the checkpoint step,
+  the split and the report's model-only samples/s (compiled step, no compilation or
+  data loading), each when known.
+  """
+  import os  # pylint: disable=g-import-not-at-top
   from scanformer_jax.visualize import gallery  # pylint: disable=g-import-not-at-top
   records = gallery_records(config, params, split, mesh, progress)
   if not records:
     raise UserError(f"--gallery: split {split!r} has no samples to show")
+  facts = {"workdir": os.path.abspath(workdir) if workdir else None, "checkpoint_step": step,
+           "split": split, "model_samples_per_s": report.get("model_samples_per_s")}
   return gallery.write_gallery(out_dir, records, report, gallery_image_loader(config, split),
                                size=size, seed=config.data.seed,
                                iou_threshold=config.eval.iou_threshold,
-                               title=f"ScanFormer evaluation: {config.data.dataset} {split}")
+                               title=f"ScanFormer evaluation: {config.data.dataset} {split}",
+                               run_facts={k: v for k, v in facts.items() if v is not None})

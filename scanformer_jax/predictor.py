@@ -12,8 +12,12 @@ warning and `truncated=True` in the result. The forward is the sparse scan, jitt
 once per batch-size bucket (`batch_buckets`: powers of two up to the batch size, and
 the batch size): fewer queries than a batch are padded to the smallest bucket that
 holds them, a longer stream runs full batches, so any mix of calls compiles at most
-a handful of programs; jax's persistent compilation cache (`compile_cache`) keeps
-them for the next process.
+a handful of programs. Each batch size runs the plan `scanformer calibrate`
+measured faster there (`capacity.plan_for`: the bucketed sparse scan or the dense
+one, the same answer; sparse when none was measured). Between processes, jax's
+persistent compilation cache keeps the compiled programs and `compile_cache` the
+traced ones (a `jax.export` program per batch size), so a second start neither
+traces nor compiles the model.
 """
 
 from __future__ import annotations
@@ -148,29 +152,98 @@ class Query:
 class Predictor:
   """A trained run ready to answer queries (see the module docstring).
 
-  Holds the parameters (one device), the tokenizer and one jitted sparse forward;
-  jax compiles it once per batch-size bucket. `trace_count` counts its compilations.
+  Holds the parameters (one device), the tokenizer and one program per batch-size
+  bucket, each running the plan recorded for its batch size (`plan`).
+  `trace_count` counts the programs built (traced, or read from the cache).
   """
 
   def __init__(self, run, tokenizer, batch_size: int = DEFAULT_BATCH_SIZE):
-    import jax  # pylint: disable=g-import-not-at-top
-    from scanformer_jax import forward  # pylint: disable=g-import-not-at-top
+    from scanformer_jax import capacity  # pylint: disable=g-import-not-at-top
     self.run = run
     self.config = run.config
     self.cfg = run.config.model
     self.step = run.step
     self.tokenizer = tokenizer
     self.batch_size = batch_size
+    self.plans = capacity.plans_of(run.config)
     self.trace_count = 0
+    self._programs: dict[int, Any] = {}
+
+  def plan(self, batch_size: int):
+    """The `capacity.Plan` run at `batch_size` (None: none measured, sparse runs)."""
+    from scanformer_jax import capacity  # pylint: disable=g-import-not-at-top
+    return capacity.plan_for(self.plans, batch_size)
+
+  def mode(self, batch_size: int) -> str:
+    """The scan run at `batch_size`: "sparse" or "dense" (`plan`)."""
+    plan = self.plan(batch_size)
+    return plan.mode if plan is not None else "sparse"
+
+  def describe_plan(self, batch_size: int) -> Optional[str]:
+    """`plan: dense (bucketed sparse measured 26.6 ms vs dense 9.3 ms at batch 1)`, or
+    None when no plan was measured."""
+    plan = self.plan(batch_size)
+    return None if plan is None else plan.describe()
+
+  def _forward(self, batch_size: int):
+    """The program of `batch_size`: (params, image, text_ids, text_mask) -> outputs."""
+    program = self._programs.get(batch_size)
+    if program is None:
+      program = self._programs[batch_size] = self._build(batch_size)
+      self.trace_count += 1
+    return program
+
+  def _build(self, batch_size: int):
+    """The jitted forward of `batch_size` in its plan's mode. With the cache on it runs
+    a `jax.export` program, read from `compile_cache` when an earlier process stored
+    it (no tracing), else traced, exported and stored; plain jit otherwise."""
+    import jax  # pylint: disable=g-import-not-at-top
+    from jax import export as jax_export  # pylint: disable=g-import-not-at-top
+    from scanformer_jax import compile_cache, config_io, forward, workdir  # pylint: disable=g-import-not-at-top
+    cfg, mode = self.cfg, self.mode(batch_size)
 
     def run_forward(params, image, text_ids, text_mask):
-      self.trace_count += 1  # Python side effect: runs once per compilation.
-      rows = forward.rows(self.cfg, params, {"image": image, "text_ids": text_ids,
-                                             "text_mask": text_mask}, "sparse", masks=True)
-      return {"boxes": rows["boxes"], "taken": rows["taken_masks"],  # [B, S, 4]; [B, N_s]
-              "pred_iou": rows.get("pred_iou")}
+      rows = forward.rows(cfg, params, {"image": image, "text_ids": text_ids,
+                                        "text_mask": text_mask}, mode, masks=True)
+      out = {"boxes": rows["boxes"], "taken": rows["taken_masks"]}  # [B, S, 4]; [B, N_s]
+      if rows.get("pred_iou") is not None:
+        out["pred_iou"] = rows["pred_iou"]  # [B, S]
+      return out
 
-    self._forward = jax.jit(run_forward)
+    leaves, treedef = jax.tree.flatten(self.run.params)
+    r, length = cfg.image_size, cfg.max_text_len
+    specs = ([jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves],
+             jax.ShapeDtypeStruct((batch_size, r, r, 3), np.float32),
+             jax.ShapeDtypeStruct((batch_size, length), np.int32),
+             jax.ShapeDtypeStruct((batch_size, length), np.bool_))
+    key = compile_cache.cache_key(
+        "forward", {"model": config_io.model_config_to_dict(cfg), "mode": mode,
+                    "batch": batch_size, "treedef": str(treedef),
+                    "params": [(x.shape, str(x.dtype)) for x in specs[0]]},
+        workdir.registry_objects(cfg))
+    if key is None:  # The cache is off, or a registry entry has no source file.
+      return jax.jit(run_forward)
+
+    def on_leaves(params_leaves, image, text_ids, text_mask):
+      return run_forward(jax.tree.unflatten(treedef, params_leaves), image, text_ids,
+                         text_mask)
+
+    exported = None
+    blob = compile_cache.load_blob(key)
+    if blob is not None:
+      try:
+        exported = jax_export.deserialize(bytearray(blob))
+      except Exception as e:  # pylint: disable=broad-except  # A damaged entry: trace again.
+        log.debug("cached program %s unreadable (%s): tracing", key, e)
+    if exported is None:
+      try:
+        exported = jax_export.export(jax.jit(on_leaves))(*specs)
+      except Exception as e:  # pylint: disable=broad-except  # Not exportable here: plain jit.
+        log.debug("the %s forward does not export (%s): not cached", mode, e)
+        return jax.jit(run_forward)
+      compile_cache.store_blob(key, exported.serialize())
+    call = jax.jit(exported.call)
+    return lambda params, *inputs: call(jax.tree.leaves(params), *inputs)
 
   def prepare(self, image: ImageInput, text: str, source: Optional[str] = None) -> Query:
     """Reads and preprocesses one query; a bad image or empty text raises DataError."""
@@ -197,10 +270,11 @@ class Predictor:
       chunk = list(queries[start:start + b])
       size = b if len(queries) > b else bucket_for(len(chunk), b)
       padded = chunk + [chunk[-1]] * (size - len(chunk))
-      stacked = {k: np.concatenate([q.batch[k] for q in padded])
-                 for k in ("image", "text_ids", "text_mask")}
-      out = jax.device_get(self._forward(self.run.params, stacked["image"],
-                                         stacked["text_ids"], stacked["text_mask"]))
+      stacked = {k: np.concatenate([q.batch[k] for q in padded]).astype(dtype)
+                 for k, dtype in (("image", np.float32), ("text_ids", np.int32),
+                                  ("text_mask", np.bool_))}
+      out = jax.device_get(self._forward(size)(self.run.params, stacked["image"],
+                                               stacked["text_ids"], stacked["text_mask"]))
       for i, query in enumerate(chunk):
         results.append(self._prediction(query, out, i))
     return results
@@ -213,7 +287,7 @@ class Predictor:
                       "use an earlier step (--step) or retrain with a lower "
                       "optim.learning_rate")
     taken = tuple(np.asarray(t[i]) > 0.5 for t in out["taken"])  # per scale [N_s]
-    pred_iou = out["pred_iou"]
+    pred_iou = out.get("pred_iou")
     return Prediction(
         text=query.text, image_size=query.image_size,
         boxes=transforms.box_to_original_pixels(frame_boxes, meta),

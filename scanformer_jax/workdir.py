@@ -10,15 +10,17 @@ vocab file, `vocab.txt` (`bundle_vocab`), so that it predicts wherever it is mov
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from scanformer_jax import checkpointing, config_io, sharding, train_state
-from scanformer_jax.config import ExperimentConfig, MeshConfig
+from scanformer_jax import checkpointing, compile_cache, config_io, sharding, train_state
+from scanformer_jax.config import ExperimentConfig, MeshConfig, ModelConfig
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS_DIR = "checkpoints"
@@ -75,6 +77,59 @@ def relocated(config: ExperimentConfig, workdir: str) -> ExperimentConfig:
   return config
 
 
+def registry_objects(cfg: ModelConfig) -> list[Any]:
+  """What the model's registry names (selection rules, exit heads) run: their code
+  is part of every cached trace (`compile_cache.cache_key`)."""
+  from scanformer_jax import exit_heads, selection  # pylint: disable=g-import-not-at-top
+  objects = [selection.RULES.get(cfg.selection_rule),
+             selection.TRAIN_RULES.get(cfg.train_select_rule)]
+  for name in cfg.exit_heads:
+    head = exit_heads.get(name)
+    objects += [head.module, head.to_signal]
+  return [o for o in objects if o is not None]
+
+
+def _shapes_to_json(tree: Any) -> Optional[Any]:
+  """A nested dict of ShapeDtypeStructs as JSON-able {key: ... [shape, dtype]}; None
+  for any other structure (not cached)."""
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      child = _shapes_to_json(v)
+      if not isinstance(k, str) or child is None:
+        return None
+      out[k] = child
+    return out
+  if isinstance(tree, jax.ShapeDtypeStruct):
+    return [list(tree.shape), str(tree.dtype)]
+  return None
+
+
+def _shapes_from_json(data: Any) -> Any:
+  if isinstance(data, dict):
+    return {k: _shapes_from_json(v) for k, v in data.items()}
+  shape, dtype = data
+  return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
+
+
+def abstract_params(cfg: ModelConfig) -> Any:
+  """`train_state.abstract_params(cfg)` (tracing the model's init), kept between
+  processes in `compile_cache`'s program cache: a second start skips the trace."""
+  key = compile_cache.cache_key("params", {"model": config_io.model_config_to_dict(cfg)},
+                                registry_objects(cfg))
+  blob = compile_cache.load_blob(key)
+  if blob is not None:
+    try:
+      return _shapes_from_json(json.loads(blob))
+    except (ValueError, TypeError, KeyError):  # A damaged entry: trace again.
+      pass
+  abstract = train_state.abstract_params(cfg)
+  data = _shapes_to_json(abstract)
+  if data is not None:
+    compile_cache.store_blob(key, json.dumps(data).encode())
+  return abstract
+
+
 @dataclasses.dataclass(frozen=True)
 class InferenceRun:
   """A trained run's parameters, placed on `mesh`, ready for `ScanFormer.apply`."""
@@ -99,7 +154,7 @@ def load_for_inference(workdir: str, config: Optional[ExperimentConfig] = None,
   mesh_config = mesh_config or SINGLE_DEVICE_MESH
   devices = jax.local_devices()[:1] if mesh_config == SINGLE_DEVICE_MESH else None
   mesh = sharding.make_mesh(mesh_config, devices)
-  abstract = train_state.abstract_params(cfg)
+  abstract = abstract_params(cfg)
   shardings = sharding.tree_shardings(abstract, mesh, mesh_config)
   ckpt = checkpointing.Checkpointer(checkpoint_dir(config, workdir), config.checkpoint,
                                     read_only=True)

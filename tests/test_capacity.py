@@ -216,6 +216,11 @@ def test_demo_stages_calibrate_then_eval_sparse_and_dense(tmp_path, monkeypatch,
   monkeypatch.setattr(run_demo, "_run", lambda stage, args, env, timings, capture=False: (
       timings.setdefault(stage, 0.0), cli.main(quiet(args)) == 0 or
       pytest.fail(f"{stage} failed")))
+  # The stages compare the sparse path with dense: calibrate's plan timing must not
+  # send the first eval to dense (on the tiny model dense is often faster), so the
+  # timings are injected with sparse the faster plan.
+  monkeypatch.setattr(capacity, "paired_timer", lambda batch_size, runs: {
+      "sparse": [1.0], "dense": [2.0]})
   # gallery None: the fake dataset has no original images to draw.
   eval_json, dense_json, throughput_json = run_demo._calibrated_evals(workdir, None, [], {}, {})
   model = workdir_lib.load_config(workdir).model

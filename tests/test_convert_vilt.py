@@ -209,6 +209,33 @@ def test_init_from_rejects_other_backbones(converted):
     vilt.init_scanformer_from_vilt(_fake_scanformer_params(cfg), out / "params", cfg)
 
 
+def test_init_from_fills_the_model_shape_from_the_converted_config(converted, tmp_path):
+  """`--set train.init_from=DIR` alone: the converted backbone's shape, not the
+  config file's ViLT-B/32; an explicit --set is never replaced, a conflict is one line."""
+  from scanformer_jax.cli import common  # pylint: disable=g-import-not-at-top
+  from scanformer_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  from train_helpers import ROOT  # pylint: disable=g-import-not-at-top
+  _, out = converted
+  _, shape = vilt.load(out)
+  refcoco = str(ROOT / "experiments" / "configs" / "refcoco.py")
+  steps = ["train.num_steps=2", "optim.warmup_steps=1"]  # no train split to count here
+  config = common.resolve_config(refcoco, str(tmp_path), [f"train.init_from={out}", *steps])
+  for name in vilt.BACKBONE_FIELDS:
+    assert getattr(config.model, name) == getattr(shape, name), name
+  assert config.model.hidden_size == 24 and config.model.num_layers == 2
+  assert config.model.encoder1_layers == shape.encoder1_layers == 1  # 6 of 2 layers cannot be
+  assert config.model.image_sizes == (128, 256, 512)  # not a backbone field: the config's
+  same = common.resolve_config(refcoco, str(tmp_path), [f"train.init_from={out}",
+                                                        "model.hidden_size=24", *steps])
+  assert same.model == config.model
+  with pytest.raises(UserError, match=r"^--set model.hidden_size=32 conflicts with the "
+                     r"converted ViLT in .* \(model.hidden_size=24\)") as e:
+    common.resolve_config(refcoco, str(tmp_path), [f"train.init_from={out}",
+                                                    "model.hidden_size=32", "model.num_heads=4",
+                                                    *steps])
+  assert "\n" not in str(e.value)
+
+
 def test_converted_checkpoint_runs_in_scanformer(converted):
   try:
     from scanformer_jax.model import ScanFormer

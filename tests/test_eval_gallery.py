@@ -35,6 +35,18 @@ def test_gallery_page_lists_the_split(gallery_dir):
   assert page.count("ground truth") == SIZE
 
 
+def test_gallery_header_names_the_run(gallery_dir, tmp_path_factory):
+  """The header: which workdir, checkpoint step and split, and the model-only speed."""
+  page = (gallery_dir / "index.html").read_text(encoding="utf-8")
+  run_table = page.split("<h2>Run</h2>", 1)[1].split("<h2>", 1)[0]
+  workdir = tiny_run(tmp_path_factory)
+  assert f'<td class="name">workdir</td><td>{workdir.resolve()}</td>' in run_table
+  assert '<td class="name">checkpoint step</td><td>2</td>' in run_table
+  assert '<td class="name">split</td><td>validation</td>' in run_table
+  speed = re.search(r"samples/s \(model only[^<]*</td><td>([\d.e+]+)</td>", run_table)
+  assert speed and float(speed.group(1)) > 0
+
+
 def test_eval_gallery_needs_one_split(tmp_path_factory, tmp_path, capsys):
   workdir = tiny_run(tmp_path_factory)
   rc = eval_cmd.main(["--workdir", str(workdir), "--split", "validation,test", "--gallery",

@@ -46,6 +46,7 @@ def test_jsonl_round_trip_with_bad_lines(workdir, tmp_path, capsys):
   assert "image not found" in errors[2] and "missing.png" in errors[2]
   assert "bad image" in errors[4]
   assert "empty expression" in errors[5]
+  assert "--text" not in errors[5] and '"text"' in errors[5]  # worded for the JSONL line
   assert "invalid JSON" in errors[6]
   good = [r for r in rows if "error" not in r]
   assert [r["image_size"] for r in good] == [[70, 100], [64, 48], [64, 48]]

@@ -9,9 +9,12 @@ ViLT/TransVG-style REC fine-tuning recipe and are all config fields:
     `--set train.init_from=<dir>`, whose vocab.txt is then the tokenizer's);
   - AdamW (b2 0.999, weight decay 1e-4), global batch 128, peak learning rate 1e-4
     for the new parts (REG/scale/constant tokens, heads) and 1e-5 for the pretrained
-    backbone, linear warmup over the first ~1 epoch then cosine decay to 0,
+    backbone, linear warmup over the first epoch then cosine decay to 0,
     gradient clipping at global norm 1.0;
-  - ~90 epochs over the training expressions (`train.num_steps` below);
+  - 90 epochs over the training expressions. Both are in epochs
+    (`train.num_epochs`, `optim.warmup_epochs`): `scanformer train` turns them into
+    steps from the size of the built train split, whichever dataset and split
+    `data.*` name (an explicit `--set train.num_steps` / `optim.warmup_steps` wins);
   - loss: L1 5, GIoU 2 on every scale's box; keep-ratio targets 1 / 0.5 / 0.25
     (the scan keeps about half of the 8x8 grid at 256 px and a quarter of the
     16x16 grid at 512 px: about a third of all patches, where the article's one
@@ -25,15 +28,11 @@ from scanformer_jax import config as C
 
 BATCH = 128
 EPOCHS = 90
+WARMUP_EPOCHS = 1
 
 
-def steps_for(num_train_expressions: int, epochs: int = EPOCHS, batch: int = BATCH) -> int:
-  return (num_train_expressions * epochs) // batch
-
-
-def vilt_rec_config(dataset: str, eval_splits: tuple, num_train_expressions: int,
+def vilt_rec_config(dataset: str, eval_splits: tuple,
                     train_split: str = "train") -> C.ExperimentConfig:
-  steps = steps_for(num_train_expressions)
   return C.ExperimentConfig(
       model=C.ModelConfig(
           # ViLT-B/32 backbone (ModelConfig defaults), set explicitly for readers.
@@ -48,13 +47,14 @@ def vilt_rec_config(dataset: str, eval_splits: tuple, num_train_expressions: int
                         train_split=train_split, eval_splits=eval_splits, augment=True),
       loss=C.LossConfig(l1_weight=5.0, giou_weight=2.0, target_ratio=(1.0, 0.5, 0.25),
                         ratio_weight=2.0),
+      # warmup_steps and train.num_steps follow from the epochs and the train split's
+      # size when `scanformer train` starts (cli/common.py, with_epoch_schedule).
       optim=C.OptimConfig(learning_rate=1e-4, backbone_learning_rate=1e-5,
-                          warmup_steps=max(1, num_train_expressions // BATCH),
-                          weight_decay=1e-4, grad_clip_norm=1.0),
+                          warmup_epochs=WARMUP_EPOCHS, weight_decay=1e-4, grad_clip_norm=1.0),
       # init_from: directory written by `scanformer convert-vilt`, or "none" to train from
       # scratch; training refuses until one is passed (`--set train.init_from=...`). REG_s
       # start from ViLT's pretrained image [CLS] (experiments/guide.md, "Initialisation choices").
-      train=C.TrainConfig(num_steps=steps, batch_size=BATCH, log_every=100,
+      train=C.TrainConfig(num_epochs=EPOCHS, batch_size=BATCH, log_every=100,
                           init_from=C.INIT_FROM_REQUIRED, init_reg_from_vilt_cls=True),
       eval=C.EvalConfig(batch_size=128, every_steps=5000),
       checkpoint=C.CheckpointConfig(every_steps=2000, max_to_keep=3),

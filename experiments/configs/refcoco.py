@@ -13,9 +13,6 @@ Data: `refer/refcoco_unc` under runs/data; for the TFDS-catalog build use
 
 from _vilt_rec import vilt_rec_config  # Sibling module (configs import each other).
 
-NUM_TRAIN_EXPRESSIONS = 120_624  # RefCOCO unc train
-
 
 def get_config():
-  return vilt_rec_config("refer/refcoco_unc", ("validation", "testA", "testB"),
-                         NUM_TRAIN_EXPRESSIONS)
+  return vilt_rec_config("refer/refcoco_unc", ("validation", "testA", "testB"))

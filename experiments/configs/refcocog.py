@@ -11,8 +11,6 @@ Recipe: _vilt_rec.py.
 
 from _vilt_rec import vilt_rec_config  # Sibling module (configs import each other).
 
-NUM_TRAIN_EXPRESSIONS = 80_512  # RefCOCOg umd train
-
 
 def get_config():
-  return vilt_rec_config("refer/refcocog_umd", ("validation", "test"), NUM_TRAIN_EXPRESSIONS)
+  return vilt_rec_config("refer/refcocog_umd", ("validation", "test"))

@@ -11,9 +11,6 @@ Recipe: _vilt_rec.py.
 
 from _vilt_rec import vilt_rec_config  # Sibling module (configs import each other).
 
-NUM_TRAIN_EXPRESSIONS = 120_191  # RefCOCO+ unc train
-
 
 def get_config():
-  return vilt_rec_config("refer/refcocoplus_unc", ("validation", "testA", "testB"),
-                         NUM_TRAIN_EXPRESSIONS)
+  return vilt_rec_config("refer/refcocoplus_unc", ("validation", "testA", "testB"))

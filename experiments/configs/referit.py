@@ -10,8 +10,6 @@ Recipe: _vilt_rec.py.
 
 from _vilt_rec import vilt_rec_config  # Sibling module (configs import each other).
 
-NUM_TRAIN_EXPRESSIONS = 54_127  # refclef berkeley train
-
 
 def get_config():
-  return vilt_rec_config("refer/refclef_berkeley", ("test",), NUM_TRAIN_EXPRESSIONS)
+  return vilt_rec_config("refer/refclef_berkeley", ("test",))

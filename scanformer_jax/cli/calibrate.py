@@ -2,14 +2,21 @@
 
 Runs the model's own selection (full-capacity sparse scan) over a split and writes
 per-scale capacities and capacity buckets into `<workdir>/config.json`
-(scanformer_jax/capacity.py says how); eval and predict then use them. Also writes
-`<workdir>/calibration.json` (what was seen and chosen) and prints it.
+(scanformer_jax/capacity.py says how); eval and predict then use them. Then times
+the bucketed sparse plan against the dense one on the split's first samples, at
+batch 1 and at eval.batch_size, and records the faster per batch size
+(`eval.plans`), which eval and predict follow (`--no-plan-timing`: no timing, the
+sparse plan). Also writes `<workdir>/calibration.json` (what was seen, chosen and
+measured) and prints it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
+import logging
 import os
 
 from scanformer_jax.cli import common
@@ -28,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--set", dest="overrides", action="append", default=[],
                       metavar="KEY=VALUE", help="override a config field for this run "
                       "only (e.g. data.data_dir=...); not written back")
+  parser.add_argument("--no-plan-timing", action="store_true",
+                      help="skip timing the bucketed sparse plan against dense (eval and "
+                      "predict then run sparse at every batch size)")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
   common.add_verbose_arg(parser)
   return parser
@@ -62,8 +72,17 @@ def main(argv: list[str]) -> int:
     chosen, buckets = capacity.calibrate(counts, cfg.num_patches, args.quantile)
     facts = {"split": split, "step": run.step,
              **capacity.summary(counts, cfg.num_patches, chosen, buckets, args.quantile)}
+    plans = []
+    if not args.no_plan_timing:
+      calibrated = cfg.replace(capacity=tuple(chosen),
+                               capacity_buckets=tuple(tuple(b) for b in buckets))
+      batches = itertools.islice(data_source.eval_batches(config, split, run.mesh),
+                                 capacity.PLAN_BATCHES)
+      plans = capacity.measure_plans(calibrated, run.params, run.mesh, run.param_shardings,
+                                     list(batches), progress=logging.getLogger(__name__).info)
+      facts["plans"] = [dataclasses.asdict(p) for p in plans]
     if jax.process_index() == 0:
-      capacity.write_capacities(workdir.config_path(args.workdir), chosen, buckets)
+      capacity.write_capacities(workdir.config_path(args.workdir), chosen, buckets, plans)
       with open(capacity.calibration_path(args.workdir), "w") as f:
         json.dump(facts, f, indent=2)
         f.write("\n")
@@ -73,6 +92,8 @@ def main(argv: list[str]) -> int:
       print(f"model.capacity = {list(chosen)} (quantile {args.quantile}; overflow "
             f"{facts['overflow_fraction_at_capacity']:.4f} of samples at it)")
       print(f"model.capacity_buckets = {[list(b) for b in buckets]}")
+      for plan in plans:
+        print(f"recorded {plan.describe()}")
       print(f"wrote {workdir.config_path(args.workdir)} and "
             f"{capacity.calibration_path(args.workdir)}")
     return 0

@@ -138,7 +138,102 @@ def resolve_config(config_path: Optional[str], workdir: str, overrides: list[str
   if CLI_PLUGINS:
     named = tuple(plugins.resolve(spec) for spec in CLI_PLUGINS)
     config = config.replace(plugins=tuple(dict.fromkeys(config.plugins + named)))
-  return workdir_lib.relocated(config_io.apply_overrides(config, overrides), workdir)
+  config = with_converted_shape(config_io.apply_overrides(config, overrides), overrides)
+  config = with_epoch_schedule(config, overrides, from_file=bool(config_path))
+  return workdir_lib.relocated(config, workdir)
+
+
+def train_split_size(config) -> int:
+  """Expressions in the built train split of `data.dataset` (a UserError naming the
+  build command when it is not built, or when the dataset cannot say)."""
+  from data_pipelines import sources  # pylint: disable=g-import-not-at-top
+  from scanformer_jax import data_source  # pylint: disable=g-import-not-at-top
+  data = config.data
+  try:
+    return len(sources.SampleSource(data.dataset, data.train_split,
+                                    data_source.data_dir(config)))
+  except UserError as e:
+    raise UserError(f"train.num_epochs / optim.warmup_epochs count the train split: {e}"
+                    ) from None
+
+
+def with_epoch_schedule(config, overrides: list[str], from_file: bool = True):
+  """`train.num_epochs` and `optim.warmup_epochs` as steps of the train split's size
+  (`train_split_size`): set from the config file (`from_file`) or a --set; an explicit
+  --set train.num_steps / optim.warmup_steps is kept. A resumed run reads the steps
+  its config.json recorded."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  train, optim = config.train, config.optim
+  given = {item.partition("=")[0].strip() for item in overrides}
+  wanted = {"train.num_steps": train.num_epochs, "optim.warmup_steps": optim.warmup_epochs}
+  wanted = {key: epochs for key, epochs in wanted.items()
+            if epochs is not None and key not in given}
+  asked = from_file or {"train.num_epochs", "optim.warmup_epochs"} & given
+  from scanformer_jax.config import INIT_FROM_REQUIRED  # pylint: disable=g-import-not-at-top
+  if not wanted or not asked or train.init_from == INIT_FROM_REQUIRED:
+    return config  # (The last: training refuses until init_from is chosen; say that first.)
+  size = train_split_size(config)
+  steps = {key: max(1, int(epochs * size // train.batch_size)) for key, epochs in wanted.items()}
+  if "train.num_steps" in steps:
+    train = dataclasses.replace(train, num_steps=steps["train.num_steps"])
+  if "optim.warmup_steps" in steps:
+    optim = dataclasses.replace(optim, warmup_steps=steps["optim.warmup_steps"])
+  logging.getLogger(__name__).info(
+      "%s from %d train expressions of %s", ", ".join(f"{k}={v}" for k, v in steps.items()),
+      size, config.data.dataset)
+  return config.replace(train=train, optim=optim)
+
+
+def with_converted_shape(config, overrides: list[str]):
+  """`train.init_from` names a `scanformer convert-vilt` directory: the backbone shape
+  its config.json records (hidden size, layers, heads, MLP, patch, position grid,
+  text length, vocab, ...) fills `model`, so a converted ViLT of any size needs no
+  `--set model.*`. Encoder1 follows when the layer count changes. A `--set model.X`
+  is never replaced: one that differs from the converted value is a UserError (its
+  weights could not load), one line naming both values.
+  """
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  from scanformer_jax import config_io  # pylint: disable=g-import-not-at-top
+  from scanformer_jax.config import INIT_FROM_REQUIRED  # pylint: disable=g-import-not-at-top
+  init = config.train.init_from
+  if not init or init == INIT_FROM_REQUIRED:
+    return config
+  path = os.path.join(os.path.expanduser(init), "config.json")
+  if not os.path.isfile(path):
+    return config  # Not converted yet (or moved): the trainer names what is missing.
+  from scanformer_jax.vilt import BACKBONE_FIELDS  # pylint: disable=g-import-not-at-top
+  try:
+    with open(path, encoding="utf-8") as f:
+      converted = config_io.model_config_from_dict(json.load(f), path)
+  except (OSError, ValueError) as e:
+    raise UserError(f"train.init_from={init}: cannot read its {path} ({e}); convert the "
+                    "weights again with `scanformer convert-vilt`") from None
+  given = {item.partition("=")[0].strip() for item in overrides}
+  model, changes = config.model, {}
+  for name in BACKBONE_FIELDS:
+    ours, theirs = getattr(model, name), getattr(converted, name)
+    if ours == theirs:
+      continue
+    if f"model.{name}" in given:
+      raise UserError(f"--set model.{name}={ours!r} conflicts with the converted ViLT in "
+                      f"{init} (model.{name}={theirs!r}): its weights would not load; drop "
+                      "the --set (the converted shape is used) or convert a ViLT of that "
+                      "shape")
+    changes[name] = theirs
+  if ("num_layers" in changes and "model.encoder1_layers" not in given
+      and model.encoder1_layers != converted.encoder1_layers):
+    changes["encoder1_layers"] = converted.encoder1_layers
+  if not changes:
+    return config
+  try:
+    model = dataclasses.replace(model, **changes)
+  except ValueError as e:
+    raise UserError(f"the converted ViLT in {init} does not fit this config: {e}") from None
+  logging.getLogger(__name__).info(
+      "model shape from train.init_from=%s: %s", init,
+      ", ".join(f"{k}={v!r}" for k, v in changes.items()))
+  return config.replace(model=model)
 
 
 def check_writable(path: Optional[str], flag: str, directory: bool = False) -> None:

@@ -38,8 +38,9 @@ def _parser() -> argparse.ArgumentParser:
                       "default: data.eval_splits")
   parser.add_argument("--json", metavar="PATH", help="write the reports here")
   parser.add_argument("--step", type=int, help="checkpoint step (default: newest)")
-  parser.add_argument("--mode", choices=("sparse", "dense"), default="sparse",
-                      help="scan path (default sparse; dense runs every patch)")
+  parser.add_argument("--mode", choices=("sparse", "dense"), default=None,
+                      help="scan path (default: the plan `scanformer calibrate` measured "
+                      "faster at eval.batch_size, else sparse; dense runs every patch)")
   parser.add_argument("--no-progress", action="store_true")
   parser.add_argument("--gallery", metavar="DIR", help="write an HTML gallery of the split "
                       "(DIR/index.html + scan pictures; needs a single --split)")
@@ -95,7 +96,7 @@ def _check_gallery_args(args, splits: list[str]) -> None:
     if len(splits) != 1:
       raise UserError(f"--exit-calibrate calibrates on one split, got {', '.join(splits)}: "
                       "add --split NAME")
-    if args.exit_sweep or args.gallery or args.mode != "sparse" or args.exit_criterion:
+    if args.exit_sweep or args.gallery or args.mode == "dense" or args.exit_criterion:
       raise UserError("--exit-calibrate runs alone: drop --exit-sweep / --gallery / --mode / "
                       "--exit-criterion")
     for key, default in CALIBRATION_DEFAULTS.items():
@@ -113,7 +114,7 @@ def _check_gallery_args(args, splits: list[str]) -> None:
     raise UserError("--exit-criterion reports one criterion; --exit-sweep takes --exit-criteria")
   if args.exit_sweep and len(splits) != 1:
     raise UserError(f"--exit-sweep sweeps one split, got {', '.join(splits)}: add --split NAME")
-  if args.exit_sweep and (args.gallery or args.mode != "sparse"):
+  if args.exit_sweep and (args.gallery or args.mode == "dense"):
     raise UserError("--exit-sweep runs alone: drop --gallery / --mode")
   if args.exit_criteria and not args.exit_sweep:
     raise UserError("--exit-criteria needs --exit-sweep DIR or --exit-calibrate")
@@ -143,6 +144,31 @@ def _format_groups(groups) -> str:
     return ""
   return "\n  acc@0.5 by expression: " + ", ".join(
       f"{name} {g['acc@0.5']:.3f} (n={g['count']})" for name, g in groups.items())
+
+
+def calibrate_hint(report: dict, cfg, workdir: str) -> str | None:
+  """One line when an uncalibrated sparse evaluation ran more GFLOPs than dense would:
+  its slots are every patch plus the merged tokens, until `calibrate` sizes them."""
+  if (report.get("mode") != "sparse" or cfg.capacity is not None
+      or cfg.capacity_buckets is not None or not report.get("count")
+      or report["gflops_as_run"] <= report["gflops_dense"]):
+    return None
+  return (f"hint: the uncalibrated sparse path ran {report['gflops_as_run']:.3f} GFLOPs per "
+          f"sample, more than dense ({report['gflops_dense']:.3f}); `scanformer calibrate "
+          f"--workdir {workdir}` sizes its slots to what the model selects and times it "
+          "against dense")
+
+
+def eval_plan(args, config) -> tuple[str, str | None]:
+  """(mode, the line saying why): `--mode` when given, else the plan `calibrate`
+  recorded for eval.batch_size (capacity.plan_for), else sparse."""
+  from scanformer_jax import capacity  # pylint: disable=g-import-not-at-top
+  if args.mode:
+    return args.mode, None
+  plan = capacity.plan_for(capacity.plans_of(config), config.eval.batch_size)
+  if plan is None:
+    return "sparse", None
+  return plan.mode, plan.describe()
 
 
 def _format_exit(e) -> str:
@@ -275,9 +301,10 @@ def main(argv: list[str]) -> int:
       return _exit_sweep(args, config, run, splits[0])
     if args.exit_calibrate:
       return _exit_calibrate(args, config, run, splits[0])
+    mode, plan_line = eval_plan(args, config)
     reports = evaluate.evaluate_params(config, run.params, run.mesh, run.param_shardings,
                                        splits, progress=not args.no_progress,
-                                       mode=args.mode)
+                                       mode=mode)
     spec = config.eval.exit_criterion or ""
     if calibration and spec.startswith("calibrated:"):
       entry = calibration["criteria"].get(spec.partition(":")[2], {})
@@ -291,11 +318,18 @@ def main(argv: list[str]) -> int:
     if args.gallery and reports[splits[0]].get("count"):
       page = evaluate.write_split_gallery(config, run.params, splits[0], run.mesh,
                                           reports[splits[0]], args.gallery, args.gallery_size,
-                                          progress=not args.no_progress)
+                                          progress=not args.no_progress,
+                                          workdir=args.workdir, step=run.step)
     if jax.process_index() == 0:
       print(f"checkpoint step {run.step}")
+      if plan_line:
+        print(plan_line)
       for split, report in reports.items():
         print(format_report(split, report))
+      hint = next(filter(None, (calibrate_hint(r, config.model, args.workdir)
+                                for r in reports.values())), None)
+      if hint:
+        print(hint)
       if page:
         print(f"gallery: {page}")
       if args.json:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from scanformer_jax import compile_cache
 from scanformer_jax.cli import common, help_format
@@ -25,8 +26,10 @@ def _parser() -> argparse.ArgumentParser:
   common.add_workdir_args(parser)
   parser.add_argument("--out", required=True, metavar="DIR",
                       help="directory to write the artifact into (created)")
-  parser.add_argument("--mode", choices=("sparse", "dense"), default="sparse",
-                      help="the scan to export: sparse reads only the selected patches")
+  parser.add_argument("--mode", choices=("sparse", "dense"), default=None,
+                      help="the scan to export: sparse reads only the selected patches "
+                      "(default: the plan `scanformer calibrate` measured faster at the "
+                      "batch size, else sparse)")
   batch = parser.add_mutually_exclusive_group()
   batch.add_argument("--batch-size", type=int, default=1,
                      help="fixed batch size of the exported program")
@@ -48,8 +51,15 @@ def main(argv: list[str]) -> int:
     config = common.resolve_config(args.config, args.workdir, args.overrides)
     platforms = [p.strip() for p in args.platforms.split(",") if p.strip()] \
         if args.platforms else None
+    mode = args.mode
+    if mode is None:  # The plan calibrate recorded (a polymorphic batch: batch 1's).
+      from scanformer_jax import capacity  # pylint: disable=g-import-not-at-top
+      plan = capacity.plan_for(capacity.plans_of(config), args.batch_size or 1)
+      mode = plan.mode if plan else "sparse"
+      if plan:
+        print(plan.describe(), file=sys.stderr)
     spec = export_lib.export_run(
-        args.workdir, args.out, mode=args.mode, step=args.step, config=config,
+        args.workdir, args.out, mode=mode, step=args.step, config=config,
         batch_size=None if args.polymorphic_batch else args.batch_size, platforms=platforms)
     print(json.dumps({"out": args.out, **{k: spec[k] for k in (
         "mode", "batch_size", "platforms", "checkpoint_step")}}))

@@ -197,6 +197,7 @@ class _BatchRun:
       raise ValueError('missing "image" (an image file path)')
     if not isinstance(text, str):
       raise ValueError('missing "text" (the referring expression)')
+    predictor_lib.check_text(text, '"text"')  # Worded for the JSONL line, not --text.
     full = path if os.path.isabs(path) else os.path.join(self.base_dir, path)
     image = predictor_lib.read_image(full, path, self.max_image_bytes)
     query = self.predictor.prepare(image, text, source=path)
@@ -267,6 +268,10 @@ def main(argv: list[str]) -> int:
     image = None if args.input else predictor_lib.read_image(args.image, args.image,
                                                              max_bytes)
     predictor = predictor_lib.load(args.workdir, args.step, batch_size, config=config)
+    plan = getattr(predictor, "describe_plan", lambda _: None)(1 if not args.input
+                                                              else batch_size)
+    if plan:  # The plan `calibrate` measured faster at this batch size.
+      print(plan, file=sys.stderr)
     if not args.input:
       print(json.dumps(predict_one(predictor, args, image)))
       return 0
