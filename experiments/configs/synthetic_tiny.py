@@ -1,31 +1,26 @@
 """The demo: a tiny ScanFormer trained from scratch on the synthetic REC set, on CPU.
 
-    scanformer data synthetic --data-dir runs/data --config train=20000,validation=1000,test=1000,size=128,attribute=1,superlative=0,relation=0,max_objects=4,object_scale=1.4,shapes=square
+    scanformer data synthetic --data-dir runs/data --config train=20000,validation=1000,test=1000,size=128,attribute=1,superlative=0,relation=0,max_objects=4,object_scale=1.4
     scanformer train --config experiments/configs/synthetic_tiny.py --workdir runs/demo
 
-The task: scenes of 2-4 coloured squares, each expression names the target by a
-unique subset of its attributes ("the small red square", "the green object", "the
-large square"). Colour and size words carry the meaning; superlatives, relations and
-the other three shapes are switched off, because a from-scratch model on two CPU
-cores does not learn them within the 15-minute budget: with all four shapes
-(synthetic_shapes.py) the same model and schedule reach Acc@0.5 0.69, and
-expressions that name only the shape score chance (experiments/README.md has every
-setting tried). Scales 16/32/64 px with 8 px patches (2x2, 4x4, 8x8 grids). Objects
-span 17-45 % of the side (object_scale=1.4): at the default 12-32 % the small ones
-are 8-11 px at 64 px, one or two patches wide. Most patches are still background,
-and the keep-ratio targets ask the scan to take half of scale 1 and a quarter of
-scale 2.
+The task: scenes of 2-4 objects of the four shapes (circle, square, triangle,
+cross) in five colours and two sizes; each expression names the target by a unique
+subset of its attributes ("the small red triangle", "the green object", "the
+cross"). Superlatives and relations are switched off: a from-scratch model on two
+CPU cores does not learn them in the 15-minute budget. Scales 16/32/64 px with 8 px
+patches (2x2, 4x4, 8x8 grids). Objects span 17-45 % of the side (object_scale=1.4):
+at the default 12-32 % the small ones are 8-11 px at 64 px, one or two patches wide.
+Most patches are still background, and the keep-ratio targets ask the scan to take
+half of scale 1 and a quarter of scale 2. Shape is the slow part to learn
+(experiments/training.md has every setting tried).
 """
 
 from data_pipelines import synthetic_builder
 from scanformer_jax import config as C
 
-# The task with all four shapes (data_pipelines/synthetic_builder.py spec); the
-# open problem the demo leaves, trained by synthetic_shapes.py.
-ALL_SHAPES_SPEC = ("train=20000,validation=1000,test=1000,size=128,"
-                   "attribute=1,superlative=0,relation=0,max_objects=4,object_scale=1.4")
-# The synthetic dataset the demo builds: squares only (see above).
-SYNTHETIC_SPEC = ALL_SHAPES_SPEC + ",shapes=square"
+# The synthetic dataset the demo builds (data_pipelines/synthetic_builder.py spec).
+SYNTHETIC_SPEC = ("train=20000,validation=1000,test=1000,size=128,"
+                  "attribute=1,superlative=0,relation=0,max_objects=4,object_scale=1.4")
 # Derived, so that editing the spec can never train on a stale cached dataset.
 DATASET = synthetic_builder.dataset_name(SYNTHETIC_SPEC)
 
@@ -62,15 +57,17 @@ def get_config() -> C.ExperimentConfig:
       # From scratch: one learning rate for everything.
       optim=C.OptimConfig(learning_rate=1e-3, backbone_learning_rate=1e-3,
                           warmup_steps=200, weight_decay=0.05, grad_clip_norm=1.0),
-      # Half the steps see every patch before hard Gumbel selection starts: from
-      # scratch, random masks on the REG inputs otherwise halve the learning speed
-      # (val Acc@0.5 0.359 -> 0.569 at 2000 steps).
+      # The first 1000 steps see every patch before hard Gumbel selection starts:
+      # from scratch, random masks on the REG inputs otherwise halve the learning
+      # speed (val Acc@0.5 0.359 -> 0.569 at 2000 steps).
       # After the warm-up the sparse train step (train.path="sparse": the same loss
-      # and gradients as the dense one, paying for the patches Gumbel takes): a
-      # probe run reached the same validation Acc@0.5 (0.925) at 146 instead of 113
-      # examples/s after the warm-up.
-      train=C.TrainConfig(num_steps=1800, batch_size=32, log_every=50,
-                          select_warmup_steps=900, path="sparse"),
+      # and gradients as the dense one, paying for the patches Gumbel takes), at
+      # about twice the warm-up's examples/s.
+      # Four optimizer steps per compiled call (train.steps_per_call): one dispatch,
+      # one host transfer and one host check per four steps, the same parameters
+      # as four single steps.
+      train=C.TrainConfig(num_steps=3600, batch_size=32, log_every=100,
+                          select_warmup_steps=1000, path="sparse", steps_per_call=4),
       # 200 rows: each of the demo's two CPU devices (run_demo.data_parallel_env)
       # sorts its 100 rows into 7 capacity groups of 15 (model.capacity_group_rows
       # 16). With batch 50 on one device the groups' small matmuls ran the sparse

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import statistics
 import tempfile
@@ -26,8 +27,10 @@ from typing import Sequence
 
 from scanformer_jax import timing
 
-# The loop before ready rows: every sample decoded and letterboxed in every epoch.
-BASELINE_OVERRIDES = ("data.ready_rows=False",)
+# The loop before ready rows and multi-step calls: every sample decoded and
+# letterboxed in every epoch, one compiled call (dispatch, transfer, host check) per
+# optimizer step.
+BASELINE_OVERRIDES = ("data.ready_rows=False", "train.steps_per_call=1")
 PROGRAMS = ("warmup", "main")
 MATMUL_SHAPE = (3040, 128, 128)  # [M, K] x [K, N]: the demo's tokens x hidden x hidden.
 
@@ -74,23 +77,28 @@ class _LoopRunner:
     self.steps_per_call = config.train.steps_per_call
 
   def steps(self, count: int) -> None:
-    """`count` updates (whole calls of `train.steps_per_call`), until done on device."""
+    """`count` updates (a whole number of `train.steps_per_call` calls), until done on
+    device."""
     import jax
+    if count % self.steps_per_call:
+      raise ValueError(f"{count} steps are not whole calls of {self.steps_per_call}")
     metrics = None
-    for _ in range(max(1, count // self.steps_per_call)):
+    for _ in range(count // self.steps_per_call):
       self.step_count += self.steps_per_call
       metrics = self.run.step(self.step_count)
       self.run.periodic(self.step_count, metrics)
     jax.block_until_ready(metrics)
 
   def xla_flops_per_example(self):
-    """XLA's FLOPs of one step of the compiled program, per example (None if unknown)."""
+    """XLA's FLOPs of one optimizer step of the compiled program, per example (None if
+    unknown). XLA's cost analysis counts a loop body once, so a K-step call's count is
+    already that of one step."""
     from scanformer_jax.bench.common import xla_flops
     step_fn, state = self.run.step_fn, self.run.state
     program = step_fn.program(self.step_count)
     compiled = program.lower(state, self._example_batch()).compile()
     total = xla_flops(compiled)
-    return None if total is None else total / (self.batch_size * self.steps_per_call)
+    return None if total is None else total / self.batch_size
 
   def _example_batch(self):
     import numpy as np
@@ -120,12 +128,15 @@ def run_loop(config, baseline_overrides: Sequence[str] = BASELINE_OVERRIDES,
             "passes": passes, "batch_size": config.train.batch_size, "programs": {}}
   for program in PROGRAMS:
     with contextlib.ExitStack() as held, tempfile.TemporaryDirectory() as tmp:
-      runners = {}
-      for name, overrides in variants.items():
-        runner = _LoopRunner(_variant_config(config, overrides, program),
-                             os.path.join(tmp, name), held)
+      runners = {name: _LoopRunner(_variant_config(config, overrides, program),
+                                   os.path.join(tmp, name), held)
+                 for name, overrides in variants.items()}
+      # Every variant runs the same number of steps, in whole calls of each's K.
+      calls = math.lcm(*(r.steps_per_call for r in runners.values()))
+      steps, warm_steps = (-(-n // calls) * calls for n in (steps, warm_steps))
+      report["steps"] = steps
+      for runner in runners.values():
         runner.steps(warm_steps)  # Compiles; fills the prefetch buffers.
-        runners[name] = runner
       wall = {name: [] for name in runners}
       cpu = {name: [] for name in runners}
       matmul_s = []
@@ -137,7 +148,7 @@ def run_loop(config, baseline_overrides: Sequence[str] = BASELINE_OVERRIDES,
           cpu[name].append(time.process_time() - cpu_start)
         matmul_s.append(timing.timed_pass(lambda: [matmul() for _ in range(20)])[0] / 20)
       matmul_gflops = matmul_flops / statistics.median(matmul_s) / 1e9
-      examples = steps * config.train.batch_size  # Whole calls: `steps` % K == 0.
+      examples = steps * config.train.batch_size
       results = {}
       for name, runner in runners.items():
         rates = [examples / w for w in wall[name]]
