@@ -130,14 +130,14 @@ def random_batch(cfg, batch_size: int) -> dict:
           "valid": np.ones((batch_size,), bool)}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", default="experiments/configs/synthetic_tiny.py")
   parser.add_argument("--set", dest="overrides", action="append", default=[])
   parser.add_argument("--steps", type=int, default=5, help="traced steps per program")
   parser.add_argument("--top", type=int, default=12, help="components printed per program")
   parser.add_argument("--json", default=None)
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   config = config_io.apply_overrides(config_io.load_config_file(args.config), args.overrides)
   cfg, tc = config.model, config.train
   # One step per call here: the step's own ops (bench --train --loop times K per call).

@@ -126,7 +126,7 @@ COMMANDS: dict[str, object] = {
     "scanformer eval --workdir runs/mine --split test --json runs/mine/eval.json": Parse(
         TOUR_RUN),
     ('scanformer predict --workdir runs/mine --image runs/demo/predict_input.png --text '
-     '"the purple square" --out scan.png'): Parse(TOUR_RUN + " and the demo's input image"),
+     '"the purple cross" --out scan.png'): Parse(TOUR_RUN + " and the demo's input image"),
     ("scanformer eval --workdir runs/mine --exit-calibrate --split validation --report-split "
      "test --risk 0.01 --delta 0.1"): Parse(TOUR_RUN),
     ("scanformer eval --workdir runs/mine --split validation --report-split test --exit-sweep "
@@ -136,7 +136,7 @@ COMMANDS: dict[str, object] = {
     "scanformer serve --workdir runs/mine": Parse(TOUR_RUN + "; a server runs until stopped"),
     "scanformer export --workdir runs/mine --out runs/mine-export": Parse(TOUR_RUN),
     ('python runs/mine-export/run_exported.py --image runs/demo/predict_input.png --text '
-     '"the purple square"'): Skip("the export of the tour; tests/test_export.py runs the "
+     '"the purple cross"'): Skip("the export of the tour; tests/test_export.py runs the "
                                  "runner on a tiny export"),
     ("scanformer predict --workdir runs/demo --input queries.jsonl --output preds.jsonl "
      "[--out-dir scans/] [--batch-size 16]"): Parse(DEMO_RUN + "; tests/test_predict_jsonl.py "
@@ -158,6 +158,10 @@ COMMANDS: dict[str, object] = {
     "python experiments/bench_model.py --keep-ratios 0.1,0.25,0.5,1.0": Parse(
         "ViLT-B/32 timing: minutes"),
     "python experiments/bench_pipeline.py": Parse("a throughput benchmark"),
+    "python experiments/profile_train_step.py --config experiments/configs/synthetic_tiny.py": Parse(
+        "a profile of the demo's train steps: minutes"),
+    "scanformer bench --train --loop --config experiments/configs/synthetic_tiny.py": Parse(
+        "the demo's training loop against the baseline loop: minutes"),
     ("gcloud compute tpus tpu-vm ssh $TPU --zone $ZONE --worker=all --command \"git clone "
      "<repo> scanformer-jax && cd scanformer-jax && make install && .venv/bin/pip install "
      "'jax[tpu]'\""): Skip(POD),

@@ -4,7 +4,8 @@
 Each variant is a real `trainer._Run` in its own temporary workdir: its data
 iterator, host-to-device transfer, compiled step and per-step hooks (metrics, log
 lines every `train.log_every`) run exactly as in `scanformer train`; evaluation and
-checkpoints are switched off (`experiments/train_profile.md` measures them apart).
+periodic checkpoints are switched off, and one checkpoint per variant is timed after
+the passes.
 The variants take `--steps` steps in turn, `--passes` times (paired passes on a
 noisy machine), once with the warm-up program (every patch taken) and once with the
 main program (the config's train path). Reported per variant and program: median
@@ -89,6 +90,15 @@ class _LoopRunner:
       self.run.periodic(self.step_count, metrics)
     jax.block_until_ready(metrics)
 
+  def checkpoint_seconds(self) -> tuple[float, float]:
+    """One checkpoint of the current state: seconds the loop waits for `save` (the
+    save is asynchronous) and seconds until it is written."""
+    start = time.perf_counter()
+    self.run.save(self.step_count)
+    blocking = time.perf_counter() - start
+    self.run.ckpt.wait()
+    return blocking, time.perf_counter() - start
+
   def xla_flops_per_example(self):
     """XLA's FLOPs of one optimizer step of the compiled program, per example (None if
     unknown). XLA's cost analysis counts a loop body once, so a K-step call's count is
@@ -151,6 +161,7 @@ def run_loop(config, baseline_overrides: Sequence[str] = BASELINE_OVERRIDES,
       examples = steps * config.train.batch_size
       results = {}
       for name, runner in runners.items():
+        save_blocking_s, save_written_s = runner.checkpoint_seconds()
         rates = [examples / w for w in wall[name]]
         flops = runner.xla_flops_per_example()
         median_rate = statistics.median(rates)
@@ -161,7 +172,8 @@ def run_loop(config, baseline_overrides: Sequence[str] = BASELINE_OVERRIDES,
             "cpu_ms_per_example": 1e3 * statistics.median(cpu[name]) / examples,
             "xla_gflops_per_example": None if flops is None else flops / 1e9,
             "gflops_per_s": gflops,
-            "share_of_matmul_rate": None if gflops is None else gflops / matmul_gflops}
+            "share_of_matmul_rate": None if gflops is None else gflops / matmul_gflops,
+            "checkpoint_blocking_s": save_blocking_s, "checkpoint_written_s": save_written_s}
       ratios = timing.paired_ratios(wall["baseline"], wall["config"])
       report["programs"][program] = {
           "variants": results, "matmul_gflops_per_s": matmul_gflops,
@@ -177,7 +189,7 @@ def format_loop(report: dict) -> str:
            f"{report['passes']} paired passes of {report['steps']} steps; baseline = "
            f"config with {' '.join(report['config_overrides_of_baseline']) or 'nothing'}",
            f"{'program':<8}{'variant':<10}{'ex/s':>8}{'(min-max)':>14}{'CPU ms/ex':>11}"
-           f"{'GFLOP/ex':>10}{'GFLOP/s':>9}{'of matmul':>11}"]
+           f"{'GFLOP/ex':>10}{'GFLOP/s':>9}{'of matmul':>11}{'ckpt s':>13}"]
   for program, entry in report["programs"].items():
     for name, r in entry["variants"].items():
       gflop = "n/a" if r["xla_gflops_per_example"] is None else f"{r['xla_gflops_per_example']:.3f}"
@@ -185,11 +197,13 @@ def format_loop(report: dict) -> str:
       share = "n/a" if r["share_of_matmul_rate"] is None else f"{r['share_of_matmul_rate']:.0%}"
       spread = f"({r['examples_per_s_min']:.0f}-{r['examples_per_s_max']:.0f})"
       lines.append(f"{program:<8}{name:<10}{r['examples_per_s']:>8.1f}{spread:>14}"
-                   f"{r['cpu_ms_per_example']:>11.2f}{gflop:>10}{rate:>9}{share:>11}")
+                   f"{r['cpu_ms_per_example']:>11.2f}{gflop:>10}{rate:>9}{share:>11}"
+                   f"{r['checkpoint_blocking_s']:>6.2f}/{r['checkpoint_written_s']:<6.2f}")
     lines.append(f"{program:<8}speedup {entry['speedup_median']:.2f}x (paired, min-max "
                  f"{entry['speedup_min']:.2f}-{entry['speedup_max']:.2f}); matmul "
                  f"{'x'.join(map(str, MATMUL_SHAPE))} {entry['matmul_gflops_per_s']:.1f} GFLOP/s")
   load = report["host"]
+  lines.append("ckpt s: one checkpoint, seconds the loop waits for it / until it is written")
   lines.append(f"load average {', '.join(f'{x:.2f}' for x in load['loadavg_start'])} -> "
                f"{', '.join(f'{x:.2f}' for x in load['loadavg'])}")
   return "\n".join(lines)
