@@ -17,7 +17,8 @@ def test_every_flag_has_help(module):
 
 def test_defaults_are_shown(capsys):
   for module, shown in ((calibrate, "default: 0.995"), (serve, "default: 7860"),
-                        (export, "default: sparse")):
+                        (export, "default: the plan `scanformer calibrate` measured faster "
+                                 "at the batch size, else sparse")):
     with pytest.raises(SystemExit):
       module._parser().parse_args(["--help"])  # pylint: disable=protected-access
     out = " ".join(capsys.readouterr().out.split())
