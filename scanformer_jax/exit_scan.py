@@ -17,7 +17,8 @@ size for scale s+1:
 The scan is the library's one loop (`scan.scan`) with `ExitPolicy`, which owns only
 the compaction: the still-scanning rows are gathered (images, wanted patches, KV cache
 rows), scanned by the model's own sparse step (`ScanFormer.scan_scale_inference`,
-capacity buckets included), and their results scattered back to the full batch. A sample's answer at
+capacity buckets included), and their results gathered back into the full batch's
+rows (a gather, not a scatter: XLA:CPU runs scatters row by row). A sample's answer at
 its exit scale k is the full scan's scale-k output (tests/test_exit_scan.py): the scan
 is causal, and every per-sample quantity depends on that sample's rows only.
 
@@ -38,6 +39,7 @@ import chex
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from scanformer_jax import box_ops, early_exit, exit_heads, selection, sharding as sharding_lib
@@ -69,8 +71,10 @@ class _State:
 
 @flax.struct.dataclass
 class _ScaleRows:
-  """One scale's results on the full batch; rows that did not run hold 0 (key bias
-  NEG_INF in `kv`)."""
+  """One scale's results on the full batch; rows that did not run hold 0 in the
+  per-row results. In `kv`, `next_wanted` and `next_scores` the rows not scanning hold
+  whatever was computed or gathered for them (zeros and key bias NEG_INF when the
+  scale was skipped): they are never read."""
   kv: Optional[KVCache]         # the block for the cache (None at the last scale)
   boxes: jax.Array              # [B, 4]
   signals: dict                 # signal key -> [B]
@@ -82,6 +86,15 @@ class _ScaleRows:
   next_scores: Optional[jax.Array]  # [B, N_{s+1}] float32
   ran: jax.Array                # [B] bool
   rows_run: jax.Array           # [] int32, the sub-batch size this scale ran with
+
+
+@flax.struct.dataclass
+class _Compaction:
+  """The still-scanning rows of a batch of B gathered into a sub-batch of C slots."""
+  rows: jax.Array   # [C] int32, the batch row in each slot (padding slots: any row)
+  ok: jax.Array     # [C] bool, the slot holds a still-scanning row
+  slot: jax.Array   # [B] int32, each row's slot (meaningful where `kept`)
+  kept: jax.Array   # [B] bool, the row is in the sub-batch (still scanning)
 
 
 def _stop(criterion: early_exit.ExitCriterion, signals: early_exit.ScaleSignals,
@@ -119,6 +132,8 @@ class ExitScan:
     step = sharding_lib.per_device(self._scan, mesh, replicated_args=(0, 2))
     step = step if max_traces is None else chex.assert_max_traces(step, max_traces)
     replicated = sharding_lib.replicated(mesh)
+    self._replicated = replicated
+    self._choices: dict[tuple[int, float], tuple[jax.Array, jax.Array]] = {}
     self._jitted = jax.jit(step, in_shardings=(param_shardings, batch_sh,
                                                (replicated, replicated)),
                            out_shardings=batch_sh)
@@ -134,7 +149,19 @@ class ExitScan:
     if threshold is None:
       threshold = self.criteria[which].threshold
     threshold = 0.0 if threshold is None else threshold
-    return self._jitted(params, batch, (jnp.int32(which), jnp.float32(threshold)))
+    return self._jitted(params, batch, self._choice(which, float(threshold)))
+
+  def _choice(self, which: int, threshold: float) -> tuple[jax.Array, jax.Array]:
+    """The program's (criterion index, threshold) arguments, placed on every device once
+    per pair: a sweep calls the program batch after batch with the same pair, and a
+    fresh host scalar would be copied to the devices on every call."""
+    key = (which, threshold)
+    if key not in self._choices:
+      pair = (np.int32(which), np.float32(threshold))
+      if jax.process_count() == 1:
+        pair = jax.device_put(pair, self._replicated)
+      self._choices[key] = pair
+    return self._choices[key]
 
   # ------------------------------------------------------------------ the program
   def _scan(self, params, batch, choice) -> dict[str, jax.Array]:
@@ -239,9 +266,13 @@ class ExitPolicy(scan_lib.ScanPolicy):
       return self._skipped(s, b, cache)
     if size == b:  # Every row fits: run them in place, keep the scanning ones.
       return self._rows(s, image, state, cache, None, state.active)
-    rows = jnp.argsort(~state.active, stable=True)[:size]  # [C] still-scanning rows first
-    ok = jnp.arange(size) < state.active.sum()  # [C] the slot holds a scanning sample
-    return self._rows(s, image, state, cache, rows, ok)
+    order = jnp.argsort(~state.active, stable=True)  # [B] still-scanning rows first
+    count = state.active.sum()
+    slot = jnp.argsort(order)  # [B] each row's place in `order`: its slot when kept
+    compact = _Compaction(rows=order[:size], ok=jnp.arange(size) < count,
+                          slot=jnp.minimum(slot, size - 1),
+                          kept=slot < jnp.minimum(count, size))
+    return self._rows(s, image, state, cache, compact, None)
 
   def _block_length(self, s: int) -> int:
     """Tokens of scale s's block in the cache: REG, the slots, the merged token."""
@@ -267,24 +298,31 @@ class ExitPolicy(scan_lib.ScanPolicy):
                       next_scores=next_scores, ran=zeros(bool), rows_run=jnp.int32(0))
 
   def _rows(self, s: int, image: jax.Array, state: _State, cache: KVCache,
-            rows: Optional[jax.Array], ok: Optional[jax.Array]) -> _ScaleRows:
-    """Scale s for the batch rows `rows` [C] (`ok` [C]: a real row, else padding).
+            compact: Optional["_Compaction"], kept: Optional[jax.Array]) -> _ScaleRows:
+    """Scale s for the compacted rows `compact.rows` [C], or with `compact` None every
+    row in place, no gather (`kept` [B]: the rows whose results are kept, None: all).
 
-    rows None: every row in place, no gather or scatter (`ok` [B]: the rows whose
-    results are kept, None: all).
+    Results return to the batch's rows by a gather (`compact.slot`), not a scatter
+    (XLA:CPU runs a scatter row by row). The rows not kept hold 0 in the per-row
+    results; their cache block and next-scale selection hold whatever was computed or
+    gathered for them: a stopped sample never scans again, so those are never read,
+    and masking them would be a pass over the whole block for nothing.
     """
     cfg = self.cfg
     b = state.wanted.shape[0]
-    if rows is None:
-      ok = jnp.ones((b,), bool) if ok is None else ok
-      take = lambda x: x  # noqa: E731
-      def scatter(fill, sub):  # Rows not kept hold `fill`.
-        return jnp.where(ok.reshape((b,) + (1,) * (sub.ndim - 1)), sub.astype(fill.dtype), fill)
+    if compact is None:
+      kept = jnp.ones((b,), bool) if kept is None else kept
+      ok = kept
+      take = back = lambda x: x  # noqa: E731
     else:
-      target = jnp.where(ok, rows, b)  # Scatters to row b are dropped.
-      take = lambda x: jnp.take(x, rows, axis=0)  # noqa: E731
-      def scatter(fill, sub):
-        return fill.at[target].set(sub.astype(fill.dtype), mode="drop")
+      kept, ok = compact.kept, compact.ok
+      take = lambda x: jnp.take(x, compact.rows, axis=0)  # noqa: E731  [B, ...] -> [C, ...]
+      back = lambda x: jnp.take(x, compact.slot, axis=0)  # noqa: E731  [C, ...] -> [B, ...]
+    def scatter(fill, sub):  # Rows not kept hold `fill`.
+      return jnp.where(kept.reshape((b,) + (1,) * (sub.ndim - 1)),
+                       back(sub).astype(fill.dtype), fill)
+    def carry(sub, dtype=jnp.float32):  # Read only for rows still scanning.
+      return back(sub).astype(dtype)
     zeros_like = lambda sub, dtype=None: jnp.zeros((b,) + sub.shape[1:], dtype or sub.dtype)  # noqa: E731
     put = lambda sub, dtype=jnp.float32: scatter(zeros_like(sub, dtype), sub)  # noqa: E731
     wanted = take(state.wanted) & ok[:, None]  # [C, N_s]
@@ -306,10 +344,10 @@ class ExitPolicy(scan_lib.ScanPolicy):
     length = self._block_length(s)
     chex.assert_equal(out.kv.bias.shape[1], length)
     kv = KVCache(
-        keys=tuple(put(k, c.dtype) for k, c in zip(out.kv.keys, cache.keys)),
-        values=tuple(put(v, c.dtype) for v, c in zip(out.kv.values, cache.values)),
-        bias=scatter(jnp.full((b, length), NEG_INF, cache.bias.dtype), out.kv.bias))
+        keys=tuple(carry(k, c.dtype) for k, c in zip(out.kv.keys, cache.keys)),
+        values=tuple(carry(v, c.dtype) for v, c in zip(out.kv.values, cache.values)),
+        bias=carry(out.kv.bias, cache.bias.dtype))
     n_next = cfg.num_patches[s + 1]
     return result.replace(
         kv=kv, wanted_next=put(next_wanted.sum(-1) / n_next),
-        next_wanted=put(next_wanted, bool), next_scores=put(next_scores))
+        next_wanted=carry(next_wanted, bool), next_scores=carry(next_scores))
