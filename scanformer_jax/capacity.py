@@ -245,6 +245,13 @@ def plan_for(plans: Sequence[Plan], batch_size: int) -> Optional[Plan]:
                                    p.batch_size))
 
 
+def mode_for(plans: Sequence[Plan], batch_size: int) -> tuple[str, Optional[str]]:
+  """The scan to run at `batch_size` and the line saying why: the mode of the recorded
+  plan nearest it (`plan_for`) with `Plan.describe`, else ("sparse", None)."""
+  plan = plan_for(plans, batch_size)
+  return ("sparse", None) if plan is None else (plan.mode, plan.describe())
+
+
 def choose_plan(batch_size: int, seconds: Mapping[str, Sequence[float]],
                 calls: int = 1) -> Plan:
   """The faster of the two plans by median seconds per pass of `calls` forwards (a tie

@@ -169,21 +169,16 @@ class Predictor:
     self.trace_count = 0
     self._programs: dict[int, Any] = {}
 
-  def plan(self, batch_size: int):
-    """The `capacity.Plan` run at `batch_size` (None: none measured, sparse runs)."""
-    from scanformer_jax import capacity  # pylint: disable=g-import-not-at-top
-    return capacity.plan_for(self.plans, batch_size)
-
   def mode(self, batch_size: int) -> str:
-    """The scan run at `batch_size`: "sparse" or "dense" (`plan`)."""
-    plan = self.plan(batch_size)
-    return plan.mode if plan is not None else "sparse"
+    """The scan run at `batch_size`: "sparse" or "dense" (`capacity.mode_for`)."""
+    from scanformer_jax import capacity  # pylint: disable=g-import-not-at-top
+    return capacity.mode_for(self.plans, batch_size)[0]
 
   def describe_plan(self, batch_size: int) -> Optional[str]:
     """`plan: dense (bucketed sparse measured 26.6 ms vs dense 9.3 ms at batch 1)`, or
     None when no plan was measured."""
-    plan = self.plan(batch_size)
-    return None if plan is None else plan.describe()
+    from scanformer_jax import capacity  # pylint: disable=g-import-not-at-top
+    return capacity.mode_for(self.plans, batch_size)[1]
 
   def _forward(self, batch_size: int):
     """The program of `batch_size`: (params, image, text_ids, text_mask) -> outputs."""

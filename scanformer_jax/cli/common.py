@@ -143,6 +143,11 @@ def resolve_config(config_path: Optional[str], workdir: str, overrides: list[str
   return workdir_lib.relocated(config, workdir)
 
 
+def _override_keys(overrides: list[str]) -> set[str]:
+  """The config keys `--set key=value` items name."""
+  return {item.partition("=")[0].strip() for item in overrides}
+
+
 def train_split_size(config) -> int:
   """Expressions in the built train split of `data.dataset` (a UserError naming the
   build command when it is not built, or when the dataset cannot say)."""
@@ -164,7 +169,7 @@ def with_epoch_schedule(config, overrides: list[str], from_file: bool = True):
   its config.json recorded."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   train, optim = config.train, config.optim
-  given = {item.partition("=")[0].strip() for item in overrides}
+  given = _override_keys(overrides)
   wanted = {"train.num_steps": train.num_epochs, "optim.warmup_steps": optim.warmup_epochs}
   wanted = {key: epochs for key, epochs in wanted.items()
             if epochs is not None and key not in given}
@@ -209,7 +214,7 @@ def with_converted_shape(config, overrides: list[str]):
   except (OSError, ValueError) as e:
     raise UserError(f"train.init_from={init}: cannot read its {path} ({e}); convert the "
                     "weights again with `scanformer convert-vilt`") from None
-  given = {item.partition("=")[0].strip() for item in overrides}
+  given = _override_keys(overrides)
   model, changes = config.model, {}
   for name in BACKBONE_FIELDS:
     ours, theirs = getattr(model, name), getattr(converted, name)

@@ -161,14 +161,11 @@ def calibrate_hint(report: dict, cfg, workdir: str) -> str | None:
 
 def eval_plan(args, config) -> tuple[str, str | None]:
   """(mode, the line saying why): `--mode` when given, else the plan `calibrate`
-  recorded for eval.batch_size (capacity.plan_for), else sparse."""
+  recorded for eval.batch_size (capacity.mode_for), else sparse."""
   from scanformer_jax import capacity  # pylint: disable=g-import-not-at-top
   if args.mode:
     return args.mode, None
-  plan = capacity.plan_for(capacity.plans_of(config), config.eval.batch_size)
-  if plan is None:
-    return "sparse", None
-  return plan.mode, plan.describe()
+  return capacity.mode_for(capacity.plans_of(config), config.eval.batch_size)
 
 
 def _format_exit(e) -> str:

@@ -54,10 +54,9 @@ def main(argv: list[str]) -> int:
     mode = args.mode
     if mode is None:  # The plan calibrate recorded (a polymorphic batch: batch 1's).
       from scanformer_jax import capacity  # pylint: disable=g-import-not-at-top
-      plan = capacity.plan_for(capacity.plans_of(config), args.batch_size or 1)
-      mode = plan.mode if plan else "sparse"
-      if plan:
-        print(plan.describe(), file=sys.stderr)
+      mode, plan_line = capacity.mode_for(capacity.plans_of(config), args.batch_size or 1)
+      if plan_line:
+        print(plan_line, file=sys.stderr)
     spec = export_lib.export_run(
         args.workdir, args.out, mode=mode, step=args.step, config=config,
         batch_size=None if args.polymorphic_batch else args.batch_size, platforms=platforms)
