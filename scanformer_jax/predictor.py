@@ -233,10 +233,11 @@ class Predictor:
     if exported is None:
       try:
         exported = jax_export.export(jax.jit(on_leaves))(*specs)
+        blob = exported.serialize()
       except Exception as e:  # pylint: disable=broad-except  # Not exportable here: plain jit.
         log.debug("the %s forward does not export (%s): not cached", mode, e)
         return jax.jit(run_forward)
-      compile_cache.store_blob(key, exported.serialize())
+      compile_cache.store_blob(key, blob)
     call = jax.jit(exported.call)
     return lambda params, *inputs: call(jax.tree.leaves(params), *inputs)
 
