@@ -341,8 +341,9 @@ def load(workdir: str | os.PathLike, step: Optional[int] = None,
     `.scan_picture(image)`). Compiled programs are cached on disk between processes
     (`scanformer_jax/compile_cache.py`; `SCANFORMER_NO_CACHE=1` turns it off).
   """
-  from scanformer_jax import compile_cache, data_source, export as export_lib, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from scanformer_jax import compile_cache, data_source, export as export_lib, host_allocator, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   compile_cache.enable()
+  host_allocator.keep_freed_memory()
   path = os.fspath(workdir)
   if export_lib.is_export_dir(path):
     if step is not None or config is not None:

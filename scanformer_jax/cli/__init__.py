@@ -13,7 +13,7 @@ import importlib
 import sys
 from importlib import metadata
 
-from scanformer_jax import compile_cache
+from scanformer_jax import compile_cache, host_allocator
 
 SUBCOMMANDS = {
     "train": ("train", "Train (resumes an existing workdir)."),
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"scanformer: error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
     return 2
   compile_cache.enable()  # Before the subcommand imports jax: its env vars are read then.
+  host_allocator.keep_freed_memory()  # XLA:CPU's per-call buffers reuse their pages.
   from scanformer_jax import plugins  # pylint: disable=g-import-not-at-top
   from scanformer_jax.cli import common  # pylint: disable=g-import-not-at-top
   from scanformer_jax.errors import UserError  # pylint: disable=g-import-not-at-top
