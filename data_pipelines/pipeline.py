@@ -16,7 +16,6 @@ Public entry points (the trainer / evaluator / predictor call these):
       Every expression of the split exactly once, in a fixed order; every process
       yields the same number of batches (`it.num_batches`); padding rows (and bad
       samples) have valid=False. Ends with StopIteration.
-  load_tokenizer(dataset, data_dir, tokenizer_path, max_len) -> Tokenizer
 The single-image path of `predict` (`load_image_file`, `preprocess_single`) and the
 per-sample work are in `processing`; the grain plumbing in `grain_ops`.
 
@@ -54,20 +53,8 @@ from data_pipelines import ready_rows as ready_rows_lib
 from data_pipelines.errors import DataError
 from data_pipelines.grain_ops import DataIterator
 from data_pipelines.processing import EvalRow, SampleProcessor, collate
-from data_pipelines.tokenizer import Tokenizer
+from data_pipelines import tokenizer as tokenizer_lib
 from data_pipelines.transforms import AugmentConfig
-
-
-def load_tokenizer(dataset: str, data_dir: str | os.PathLike | None,
-                   tokenizer_path: str | os.PathLike | None, max_len: int) -> Tokenizer:
-  """`tokenizer_path` (a BERT vocab.txt) if given; the synthetic vocab for synthetic."""
-  if tokenizer_path:
-    return Tokenizer(tokenizer_path, max_len)
-  if dataset == "synthetic" or dataset.startswith("synthetic/"):
-    return Tokenizer(synthetic.vocab(), max_len)
-  raise DataError(
-      f"dataset {dataset!r} needs a BERT-uncased vocab.txt: set data.vocab_path, or "
-      "train.init_from to a `scanformer convert-vilt` output (its vocab.txt is used)")
 
 
 def make_train_iter(dataset: str, split: str, data_dir: str | os.PathLike, *,
@@ -91,7 +78,7 @@ def make_train_iter(dataset: str, split: str, data_dir: str | os.PathLike, *,
   """
   b = grain_ops.per_process_batch(global_batch_size, process_count)
   src = source if source is not None else sources.SampleSource(dataset, split, data_dir)
-  tok = load_tokenizer(dataset, data_dir, tokenizer_path, max_text_len)
+  tok = tokenizer_lib.for_dataset(dataset, tokenizer_path, max_text_len)
   name = getattr(src, "name", dataset)
   if ready_rows:
     if augment is not None:
@@ -167,7 +154,7 @@ def make_eval_iter(dataset: str, split: str, data_dir: str | os.PathLike, *,
   """Each expression once, fixed order, padded (see the module docstring)."""
   b = grain_ops.per_process_batch(global_batch_size, process_count)
   src = source if source is not None else sources.SampleSource(dataset, split, data_dir)
-  tok = load_tokenizer(dataset, data_dir, tokenizer_path, max_text_len) if tokenize else None
+  tok = tokenizer_lib.for_dataset(dataset, tokenizer_path, max_text_len) if tokenize else None
   num_batches = max(1, math.ceil(len(src) / global_batch_size))
   shard = grain_ops.EvalSource(src, process_index, process_count, num_batches * b)
   proc = SampleProcessor(image_size, max_text_len, tok, None)

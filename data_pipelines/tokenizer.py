@@ -95,3 +95,16 @@ class Tokenizer:
     """Text of ids, dropping special and padding tokens (for debugging)."""
     keep = [int(i) for i in ids if int(i) not in (PAD_ID, self.cls_id, self.sep_id)]
     return self._backend().decode(keep)
+
+
+def for_dataset(dataset: str, tokenizer_path: str | os.PathLike | None,
+                max_len: int) -> Tokenizer:
+  """`tokenizer_path` (a BERT vocab.txt) if given; the synthetic vocab for synthetic."""
+  if tokenizer_path:
+    return Tokenizer(tokenizer_path, max_len)
+  if dataset == "synthetic" or dataset.startswith("synthetic/"):
+    from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
+    return Tokenizer(synthetic.vocab(), max_len)
+  raise DataError(
+      f"dataset {dataset!r} needs a BERT-uncased vocab.txt: set data.vocab_path, or "
+      "train.init_from to a `scanformer convert-vilt` output (its vocab.txt is used)")

@@ -102,9 +102,9 @@ def vocab_path(config: ExperimentConfig):
 
 def load_tokenizer(config: ExperimentConfig):
   """The tokenizer the pipelines use for this config (for `predict`)."""
-  from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
-  return pipeline.load_tokenizer(config.data.dataset, data_dir(config),
-                                 vocab_path(config), config.model.max_text_len)
+  from data_pipelines import tokenizer  # pylint: disable=g-import-not-at-top
+  return tokenizer.for_dataset(config.data.dataset, vocab_path(config),
+                               config.model.max_text_len)
 
 
 def _common_kwargs(config: ExperimentConfig, global_batch: int) -> dict:

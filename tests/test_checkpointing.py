@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 
+import chex
 import grain
 import jax
 import jax.numpy as jnp
@@ -163,6 +164,24 @@ def test_checksums_detect_a_finite_change():
   assert a != b
   _, finite = checkpointing.checksums({"params": {"w": params["w"].at[1, 1].set(jnp.inf)}})
   assert not finite
+
+
+def test_host_checksums_equal_the_jitted_ones():
+  """Arrays in host memory are hashed by numpy, others by `_inspect`: one checksum."""
+  rng = np.random.default_rng(0)
+  tree = {"params": {"f32": jnp.asarray(rng.normal(size=(3, 5)), jnp.float32),
+                     "bf16": jnp.asarray(rng.normal(size=(7,)), jnp.bfloat16),
+                     "i8": jnp.asarray(rng.integers(-9, 9, size=(2, 3, 2)), jnp.int8),
+                     "flag": jnp.asarray([True, False, True]),
+                     "scalar": jnp.float32(2.5)},
+          "progress": {"rng": jax.random.key(3), "raw": jax.random.PRNGKey(4)}}
+  sums, finite = checkpointing._inspect(tree)
+  host_sums, host_finite = checkpointing._inspect_host(tree)
+  chex.assert_trees_all_equal(jax.tree.map(np.asarray, sums), host_sums)
+  assert bool(finite) and host_finite
+  inf = {"params": {"w": jnp.asarray([1.0, np.inf], jnp.bfloat16)}}
+  assert not checkpointing._inspect_host(inf)[1]
+  assert not bool(checkpointing._inspect(inf)[1])
 
 
 def test_read_only_restore_falls_back_without_moving(tmp_path):

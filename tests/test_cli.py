@@ -268,10 +268,10 @@ def test_missing_synthetic_data_names_a_build_command_that_works(tmp_path, capsy
   assert args.data_dir == str(tmp_path / "data")
 
 
-def test_refer_dataset_without_a_vocab_names_the_config_key(tmp_path):
-  from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
+def test_refer_dataset_without_a_vocab_names_the_config_key():
+  from data_pipelines import tokenizer  # pylint: disable=g-import-not-at-top
   with pytest.raises(UserError, match="set data.vocab_path, or train.init_from") as info:
-    pipeline.load_tokenizer("refer/refcoco_unc", str(tmp_path), None, 12)
+    tokenizer.for_dataset("refer/refcoco_unc", None, 12)
   assert "tokenizer_path" not in str(info.value) and "--tokenizer-path" not in str(info.value)
 
 
