@@ -48,12 +48,12 @@ from typing import Sequence
 import grain
 import numpy as np
 
-from data_pipelines import bad_input, grain_ops, sources, synthetic, transforms
+from data_pipelines import bad_input, grain_ops, sources, transforms
+from data_pipelines import tokenizer as tokenizer_lib
 from data_pipelines import ready_rows as ready_rows_lib
 from data_pipelines.errors import DataError
 from data_pipelines.grain_ops import DataIterator
 from data_pipelines.processing import EvalRow, SampleProcessor, collate
-from data_pipelines import tokenizer as tokenizer_lib
 from data_pipelines.transforms import AugmentConfig
 
 

@@ -154,11 +154,11 @@ def _inspect(tree: Any) -> tuple[Any, jax.Array]:
 def _inspect_host(tree: Any) -> tuple[Any, bool]:
   """`_inspect` of arrays in host memory, by numpy: no program to trace, compile or load
   from the cache (a prediction's start is ~1 s shorter)."""
-  arrays = jax.tree.map(lambda x: jax.random.key_data(x) if jax.dtypes.issubdtype(
-      x.dtype, jax.dtypes.prng_key) else np.asarray(x), tree)
+  arrays = jax.tree.map(lambda x: np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(
+      x.dtype, jax.dtypes.prng_key) else x), tree)
   finite = all(bool(np.isfinite(x).all()) for x in jax.tree.leaves(arrays)
                if jnp.issubdtype(x.dtype, jnp.inexact))
-  return jax.tree.map(lambda x: _leaf_checksum_host(np.asarray(x)), arrays), finite
+  return jax.tree.map(_leaf_checksum_host, arrays), finite
 
 
 def _in_host_memory(tree: Any) -> bool:
