@@ -8,8 +8,9 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 # Two workers, one test file each at a time (module fixtures are built once): the
-# suite takes about half the time of a serial run on the 2-core machines.
-PYTEST_WORKERS ?= -n 2 --dist loadfile
+# suite takes about half the time of a serial run on the 2-core machines. A crashed
+# worker ends the run with its test named: replacing it under loadfile can hang.
+PYTEST_WORKERS ?= -n 2 --dist loadfile --max-worker-restart=0
 
 .PHONY: demo test install install-dev bench clean
 

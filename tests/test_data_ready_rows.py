@@ -151,7 +151,10 @@ def test_missing_or_misshapen_array_is_rebuilt(data_dir, tmp_path, caplog):
     if damage == "missing":
       os.remove(tmp_path / name / "text_ids.npy")
     elif damage == "misshapen":
-      np.save(tmp_path / name / "image.npy", np.zeros((47, R, R, 3), np.uint8))
+      # Written beside and moved over: `want`'s iterator still maps the old file, and
+      # truncating a mapped file in place would kill its prefetch threads (SIGBUS).
+      np.save(tmp_path / "misshapen.npy", np.zeros((47, R, R, 3), np.uint8))
+      os.replace(tmp_path / "misshapen.npy", tmp_path / name / "image.npy")
     else:
       (tmp_path / name / "manifest.json").write_text('{"format": 1')
     caplog.clear()
