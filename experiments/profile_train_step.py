@@ -11,6 +11,11 @@ component (the flax module path, forward or backward). Times are summed over the
 threads that ran them (the intra-op pool), so a table's total can exceed the wall
 time. Also printed: wall ms per step, XLA's FLOPs per example and the GFLOP/s they
 reach. `--json PATH` writes everything.
+
+`--speed-only --steps-per-call 8` times the two programs as the demo runs them (eight
+optimizer steps per compiled call) without the trace: run it once per `XLA_FLAGS`
+setting (compiler flags, `--xla_force_host_platform_device_count`: the batch is split
+over every device), alternating, to compare settings that are fixed per process.
 """
 
 from __future__ import annotations
@@ -81,8 +86,10 @@ def trace_events(directory: str) -> list[dict]:
   return [e for e in events if e.get("ph") == "X"]
 
 
-def profile_program(fn, state, batch, step: int, steps: int, batch_size: int) -> dict:
-  """Wall time, FLOPs and the attributed op times of one compiled program."""
+def profile_program(fn, state, batch, step: int, steps: int, batch_size: int,
+                    trace: bool = True) -> dict:
+  """Wall time, FLOPs and the attributed op times of one compiled program (`steps`
+  calls; `batch_size` examples per call)."""
   compiled = fn.lower(state, batch, step).compile()
   names = hlo_op_names(compiled.as_text())
   state, metrics = fn(state, batch, step)
@@ -92,6 +99,8 @@ def profile_program(fn, state, batch, step: int, steps: int, batch_size: int) ->
     state, metrics = fn(state, batch, step)
   jax.block_until_ready(metrics)
   wall = (time.perf_counter() - start) / steps
+  if not trace:
+    return {"wall_ms_per_step": 1e3 * wall, "examples_per_s": batch_size / wall}, state
   with tempfile.TemporaryDirectory() as directory:
     with jax.profiler.trace(directory, create_perfetto_trace=True):
       for _ in range(steps):
@@ -135,25 +144,41 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--config", default="experiments/configs/synthetic_tiny.py")
   parser.add_argument("--set", dest="overrides", action="append", default=[])
   parser.add_argument("--steps", type=int, default=5, help="traced steps per program")
+  parser.add_argument("--steps-per-call", type=int, default=1,
+                      help="optimizer steps per compiled call (the demo runs 8)")
+  parser.add_argument("--speed-only", action="store_true",
+                      help="examples/s of each program only, no trace")
   parser.add_argument("--top", type=int, default=12, help="components printed per program")
   parser.add_argument("--json", default=None)
   args = parser.parse_args(argv)
   config = config_io.apply_overrides(config_io.load_config_file(args.config), args.overrides)
   cfg, tc = config.model, config.train
-  # One step per call here: the step's own ops (bench --train --loop times K per call).
-  tc = dataclasses.replace(tc, steps_per_call=1)
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  # One step per call by default: the step's own ops (bench --train --loop times the loop).
+  calls = args.steps_per_call
+  tc = dataclasses.replace(tc, steps_per_call=calls)
+  mesh = sharding.make_mesh(config.mesh, jax.devices())
   tx, schedules = optim.make_optimizer(config.optim, tc.num_steps)
   shardings = train_state.state_shardings(cfg, tx, mesh, config.mesh)
   fn = train_step.jit_train_step(
-      train_step.make_train_step(cfg, config.loss, tx, schedules, tc, 1), shardings, mesh)
+      train_step.make_train_step(cfg, config.loss, tx, schedules, tc, 1), shardings, mesh,
+      calls)
   state = train_state.create_train_state(cfg, tx, 0, mesh, config.mesh)
-  batch = sharding.to_global(random_batch(cfg, tc.batch_size), mesh)
+  rows = random_batch(cfg, tc.batch_size)
+  if calls > 1:  # [K, B, ...]: one batch per step of the call
+    rows = {k: np.stack([v] * calls) for k, v in rows.items()}
+  batch = sharding.to_global(rows, mesh, stacked=calls > 1)
   report = {"config": args.config, "overrides": args.overrides, "batch_size": tc.batch_size,
+            "steps_per_call": calls, "devices": len(jax.devices()),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "loadavg": list(os.getloadavg()), "programs": {}}
   for program, step in (("warmup", 0), ("main", max(tc.select_warmup_steps, 1) * 10)):
-    result, state = profile_program(fn, state, batch, step, args.steps, tc.batch_size)
+    result, state = profile_program(fn, state, batch, step, args.steps,
+                                    calls * tc.batch_size, trace=not args.speed_only)
     report["programs"][program] = result
+    if args.speed_only:
+      print(f"{program}: {result['wall_ms_per_step'] / calls:.1f} ms/step wall "
+            f"({result['examples_per_s']:.1f} examples/s)")
+      continue
     total = sum(result["op_ms_by_kind"].values())
     print(f"\n{program}: {result['wall_ms_per_step']:.1f} ms/step wall "
           f"({result['examples_per_s']:.0f} examples/s), XLA "

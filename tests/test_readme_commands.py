@@ -160,6 +160,8 @@ COMMANDS: dict[str, object] = {
     "python experiments/bench_pipeline.py": Parse("a throughput benchmark"),
     "python experiments/profile_train_step.py --config experiments/configs/synthetic_tiny.py": Parse(
         "a profile of the demo's train steps: minutes"),
+    ("python experiments/profile_train_step.py --config experiments/configs/synthetic_tiny.py "
+     "--steps-per-call 8 --speed-only --steps 6"): Parse("the demo's train steps timed: minutes"),
     "scanformer bench --train --loop --config experiments/configs/synthetic_tiny.py": Parse(
         "the demo's training loop against the baseline loop: minutes"),
     ("gcloud compute tpus tpu-vm ssh $TPU --zone $ZONE --worker=all --command \"git clone "
