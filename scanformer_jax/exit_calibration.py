@@ -29,7 +29,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from scanformer_jax import early_exit, evaluate, exit_heads, risk_control
+from scanformer_jax import early_exit, evaluate, exit_heads, risk_control, timing
 from scanformer_jax.errors import UserError
 
 FILENAME = "exit_calibration.json"
@@ -238,9 +238,14 @@ def format_calibration(result: dict) -> str:
                f"{risk['count']}, {risk['interval_level']:.0%} CI {lo:.4f}-{hi:.4f}), acc "
                f"{r['acc@0.5']:.4f}, GFLOPs saved {r['gflops_saved']:.1%}")
       if "speedup_spread" in r:
-        from scanformer_jax import timing  # pylint: disable=g-import-not-at-top
-        text += f", speedup {timing.format_spread(r['speedup_spread'])} (median of paired ratios)"
+        text += (f", speedup {timing.format_spread(r['speedup_spread'])} (median of paired "
+                 f"ratios) = {r['realised']:.2f} of the GFLOPs saving")
     lines.append(text)
+  overhead = (held or {}).get("no_exit_over_plain")
+  if overhead:
+    lines.append(f"exit path at no exit over the plain sparse eval on {held['split']}: "
+                 f"{timing.format_spread(overhead)} (median of paired ratios; < 1: the exit "
+                 "machinery costs)")
   return "\n".join(lines)
 
 
