@@ -87,20 +87,23 @@ def trace_events(directory: str) -> list[dict]:
 
 
 def profile_program(fn, state, batch, step: int, steps: int, batch_size: int,
-                    trace: bool = True) -> dict:
-  """Wall time, FLOPs and the attributed op times of one compiled program (`steps`
-  calls; `batch_size` examples per call)."""
-  compiled = fn.lower(state, batch, step).compile()
-  names = hlo_op_names(compiled.as_text())
+                    steps_per_call: int = 1, trace: bool = True) -> dict:
+  """Wall time per optimizer step and examples/s of one compiled program (`steps`
+  calls of `steps_per_call` steps of `batch_size` examples); with `trace`, also its
+  FLOPs and the attributed op times."""
   state, metrics = fn(state, batch, step)
   jax.block_until_ready(metrics)
   start = time.perf_counter()
   for _ in range(steps):
     state, metrics = fn(state, batch, step)
   jax.block_until_ready(metrics)
-  wall = (time.perf_counter() - start) / steps
+  wall = (time.perf_counter() - start) / steps  # per call
+  speed = {"wall_ms_per_step": 1e3 * wall / steps_per_call,
+           "examples_per_s": steps_per_call * batch_size / wall}
   if not trace:
-    return {"wall_ms_per_step": 1e3 * wall, "examples_per_s": batch_size / wall}, state
+    return speed, state
+  compiled = fn.lower(state, batch, step).compile()
+  names = hlo_op_names(compiled.as_text())
   with tempfile.TemporaryDirectory() as directory:
     with jax.profiler.trace(directory, create_perfetto_trace=True):
       for _ in range(steps):
@@ -118,9 +121,9 @@ def profile_program(fn, state, batch, step: int, steps: int, batch_size: int,
       parts[component(names[name])] += ms
     else:
       unattributed += ms
-  flops = xla_flops(compiled)
-  per_example = None if flops is None else flops / batch_size
-  return {"wall_ms_per_step": 1e3 * wall, "examples_per_s": batch_size / wall,
+  flops = xla_flops(compiled)  # per call
+  per_example = None if flops is None else flops / (steps_per_call * batch_size)
+  return {**speed,
           "xla_gflops_per_example": None if per_example is None else per_example / 1e9,
           "gflops_per_s": None if flops is None else flops / wall / 1e9,
           "op_ms_by_kind": dict(kinds.most_common()),
@@ -172,11 +175,11 @@ def main(argv: list[str] | None = None) -> int:
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "loadavg": list(os.getloadavg()), "programs": {}}
   for program, step in (("warmup", 0), ("main", max(tc.select_warmup_steps, 1) * 10)):
-    result, state = profile_program(fn, state, batch, step, args.steps,
-                                    calls * tc.batch_size, trace=not args.speed_only)
+    result, state = profile_program(fn, state, batch, step, args.steps, tc.batch_size,
+                                    calls, trace=not args.speed_only)
     report["programs"][program] = result
     if args.speed_only:
-      print(f"{program}: {result['wall_ms_per_step'] / calls:.1f} ms/step wall "
+      print(f"{program}: {result['wall_ms_per_step']:.1f} ms/step wall "
             f"({result['examples_per_s']:.1f} examples/s)")
       continue
     total = sum(result["op_ms_by_kind"].values())
