@@ -62,3 +62,43 @@ def test_config_length_mismatch_is_an_error():
   with pytest.raises(ValueError, match="target_ratio"):
     losses.scanformer_loss(_out(np.zeros((1, 2, 4)), [np.ones((1, 4))] * 2),
                            np.zeros((1, 4)), np.ones(1, bool), LossConfig(target_ratio=(1.0,)))
+
+
+
+def test_region_patches_nearest_the_centre_first():
+  box = jnp.array([[0.5, 0.5, 0.5, 0.5],     # 2x2 cells of a 4x4 grid: 5, 6, 9, 10
+                   [0.125, 0.125, 0.2, 0.2],  # inside cell 0 alone
+                   [0.5, 0.5, 1.0, 1.0]])     # every cell: the central four first
+  index, valid = losses.region_patches(box, 4, 5)
+  index, valid = np.asarray(index), np.asarray(valid)
+  assert sorted(index[0, :4]) == [5, 6, 9, 10] and valid[0].tolist() == [1, 1, 1, 1, 0]
+  assert index[1, 0] == 0 and valid[1].tolist() == [1, 0, 0, 0, 0]
+  assert sorted(index[2, :4]) == [5, 6, 9, 10] and valid[2].all()
+
+
+def test_word_loss_by_hand():
+  """Region-to-words: BCE summed over the vocabulary against the words the expression
+  uses (padding tokens left out); a sample without a region and a padding row weigh
+  nothing."""
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(4, 3)).astype(np.float32)  # [B, V]
+  ids = np.array([[1, 2, 0], [1, 0, 0], [2, 2, 1], [1, 1, 1]], np.int32)
+  mask = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 0], [1, 1, 1]], bool)
+  has_region = np.array([True, False, True, True])
+  valid = np.array([True, True, True, False])
+
+  def bce(x, t):
+    return -(t * np.log(1 / (1 + np.exp(-x))) + (1 - t) * np.log(1 - 1 / (1 + np.exp(-x))))
+  want = (bce(logits[0], np.array([0, 1, 1])).sum() + bce(logits[2], np.array([0, 0, 1])).sum()) / 2
+  words = losses.RegionWords(logits=jnp.asarray(logits), has_region=jnp.asarray(has_region),
+                             text_ids=jnp.asarray(ids), text_mask=jnp.asarray(mask))
+  assert float(losses.word_loss(words, jnp.asarray(valid))) == pytest.approx(want, rel=1e-5)
+  cfg = LossConfig(target_ratio=(1.0,), word_weight=2.0)
+  out = _out(np.zeros((4, 1, 4)), [np.ones((4, 4))])
+  gt = jnp.full((4, 4), 0.5)
+  plain, _ = losses.scanformer_loss(out, gt, jnp.asarray(valid), LossConfig(target_ratio=(1.0,)))
+  total, terms = losses.scanformer_loss(out, gt, jnp.asarray(valid), cfg, words)
+  assert float(terms["words"]) == pytest.approx(want, rel=1e-5)
+  assert float(total - plain) == pytest.approx(2.0 * want, rel=1e-4)
+  with pytest.raises(ValueError, match="word_head"):  # Weighted, but nothing to read.
+    losses.scanformer_loss(out, gt, jnp.asarray(valid), cfg)
