@@ -122,10 +122,6 @@ class ModelConfig:
   # The exit heads read stop_gradient(REG): their losses train only the heads, so
   # switching a head on does not change the grounding model (tests/test_exit_heads.py).
   exit_heads_stop_gradient: bool = True
-  # Auxiliary, for `loss.word_weight` (off: DESIGN.md's model): a LayerNorm + Dense
-  # head giving patch features logits over the vocabulary (`describe_region`; meant
-  # for small vocabularies). Inference never reads it.
-  word_head: bool = False
   # Compute dtype ("float32" or "bfloat16"); parameters are always float32.
   dtype: str = "float32"
   initializer_range: float = 0.02
@@ -324,19 +320,9 @@ class LossConfig:
   # box. A dense grounding signal that speeds up training from scratch and makes
   # the scan zoom into the referred object.
   select_weight: float = 0.0
-  # Auxiliary, not in DESIGN.md's objective (0 = that objective; needs
-  # model.word_head): region-to-words. The finest-scale patches of the ground-truth
-  # box, read by Encoder1 among themselves (no text: the scan's features have read
-  # the expression and could copy it), predict through the word head which vocabulary
-  # words the expression uses (binary cross-entropy summed over words). It asks the
-  # patch features to say what the object is ("triangle"), which the box loss teaches
-  # only through the rare wrong pick.
-  word_weight: float = 0.0
-  # Patches of the region read by that term (the box's, nearest its centre first).
-  word_region_patches: int = 16
 
   def __post_init__(self):
-    _check_numbers("loss", self, word_region_patches=(1,))
+    _check_numbers("loss", self)
     for i, pair in enumerate(self.exit_head_weights):
       if (not isinstance(pair, (tuple, list)) or len(pair) != 2
           or not isinstance(pair[0], str)):

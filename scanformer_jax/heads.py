@@ -23,18 +23,6 @@ class SelectionHead(nn.Module):
     return dense(self.cfg, 1, "logit")(x)[..., 0].astype(jnp.float32)
 
 
-class WordHead(nn.Module):
-  """LayerNorm + Dense -> logits over the vocabulary per patch (`loss.word_weight`)."""
-
-  cfg: ModelConfig
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [B, N, D] -> [B, N, vocab_size] float32 logits."""
-    x = layer_norm(self.cfg, "norm")(x)
-    return dense(self.cfg, self.cfg.vocab_size, "logits")(x).astype(jnp.float32)
-
-
 class HeadMlp(nn.Module):
   """`depth - 1` hidden ReLU layers of width hidden_size, then `out` float32 features.
 

@@ -4,8 +4,6 @@
           + ratio_weight * sum_{s>=1} mean_b (keep_{s,b} - target_ratio[s])^2
           + sum_heads weight_h * loss_h          (each exit head's term, exit_heads.py)
           + select_weight * sum_s mean_b BCE(logits_s, patch overlaps gt)   (optional)
-          + word_weight * mean_b sum_v BCE(word logits of the gt region,     (optional)
-                                            the expression uses word v)
 
 Box terms average over valid samples only (rows with `valid=False` weigh nothing).
 `keep_{s,b}` is the fraction of scale-s patches sample b took; in the dense training
@@ -15,10 +13,9 @@ trains the selection head.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import chex
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
@@ -101,55 +98,15 @@ def selection_losses(logits: Sequence[jax.Array], taken: Sequence[jax.Array], gt
   return out
 
 
-def words_used(text_ids: jax.Array, text_mask: jax.Array, vocab_size: int) -> jax.Array:
-  """[B, V] 0/1: does the expression (text_ids [B, L], text_mask [B, L]) use word v?"""
-  hot = jax.nn.one_hot(text_ids, vocab_size) * text_mask[..., None].astype(jnp.float32)
-  return hot.max(axis=1)  # [B, V]
-
-
-def region_patches(box: jax.Array, grid: int, count: int) -> tuple[jax.Array, jax.Array]:
-  """The `count` patches of a grid x grid scale that `box` [B, 4] covers, nearest its
-  centre first: (index [B, count] int32, valid [B, count] bool). A box over fewer
-  patches fills the rest with invalid ones; one over more keeps its central ones."""
-  cx, cy = box[:, 0].astype(jnp.float32), box[:, 1].astype(jnp.float32)  # [B]
-  centres = (jnp.arange(grid, dtype=jnp.float32) + 0.5) / grid  # [G]
-  dist = ((centres[None, :, None] - cy[:, None, None]) ** 2
-          + (centres[None, None, :] - cx[:, None, None]) ** 2).reshape(-1, grid * grid)
-  inside = patches_overlapping(box, grid)  # [B, G*G]
-  _, index = jax.lax.top_k(jnp.where(inside, -dist, -3.0 - dist), count)  # [B, count]
-  return index.astype(jnp.int32), jnp.take_along_axis(inside, index, axis=1)
-
-
-@flax.struct.dataclass
-class RegionWords:
-  """What the region-to-words term reads (`loss.word_weight`)."""
-  logits: jax.Array       # [B, V] the word head on the ground-truth region (describe_region)
-  has_region: jax.Array   # [B] bool, the region holds at least one patch
-  text_ids: jax.Array     # [B, L] the expressions
-  text_mask: jax.Array    # [B, L]
-
-
-def word_loss(words: RegionWords, valid: jax.Array) -> jax.Array:
-  """Region-to-words: BCE summed over the vocabulary between the region's word logits
-  and the words its expression uses, averaged over valid samples with a region."""
-  target = words_used(words.text_ids, words.text_mask, words.logits.shape[-1])  # [B, V]
-  per_sample = optax.sigmoid_binary_cross_entropy(words.logits.astype(jnp.float32),
-                                                  target).sum(-1)  # [B]
-  return _masked_mean(per_sample, (valid & words.has_region).astype(jnp.float32))
-
-
-def scanformer_loss(out: Any, gt_box: jax.Array, valid: jax.Array, cfg: LossConfig,
-                    region_words: Optional[RegionWords] = None
+def scanformer_loss(out: Any, gt_box: jax.Array, valid: jax.Array, cfg: LossConfig
                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The training loss of one batch and its named terms (all scalars).
 
-  `out` is the model output (boxes, taken, exit heads); `region_words` what
-  `loss.word_weight` reads (the train step's `describe_region` call). Terms: `l1`,
-  `giou` (summed over scales with w_s, unweighted by l1/giou weights), `l1_s{k}`,
-  `giou_s{k}`, `ratio`, `select` and `words` (when weighted), `exit_<name>` per exit
-  head (its registry entry's loss, weighted by `loss.exit_head_weights` or the entry's
-  weight), `keep_s{k}` (mean keep ratio, a metric) and `iou_s{k}` (mean IoU with the
-  ground truth, a metric).
+  `out` is the model output (boxes, taken, exit heads). Terms: `l1`, `giou` (summed
+  over scales with w_s, unweighted by l1/giou weights), `l1_s{k}`, `giou_s{k}`,
+  `ratio`, `exit_<name>` per exit head (its registry entry's loss, weighted by
+  `loss.exit_head_weights` or the entry's weight), `keep_s{k}` (mean keep ratio, a
+  metric) and `iou_s{k}` (mean IoU with the ground truth, a metric).
   """
   boxes = out.boxes  # [B, S, 4]
   num_scales = boxes.shape[1]
@@ -168,11 +125,6 @@ def scanformer_loss(out: Any, gt_box: jax.Array, valid: jax.Array, cfg: LossConf
     terms["select"] = sum(per_scale)
     terms.update({f"select_s{s}": v for s, v in enumerate(per_scale)})
     total = total + cfg.select_weight * terms["select"]
-  if cfg.word_weight:
-    if region_words is None:
-      raise ValueError("loss.word_weight needs the region's word logits (model.word_head)")
-    terms["words"] = word_loss(region_words, valid)
-    total = total + cfg.word_weight * terms["words"]
   targets = exit_heads.HeadTargets(boxes=boxes.astype(jnp.float32), iou=iou,
                                    gt_box=gt_box.astype(jnp.float32), valid=valid)
   for name, raw in getattr(out, "exit_heads", {}).items():  # One term per exit head.

@@ -64,7 +64,7 @@ import numpy as np
 
 from scanformer_jax import exit_heads, scan, selection
 from scanformer_jax.config import ModelConfig
-from scanformer_jax.heads import BoxHead, SelectionHead, WordHead
+from scanformer_jax.heads import BoxHead, SelectionHead
 from scanformer_jax.kv_cache import KVCache
 from scanformer_jax.layers import (NEG_INF, EncoderLayer, PatchEmbed, TextEmbeddings, embed,
                                    interpolate_pos_grid, layer_norm, patchify,
@@ -207,8 +207,6 @@ class ScanFormer(nn.Module):
     self.box_head = BoxHead(cfg)
     if cfg.exit_heads:
       self.exit_heads = ExitHeads(cfg)
-    if cfg.word_head:
-      self.word_head = WordHead(cfg)
 
   # ---------------------------------------------------------------- embeddings
   def _embed_text(self, text_ids: jax.Array) -> jax.Array:
@@ -488,30 +486,6 @@ class ScanFormer(nn.Module):
     out = self._sparse_block(s, filled, slot_x, merged, cache)
     return out.replace(taken=kept, capacity=jnp.full((b,), slots, jnp.int32))
 
-  def describe_region(self, image: jax.Array, index: jax.Array, valid: jax.Array
-                      ) -> jax.Array:
-    """Region-to-words (`loss.word_weight`): what the finest-scale patches `index`
-    [B, K] (those with `valid` [B, K]) show on their own, as word logits [B, V].
-
-    The patches are embedded as in the scan and read by Encoder1's layers attending only
-    to one another: no text (the scan's patch features have read the expression, so a
-    head on them could copy its words) and no other patch. The word head's logits are
-    averaged over the valid patches. image: [B, R, R, 3] at the finest size.
-    """
-    cfg = self.cfg
-    s = cfg.num_scales - 1
-    b, k = index.shape
-    chex.assert_shape(image, (b, cfg.image_size, cfg.image_size, 3))
-    chex.assert_shape(valid, (b, k))
-    x = self._patch_tokens(image.astype(jnp.float32).astype(cfg.compute_dtype), s, index)
-    bias = jnp.where(valid, 0.0, NEG_INF).astype(jnp.float32)[:, None, None, :]  # [B,1,1,K]
-    for layer in self.backbone.layers[:cfg.encoder1_layers]:
-      x, _ = layer(x, bias)  # [B, K, D]
-    logits = self.word_head(x)  # [B, K, V]
-    weight = valid.astype(jnp.float32)  # [B, K]
-    pooled = jnp.einsum("bk,bkv->bv", weight, logits)
-    return pooled / jnp.maximum(weight.sum(-1), 1.0)[:, None]  # [B, V]
-
   # ------------------------------------------------------------------- the forward
   def __call__(self, image: jax.Array, text_ids: jax.Array, text_mask: jax.Array,
                mode: str = "sparse", train: bool = False,
@@ -547,8 +521,6 @@ class ScanFormer(nn.Module):
 
     reg_features = jnp.stack([out.reg for out in scales], axis=1)  # [B, S, D]
     heads = self.read_heads(reg_features)
-    if cfg.word_head and self.is_initializing():  # Only training calls it: make its params.
-      self.word_head(jnp.zeros((1, 1, cfg.hidden_size), cfg.compute_dtype))
     chex.assert_shape(heads.boxes, (b, cfg.num_scales, 4))
     if mode == "dense":  # Every patch of every scale is a token.
       capacity = jnp.broadcast_to(jnp.array(cfg.num_patches, jnp.int32), (b, cfg.num_scales))

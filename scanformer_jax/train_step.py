@@ -97,8 +97,6 @@ def make_train_step(cfg: ModelConfig, loss_cfg: LossConfig, tx: optax.GradientTr
   sparse = train_cfg.path == "sparse"
   microbatches = getattr(train_cfg, "microbatches", 1)
   check_microbatches(train_cfg.batch_size, microbatches, batch_shards)
-  if loss_cfg.word_weight and not cfg.word_head:
-    raise UserError("loss.word_weight needs the word head: set model.word_head=True")
   model = ScanFormer(cfg)
   if sparse:
     try:
@@ -122,21 +120,9 @@ def make_train_step(cfg: ModelConfig, loss_cfg: LossConfig, tx: optax.GradientTr
     out = jax.vmap(one)(batch["image"], batch["text_ids"], batch["text_mask"], keys)
     return jax.tree.map(lambda x: x[:, 0], out)  # [B, 1, ...] -> [B, ...]
 
-  def region_words(params, batch) -> Optional[losses.RegionWords]:
-    """The word head on each ground-truth region, read on its own (loss.word_weight)."""
-    if not loss_cfg.word_weight:
-      return None
-    index, valid = losses.region_patches(batch["box"], cfg.grid_sizes[-1],
-                                         loss_cfg.word_region_patches)
-    logits = model.apply({"params": params}, batch["image"], index, valid,
-                         method=ScanFormer.describe_region)
-    return losses.RegionWords(logits=logits, has_region=valid.any(axis=-1),
-                              text_ids=batch["text_ids"], text_mask=batch["text_mask"])
-
   def loss_fn(params, batch, keys, take_all: bool):
     out = forward(params, batch, keys, take_all)
-    total, terms = losses.scanformer_loss(out, batch["box"], batch["valid"], loss_cfg,
-                                          region_words(params, batch))
+    total, terms = losses.scanformer_loss(out, batch["box"], batch["valid"], loss_cfg)
     if sparse:
       dropped = out.num_dropped.sum(axis=0)  # [S]
       terms.update({f"dropped_s{s}": dropped[s] for s in range(1, cfg.num_scales)})

@@ -296,26 +296,3 @@ def test_bfloat16_compute_tracks_float32(full, variables, inputs):
          / jnp.linalg.norm(replay16.reg_features))
   assert float(rel) < BF16_REG_RTOL
   np.testing.assert_allclose(sparse16.boxes, replay16.boxes, atol=BF16_BOX_ATOL, rtol=0)
-
-
-def test_describe_region_reads_its_valid_patches_alone():
-  """Region-to-words reads the region's valid patches and nothing else (no text, no
-  other patch, not its padding), and init makes the word head that only training calls."""
-  cfg = ModelConfig(hidden_size=32, num_heads=2, mlp_dim=64, num_layers=2, encoder1_layers=1,
-                    image_sizes=(16, 32), patch_size=8, pos_grid_size=4, max_text_len=6,
-                    vocab_size=40, box_head_layers=2, word_head=True)  # finest grid 4x4
-  model = ScanFormer(cfg)
-  image = jax.random.uniform(jax.random.key(0), (1, 32, 32, 3))
-  params = model.init(jax.random.key(1), image, jnp.ones((1, 6), jnp.int32),
-                      jnp.ones((1, 6), bool))["params"]
-  assert "word_head" in params
-  index, valid = jnp.array([[0, 1, 5]]), jnp.array([[True, True, False]])
-
-  def describe(img):
-    return np.asarray(model.apply({"params": params}, img, index, valid,
-                                  method=ScanFormer.describe_region))
-  base = describe(image)
-  assert base.shape == (1, cfg.vocab_size)
-  np.testing.assert_array_equal(describe(image.at[:, 8:16, 8:16].set(0.0)), base)  # patch 5
-  np.testing.assert_array_equal(describe(image.at[:, 16:, :].set(0.0)), base)  # not indexed
-  assert np.abs(describe(image.at[:, 0:8, 8:16].set(0.0)) - base).max() > 1e-3  # patch 1
