@@ -11,7 +11,7 @@ from scanformer_jax.model import ScanFormer, ScanFormerOutput
 __all__ = ["ModelConfig", "ScanFormer", "ScanFormerOutput", "load"]
 
 
-def load(workdir, step=None, batch_size=8, config=None):
+def load(workdir, step=None, batch_size=8, config=None, calls=None):
   """A trained model, ready to answer: `load(path)(image, text) -> Prediction`.
 
       predictor = scanformer_jax.load("runs/demo")
@@ -25,10 +25,12 @@ def load(workdir, step=None, batch_size=8, config=None):
     step: the checkpoint's training step; default the newest.
     batch_size: queries per forward in `predict_batch` (default 8).
     config: an `ExperimentConfig` replacing `<workdir>/config.json`.
+    calls: forwards this process will run, when known (a script answering one query:
+      1): the plan whose program is ready sooner may then win. Default: unknown.
 
   Returns a `Predictor` (scanformer_jax/predictor.py, where `load` is documented in
   full). Compiled programs are cached on disk between processes;
   `SCANFORMER_NO_CACHE=1` turns that off.
   """
   from scanformer_jax import predictor  # pylint: disable=g-import-not-at-top
-  return predictor.load(workdir, step, batch_size=batch_size, config=config)
+  return predictor.load(workdir, step, batch_size=batch_size, config=config, calls=calls)

@@ -19,6 +19,13 @@ first samples), alternating, at batch 1 and at the eval batch (`measure_plans`),
 and records the faster one per batch size in `eval.plans` (`Plan`); `eval`,
 `predict` and `load()` follow the plan of the batch size nearest theirs
 (`plan_for`) and say which ran (`Plan.describe`).
+
+A process that runs only a few forwards pays mostly for getting its program ready:
+the bucketed scan holds a branch per bucket, so its compiled program is several
+times larger than the dense one and slower to read back from the compilation cache.
+At batch 1 `calibrate` also times that (`ready_seconds`), and a caller that knows
+how many forwards it will run (`scanformer predict` of one image: one) takes the plan
+with the smaller total (`Plan.mode_for`).
 """
 
 from __future__ import annotations
@@ -201,19 +208,42 @@ PLAN_BATCHES = 2
 class Plan:
   """The plan run at `batch_size`: "sparse" (the bucketed scan) or "dense", with the
   milliseconds per forward of that batch size `calibrate` measured for each (medians
-  of paired rounds)."""
+  of paired rounds) and, when measured, the seconds a new process takes to get each
+  program ready (`ready_seconds`)."""
   batch_size: int
   mode: str
   sparse_ms: float
   dense_ms: float
+  sparse_ready_s: Optional[float] = None
+  dense_ready_s: Optional[float] = None
 
-  def describe(self) -> str:
-    """`plan: dense (bucketed sparse measured 26.6 ms vs dense 9.3 ms at batch 1)`."""
-    return (f"plan: {self.mode} (bucketed sparse measured {self.sparse_ms:.1f} ms vs dense "
-            f"{self.dense_ms:.1f} ms at batch {self.batch_size})")
+  def mode_for(self, calls: Optional[int] = None) -> str:
+    """The mode for a process that runs `calls` forwards of this batch size: the one
+    with the smaller ready time + calls x time per forward when both ready times are
+    known; else (or calls None: unknown, e.g. a server) the faster per forward."""
+    if calls is None or self.sparse_ready_s is None or self.dense_ready_s is None:
+      return self.mode
+    sparse = self.sparse_ready_s + calls * self.sparse_ms / 1e3
+    dense = self.dense_ready_s + calls * self.dense_ms / 1e3
+    return "dense" if dense < sparse else "sparse"
 
-  def as_tuple(self) -> tuple[int, str, float, float]:
-    return (self.batch_size, self.mode, self.sparse_ms, self.dense_ms)
+  def describe(self, calls: Optional[int] = None) -> str:
+    """`plan: dense (bucketed sparse measured 26.6 ms vs dense 9.3 ms at batch 1)`; when
+    the forwards to run decide against the faster per forward, says so."""
+    mode = self.mode_for(calls)
+    line = (f"plan: {mode} (bucketed sparse measured {self.sparse_ms:.1f} ms vs dense "
+            f"{self.dense_ms:.1f} ms at batch {self.batch_size}")
+    if mode != self.mode:
+      line += (f"; for {calls} forward{'s' if calls != 1 else ''} the program's start "
+               f"decides: sparse ready in {self.sparse_ready_s:.2f} s vs dense "
+               f"{self.dense_ready_s:.2f} s")
+    return line + ")"
+
+  def as_tuple(self) -> tuple:
+    if self.sparse_ready_s is None or self.dense_ready_s is None:
+      return (self.batch_size, self.mode, self.sparse_ms, self.dense_ms)
+    return (self.batch_size, self.mode, self.sparse_ms, self.dense_ms, self.sparse_ready_s,
+            self.dense_ready_s)
 
 
 def plans_of(config: ExperimentConfig) -> list[Plan]:
@@ -221,11 +251,11 @@ def plans_of(config: ExperimentConfig) -> list[Plan]:
   from scanformer_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   plans = []
   for i, entry in enumerate(config.eval.plans):
-    plan = Plan(*entry)
-    if plan.mode not in PLAN_MODES or plan.batch_size < 1:
+    plan = Plan(*entry) if len(entry) in (4, 6) else None
+    if plan is None or plan.mode not in PLAN_MODES or plan.batch_size < 1:
       raise UserError(f"eval.plans[{i}]={tuple(entry)!r}: expected (batch size >= 1, "
-                      f"{' or '.join(PLAN_MODES)}, sparse ms, dense ms); rerun "
-                      "`scanformer calibrate` to measure it again")
+                      f"{' or '.join(PLAN_MODES)}, sparse ms, dense ms[, sparse ready s, "
+                      "dense ready s]); rerun `scanformer calibrate` to measure it again")
     plans.append(plan)
   return plans
 
@@ -245,11 +275,15 @@ def plan_for(plans: Sequence[Plan], batch_size: int) -> Optional[Plan]:
                                    p.batch_size))
 
 
-def mode_for(plans: Sequence[Plan], batch_size: int) -> tuple[str, Optional[str]]:
+def mode_for(plans: Sequence[Plan], batch_size: int, calls: Optional[int] = None
+             ) -> tuple[str, Optional[str]]:
   """The scan to run at `batch_size` and the line saying why: the mode of the recorded
-  plan nearest it (`plan_for`) with `Plan.describe`, else ("sparse", None)."""
+  plan nearest it (`plan_for`) for `calls` forwards (`Plan.mode_for`; None: unknown)
+  with `Plan.describe`, else ("sparse", None)."""
   plan = plan_for(plans, batch_size)
-  return ("sparse", None) if plan is None else (plan.mode, plan.describe())
+  if plan is None:
+    return "sparse", None
+  return plan.mode_for(calls), plan.describe(calls)
 
 
 def choose_plan(batch_size: int, seconds: Mapping[str, Sequence[float]],
@@ -262,6 +296,26 @@ def choose_plan(batch_size: int, seconds: Mapping[str, Sequence[float]],
 
 
 PlanTimer = Callable[[int, Mapping[str, Callable[[], Any]]], Mapping[str, Sequence[float]]]
+# Times each program is made ready by `ready_seconds` (the fastest counts).
+READY_ROUNDS = 2
+
+
+def ready_seconds(lowerings: Mapping[str, Callable[[], Any]],
+                  rounds: int = READY_ROUNDS) -> dict[str, float]:
+  """Seconds to get each program ready as a new process does (`lowerings[mode]()`
+  returns a freshly lowered program; its `.compile()` is timed): read back from the
+  compilation cache when it is on (the programs have run once already), else
+  compiled. The fastest of `rounds`, alternating the modes."""
+  import time  # pylint: disable=g-import-not-at-top
+  best = {mode: math.inf for mode in lowerings}
+  for _ in range(rounds):
+    for mode, lower in lowerings.items():
+      lowered = lower()
+      start = time.perf_counter()
+      lowered.compile()
+      best[mode] = min(best[mode], time.perf_counter() - start)
+  return {mode: round(t, 3) for mode, t in best.items()}
+
 
 
 def paired_timer(batch_size: int, runs: Mapping[str, Callable[[], Any]],
@@ -307,12 +361,18 @@ def measure_plans(cfg: ModelConfig, params: Any, mesh: Mesh, param_shardings: An
     device = jax.local_devices()[0]
     one_params = jax.device_put(params, device)
     on_device = [jax.device_put(s, device) for s in singles]
-    runs = {}
+    runs, lowerings = {}, {}
     for mode in PLAN_MODES:
       fn = jax.jit(lambda p, b, mode=mode: forward.rows(cfg, p, b, mode))
       runs[mode] = lambda fn=fn: [fn(one_params, b) for b in on_device]
+      # A new function each time: jax's in-memory caches do not answer, as in a new process.
+      lowerings[mode] = lambda mode=mode: jax.jit(
+          lambda p, b: forward.rows(cfg, p, b, mode)).lower(one_params, on_device[0])
     progress("timing the bucketed sparse and the dense plan at batch 1")
-    plans.append(choose_plan(1, timer(1, runs), calls=len(on_device)))
+    plan = choose_plan(1, timer(1, runs), calls=len(on_device))
+    ready = ready_seconds(lowerings)
+    plans.append(dataclasses.replace(plan, sparse_ready_s=ready["sparse"],
+                                     dense_ready_s=ready["dense"]))
   if eval_batch > 1:
     device_batches = [sharding_lib.to_global({k: b[k] for k in DEVICE_KEYS}, mesh)
                       for b in batches]

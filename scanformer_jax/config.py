@@ -465,9 +465,10 @@ class EvalConfig:
   blank_expressions: bool = False
   # The faster inference plan per batch size, measured by `scanformer calibrate` on the
   # model's own selection: (batch size, "sparse" or "dense", bucketed sparse ms, dense
-  # ms) per timed batch. `eval` and `predict` (and `load()`) run the plan recorded for
-  # the batch size nearest theirs (capacity.plan_for); empty: the sparse path.
-  plans: tuple[tuple[int, str, float, float], ...] = ()
+  # ms[, sparse ready s, dense ready s]) per timed batch (capacity.Plan). `eval` and
+  # `predict` (and `load()`) run the plan recorded for the batch size nearest theirs
+  # (capacity.plan_for); empty: the sparse path.
+  plans: tuple[tuple[Any, ...], ...] = ()
 
   def __post_init__(self):
     _check_numbers("eval", self, batch_size=(1,), iou_threshold=(0.0, 1.0, True))

@@ -157,7 +157,8 @@ class Predictor:
   `trace_count` counts the programs built (traced, or read from the cache).
   """
 
-  def __init__(self, run, tokenizer, batch_size: int = DEFAULT_BATCH_SIZE):
+  def __init__(self, run, tokenizer, batch_size: int = DEFAULT_BATCH_SIZE,
+               calls: Optional[int] = None):
     from scanformer_jax import capacity  # pylint: disable=g-import-not-at-top
     self.run = run
     self.config = run.config
@@ -166,19 +167,20 @@ class Predictor:
     self.tokenizer = tokenizer
     self.batch_size = batch_size
     self.plans = capacity.plans_of(run.config)
+    self.calls = calls  # Forwards this process will run, when known (Plan.mode_for).
     self.trace_count = 0
     self._programs: dict[int, Any] = {}
 
   def mode(self, batch_size: int) -> str:
     """The scan run at `batch_size`: "sparse" or "dense" (`capacity.mode_for`)."""
     from scanformer_jax import capacity  # pylint: disable=g-import-not-at-top
-    return capacity.mode_for(self.plans, batch_size)[0]
+    return capacity.mode_for(self.plans, batch_size, self.calls)[0]
 
   def describe_plan(self, batch_size: int) -> Optional[str]:
     """`plan: dense (bucketed sparse measured 26.6 ms vs dense 9.3 ms at batch 1)`, or
     None when no plan was measured."""
     from scanformer_jax import capacity  # pylint: disable=g-import-not-at-top
-    return capacity.mode_for(self.plans, batch_size)[1]
+    return capacity.mode_for(self.plans, batch_size, self.calls)[1]
 
   def _forward(self, batch_size: int):
     """The program of `batch_size`: (params, image, text_ids, text_mask) -> outputs."""
@@ -321,7 +323,7 @@ class Predictor:
 
 
 def load(workdir: str | os.PathLike, step: Optional[int] = None,
-         batch_size: int = DEFAULT_BATCH_SIZE, config=None):
+         batch_size: int = DEFAULT_BATCH_SIZE, config=None, calls: Optional[int] = None):
   """A trained model, ready to answer: `load(path)(image, text) -> Prediction`.
 
   Args:
@@ -333,6 +335,10 @@ def load(workdir: str | os.PathLike, step: Optional[int] = None,
       are padded to a power of two, so at most log2(batch_size) + 1 programs compile.
     config: an `ExperimentConfig` to use instead of `<workdir>/config.json` (the CLI
       passes its `--config` / `--set` one).
+    calls: how many forwards this process will run, when known (`scanformer predict`
+      of one image: 1). With few, the plan whose program is ready sooner can win over
+      the one faster per forward (`capacity.Plan.mode_for`); None (default): the
+      faster per forward, right for a long-lived process.
 
   Returns:
     a `Predictor`: `predictor(image, text)` for one query (image: a path, PIL image
@@ -354,4 +360,4 @@ def load(workdir: str | os.PathLike, step: Optional[int] = None,
     raise UserError(f"{path}: neither a run directory (no config.json) nor an exported "
                     "model (no export.json)")
   run = workdir_lib.load_for_inference(path, config, step)
-  return Predictor(run, data_source.load_tokenizer(run.config), batch_size)
+  return Predictor(run, data_source.load_tokenizer(run.config), batch_size, calls)

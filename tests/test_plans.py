@@ -18,6 +18,8 @@ from tiny_run import tiny_run
 from visualize_fixtures import noise
 
 EVAL_BATCH = 8  # tiny_run's eval.batch_size
+# Seconds to get each batch-1 program ready that the fake `ready_seconds` reports.
+READY = {"sparse": 1.4, "dense": 0.35}
 # Seconds per forward the fake timer reports: dense faster at batch 1, sparse at batch 8.
 TIMES = {1: {"sparse": [0.0266, 0.0270, 0.0262], "dense": [0.0093, 0.0095, 0.0091]},
          EVAL_BATCH: {"sparse": [0.010, 0.011, 0.009], "dense": [0.020, 0.021, 0.019]}}
@@ -37,6 +39,35 @@ def test_choose_plan_by_median_and_keeps_sparse_on_a_tie():
   assert capacity.choose_plan(8, TIMES[8]).mode == "sparse"
   assert capacity.choose_plan(8, {"sparse": [0.01], "dense": [0.01]}).mode == "sparse"
   assert capacity.choose_plan(1, TIMES[1], calls=2).sparse_ms == 13.3  # per forward
+
+
+def test_few_forwards_take_the_plan_that_is_ready_sooner():
+  plan = capacity.Plan(1, "sparse", 2.2, 3.4, sparse_ready_s=1.4, dense_ready_s=0.35)
+  assert plan.mode_for(None) == "sparse"  # Unknown count (a server): per forward.
+  assert plan.mode_for(1) == "dense"  # 1.4022 s against 0.3534 s
+  assert plan.mode_for(874) == "dense" and plan.mode_for(876) == "sparse"  # even at 875
+  assert capacity.Plan(1, "sparse", 2.2, 3.4).mode_for(1) == "sparse"  # not measured
+  assert plan.describe(1) == (
+      "plan: dense (bucketed sparse measured 2.2 ms vs dense 3.4 ms at batch 1; for 1 "
+      "forward the program's start decides: sparse ready in 1.40 s vs dense 0.35 s)")
+  assert plan.describe() == ("plan: sparse (bucketed sparse measured 2.2 ms vs dense "
+                             "3.4 ms at batch 1)")
+  assert capacity.Plan(*plan.as_tuple()) == plan
+  assert capacity.mode_for([plan], 1, calls=1)[0] == "dense"
+
+
+def test_ready_seconds_times_the_compile_of_each_lowering():
+  import jax  # pylint: disable=g-import-not-at-top
+  lowered = []
+
+  def lower(n):
+    def make():
+      lowered.append(n)
+      return jax.jit(lambda x: x * n).lower(1.0)
+    return make
+  ready = capacity.ready_seconds({"sparse": lower(2.0), "dense": lower(3.0)})
+  assert sorted(ready) == ["dense", "sparse"] and all(t > 0 for t in ready.values())
+  assert lowered == [2.0, 3.0] * capacity.READY_ROUNDS  # alternating, a fresh one each
 
 
 def test_recalibration_replaces_the_plans_and_bad_entries_are_one_line(tmp_path):
@@ -92,15 +123,19 @@ def calibrated_run(tmp_path_factory):
 
   with pytest.MonkeyPatch.context() as m:
     m.setattr(capacity, "paired_timer", fake_timer)
+    m.setattr(capacity, "ready_seconds", lambda lowerings: (
+        seen.append(("ready", sorted(lowerings))), READY)[1])
     assert calibrate_cmd.main(["--workdir", str(run), "--split", "validation",
                                "--no-progress"]) == 0
-  assert seen == [(1, ["dense", "sparse"]), (EVAL_BATCH, ["dense", "sparse"])]
+  assert seen == [(1, ["dense", "sparse"]), ("ready", ["dense", "sparse"]),
+                  (EVAL_BATCH, ["dense", "sparse"])]
   return run
 
 
 def test_calibrate_records_the_faster_plan_per_batch_size(calibrated_run):
   config = config_io.load_json(str(calibrated_run / "config.json"))
-  assert config.eval.plans == ((1, "dense", 26.6, 9.3), (EVAL_BATCH, "sparse", 10.0, 20.0))
+  assert config.eval.plans == ((1, "dense", 26.6, 9.3, 1.4, 0.35),
+                               (EVAL_BATCH, "sparse", 10.0, 20.0))
   assert config.model.capacity_buckets is not None
   facts = json.loads((calibrated_run / "calibration.json").read_text())
   assert [p["mode"] for p in facts["plans"]] == ["dense", "sparse"]
@@ -135,6 +170,29 @@ def test_predict_and_load_follow_the_plan(calibrated_run, tmp_path, monkeypatch,
   predictor = scanformer_jax.load(calibrated_run, batch_size=8)
   assert [predictor.mode(b) for b in (1, 2, 4, 8)] == ["dense", "dense", "sparse", "sparse"]
   assert predictor.describe_plan(8).startswith("plan: sparse (")
+
+
+def test_predict_of_one_image_takes_the_plan_ready_sooner(calibrated_run, tmp_path,
+                                                          monkeypatch, capsys):
+  """Bucketed sparse faster per forward but slower to get ready: one image's predict runs
+  dense and says why; `load()` with no forward count keeps the faster per forward."""
+  monkeypatch.setattr(compile_cache, "programs_dir", lambda: str(tmp_path / "programs"))
+  modes = []
+  rows = forward.rows
+  monkeypatch.setattr(forward, "rows", lambda cfg, params, batch, mode="sparse", **kw: (
+      modes.append(mode), rows(cfg, params, batch, mode, **kw))[1])
+  image = tmp_path / "a.png"
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  Image.fromarray(noise(50, 70, seed=2)).save(image)
+  plans = "eval.plans=((1, 'sparse', 2.2, 3.4, 1.4, 0.35),)"
+  assert predict_cmd.main(["--workdir", str(calibrated_run), "--image", str(image), "--text",
+                           "the red square", "--set", plans]) == 0
+  assert "for 1 forward the program's start decides" in capsys.readouterr().err
+  assert modes == ["dense"]
+  config = config_io.apply_overrides(config_io.load_json(
+      str(calibrated_run / "config.json")), [plans])
+  assert scanformer_jax.load(calibrated_run, config=config).mode(1) == "sparse"
+  assert scanformer_jax.load(calibrated_run, config=config, calls=1).mode(1) == "dense"
 
 
 def test_export_follows_the_plan_of_its_batch_size(calibrated_run, tmp_path, capsys):
