@@ -163,6 +163,7 @@ COMMANDS: dict[str, object] = {
     ("python experiments/profile_train_step.py --config experiments/configs/synthetic_tiny.py "
      "--steps-per-call 8 --speed-only --steps 6"): Parse("the demo's train steps timed: minutes"),
     "python experiments/probe_object_features.py --workdir runs/demo": Parse(DEMO_RUN),
+    "python experiments/bench_exit_overhead.py --workdir runs/demo --pairs 40": Parse(DEMO_RUN),
     "scanformer bench --train --loop --config experiments/configs/synthetic_tiny.py": Parse(
         "the demo's training loop against the baseline loop: minutes"),
     ("gcloud compute tpus tpu-vm ssh $TPU --zone $ZONE --worker=all --command \"git clone "
