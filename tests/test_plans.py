@@ -152,7 +152,9 @@ def test_eval_follows_the_plan_and_says_which_ran(calibrated_run, tmp_path, caps
   assert "hint:" not in printed
 
 
-def test_predict_and_load_follow_the_plan(calibrated_run, tmp_path, monkeypatch, capsys):
+def _record_modes_and_image(tmp_path, monkeypatch) -> tuple[list[str], str]:
+  """(the modes every forward traced runs, recorded as they trace; an image path), with
+  the program cache in tmp_path."""
   monkeypatch.setattr(compile_cache, "programs_dir", lambda: str(tmp_path / "programs"))
   modes = []
   rows = forward.rows
@@ -161,7 +163,12 @@ def test_predict_and_load_follow_the_plan(calibrated_run, tmp_path, monkeypatch,
   image = tmp_path / "a.png"
   from PIL import Image  # pylint: disable=g-import-not-at-top
   Image.fromarray(noise(50, 70, seed=2)).save(image)
-  assert predict_cmd.main(["--workdir", str(calibrated_run), "--image", str(image), "--text",
+  return modes, str(image)
+
+
+def test_predict_and_load_follow_the_plan(calibrated_run, tmp_path, monkeypatch, capsys):
+  modes, image = _record_modes_and_image(tmp_path, monkeypatch)
+  assert predict_cmd.main(["--workdir", str(calibrated_run), "--image", image, "--text",
                            "the red square"]) == 0
   captured = capsys.readouterr()
   assert "plan: dense (bucketed sparse measured 26.6 ms vs dense 9.3 ms at batch 1)" in (
@@ -176,16 +183,9 @@ def test_predict_of_one_image_takes_the_plan_ready_sooner(calibrated_run, tmp_pa
                                                           monkeypatch, capsys):
   """Bucketed sparse faster per forward but slower to get ready: one image's predict runs
   dense and says why; `load()` with no forward count keeps the faster per forward."""
-  monkeypatch.setattr(compile_cache, "programs_dir", lambda: str(tmp_path / "programs"))
-  modes = []
-  rows = forward.rows
-  monkeypatch.setattr(forward, "rows", lambda cfg, params, batch, mode="sparse", **kw: (
-      modes.append(mode), rows(cfg, params, batch, mode, **kw))[1])
-  image = tmp_path / "a.png"
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  Image.fromarray(noise(50, 70, seed=2)).save(image)
+  modes, image = _record_modes_and_image(tmp_path, monkeypatch)
   plans = "eval.plans=((1, 'sparse', 2.2, 3.4, 1.4, 0.35),)"
-  assert predict_cmd.main(["--workdir", str(calibrated_run), "--image", str(image), "--text",
+  assert predict_cmd.main(["--workdir", str(calibrated_run), "--image", image, "--text",
                            "the red square", "--set", plans]) == 0
   assert "for 1 forward the program's start decides" in capsys.readouterr().err
   assert modes == ["dense"]
