@@ -296,8 +296,10 @@ def choose_plan(batch_size: int, seconds: Mapping[str, Sequence[float]],
 
 
 PlanTimer = Callable[[int, Mapping[str, Callable[[], Any]]], Mapping[str, Sequence[float]]]
-# Times each program is made ready by `ready_seconds` (the fastest counts).
-READY_ROUNDS = 2
+# Times each program is made ready by `ready_seconds` (the fastest counts): once, as the
+# sparse and dense programs differ several-fold and each round lowers both afresh
+# (seconds of tracing in `calibrate`).
+READY_ROUNDS = 1
 
 
 def ready_seconds(lowerings: Mapping[str, Callable[[], Any]],
