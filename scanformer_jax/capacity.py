@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -308,7 +309,6 @@ def ready_seconds(lowerings: Mapping[str, Callable[[], Any]],
   returns a freshly lowered program; its `.compile()` is timed): read back from the
   compilation cache when it is on (the programs have run once already), else
   compiled. The fastest of `rounds`, alternating the modes."""
-  import time  # pylint: disable=g-import-not-at-top
   best = {mode: math.inf for mode in lowerings}
   for _ in range(rounds):
     for mode, lower in lowerings.items():
@@ -317,7 +317,6 @@ def ready_seconds(lowerings: Mapping[str, Callable[[], Any]],
       lowered.compile()
       best[mode] = min(best[mode], time.perf_counter() - start)
   return {mode: round(t, 3) for mode, t in best.items()}
-
 
 
 def paired_timer(batch_size: int, runs: Mapping[str, Callable[[], Any]],
