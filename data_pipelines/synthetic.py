@@ -17,9 +17,13 @@ to read spatial words; left/right words make horizontal flips meaningful.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import contextlib
 import dataclasses
 import io
 import itertools
+import multiprocessing
 from collections.abc import Iterator
 
 import numpy as np
@@ -286,13 +290,48 @@ def encode_jpeg(img: np.ndarray, quality: int) -> bytes:
   return buf.getvalue()
 
 
-def generate_split(seed: int, split: str, num_expressions: int,
-                   cfg: SceneConfig) -> Iterator[tuple[int, Scene]]:
-  """(scene index, scene) until exactly `num_expressions` expressions were made."""
-  total, index = 0, 0
-  while total < num_expressions:
-    scene = make_scene(seed, split, index, cfg)
-    scene.expressions[:] = scene.expressions[:num_expressions - total]
-    total += len(scene.expressions)
-    yield index, scene
-    index += 1
+def generate_split(seed: int, split: str, num_expressions: int, cfg: SceneConfig,
+                   workers: int = 1) -> Iterator[tuple[int, Scene]]:
+  """(scene index, scene) until exactly `num_expressions` expressions were made.
+
+  Each scene depends only on (seed, split, index), so `workers` > 1 draws blocks of
+  consecutive scenes in that many processes: the same scenes in the same order.
+  """
+  scenes = (_scenes_in_processes(seed, split, cfg, workers) if workers > 1 else
+            (make_scene(seed, split, index, cfg) for index in itertools.count()))
+  total = 0
+  with contextlib.closing(scenes):  # Stops the processes as soon as the split is full.
+    for index, scene in enumerate(scenes):
+      if total >= num_expressions:
+        return
+      scene.expressions[:] = scene.expressions[:num_expressions - total]
+      total += len(scene.expressions)
+      yield index, scene
+
+
+# Scenes per task when several processes draw a split.
+_SCENES_PER_TASK = 128
+
+
+def _scene_block(seed: int, split: str, start: int, cfg: SceneConfig) -> list[Scene]:
+  return [make_scene(seed, split, i, cfg) for i in range(start, start + _SCENES_PER_TASK)]
+
+
+def _scenes_in_processes(seed: int, split: str, cfg: SceneConfig,
+                         workers: int) -> Iterator[Scene]:
+  """Scenes 0, 1, 2, ... drawn in `workers` spawned processes, two blocks each in
+  flight (spawned: the parent may already run JAX's threads, which fork would copy
+  in an undefined state)."""
+  context = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+    starts = itertools.count(0, _SCENES_PER_TASK)
+    pending = collections.deque(pool.submit(_scene_block, seed, split, next(starts), cfg)
+                                for _ in range(2 * workers))
+    try:
+      while True:
+        block = pending.popleft().result()
+        pending.append(pool.submit(_scene_block, seed, split, next(starts), cfg))
+        yield from block
+    finally:
+      for future in pending:
+        future.cancel()

@@ -172,6 +172,17 @@ def test_generate_split_yields_exact_count():
   assert [i for i, _ in scenes] == list(range(len(scenes)))
 
 
+def test_scenes_drawn_in_processes_are_the_same_scenes_in_the_same_order():
+  cfg = S.SceneConfig(image_size=64)
+  count = 3 * S._SCENES_PER_TASK  # Several blocks, the last one cut short.
+  one = list(S.generate_split(0, "train", count, cfg))
+  two = list(S.generate_split(0, "train", count, cfg, workers=2))
+  assert len(one) == len(two) > S._SCENES_PER_TASK
+  for (i, a), (j, b) in zip(one, two):
+    assert i == j and a.expressions == b.expressions and a.objects == b.objects
+    np.testing.assert_array_equal(a.image, b.image)
+
+
 def test_config_spec_and_kind_weights():
   from data_pipelines import synthetic_builder as SB
   from data_pipelines.errors import DataError
