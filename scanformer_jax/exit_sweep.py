@@ -209,29 +209,45 @@ def collect_split(config: ExperimentConfig, params: Any, mesh: Mesh, shardings: 
 
 def run_sweep(config: ExperimentConfig, params: Any, mesh: Mesh, shardings: Any, split: str,
               specs: Optional[Sequence[str]] = None, measure: bool = True,
-              progress: bool = True, report_split: Optional[str] = None) -> dict:
+              progress: bool = True, report_split: Optional[str] = None,
+              collected: Optional[tuple[Any, Any]] = None,
+              also_time: Sequence[str] = ()) -> dict:
   """The sweep's result (module docstring) for `params`: curves and operating points
   chosen on `split`; with `report_split`, the same curves on it (`reported`) and the
-  operating points' numbers and timings from it (held out from the choice)."""
+  operating points' numbers and timings from it (held out from the choice).
+
+  `collected`: the (`split`, reporting split) rows when the caller already has them
+  (`collect_split`), so a process that also calibrates runs each split once.
+  `also_time`: more specs timed on the exit path in the same program and passes,
+  paired like the operating points; their facts come back under `also_timed`, outside
+  the curves.
+  """
   cfg = config.model
   chosen, skipped = usable_specs(config, specs)
-  metrics = collect_split(config, params, mesh, shardings, split, progress)
+  report_split = report_split or split
+  if collected is None:
+    metrics = collect_split(config, params, mesh, shardings, split, progress)
+    report_metrics = metrics if report_split == split else collect_split(
+        config, params, mesh, shardings, report_split, progress)
+  else:
+    metrics, report_metrics = collected
   view = _split_view(cfg, metrics, chosen, split)
-  reported, report_metrics = view, metrics
-  if report_split and report_split != split:
-    report_metrics = collect_split(config, params, mesh, shardings, report_split, progress)
-    reported = _split_view(cfg, report_metrics, chosen, report_split)
-  plain_samples_per_s = None
+  reported = view if report_split == split else _split_view(cfg, report_metrics, chosen,
+                                                            report_split)
+  plain_samples_per_s, also_timed = None, {}
   if measure:
     # The reporting split's first batches again (the same order as its metrics).
-    timed = evaluate.first_device_batches(config, reported["split"], mesh)
+    timed = evaluate.first_device_batches(config, report_split, mesh)
     paired = [p["criterion"] for p in _cheapest_points(view["no_exit"],
                                                        view["criteria"]).values()]
-    measured, plain_samples_per_s = measure_exit_path(config, params, mesh, shardings,
-                                                      timed, chosen, report_metrics, paired,
-                                                      progress=progress)
+    extra = [spec for spec in also_time if spec not in chosen]
+    measured, plain_samples_per_s = measure_exit_path(
+        config, params, mesh, shardings, timed, [*chosen, *extra], report_metrics,
+        [*paired, *also_time], progress=progress)
     for spec, facts_of_spec in measured.items():
-      reported["_points"][spec].update(facts_of_spec)
+      if spec in chosen:
+        reported["_points"][spec].update(facts_of_spec)
+    also_timed = {spec: measured[spec] for spec in also_time}
   view.pop("_points")
   reported.pop("_points", None)
   result = {**view, "chosen_on": split, "reported_on": reported["split"],
@@ -239,6 +255,8 @@ def run_sweep(config: ExperimentConfig, params: Any, mesh: Mesh, shardings: Any,
   if reported is not view:
     result["reported"] = reported
   result["operating_points"] = operating_points(result)
+  if also_time:
+    result["also_timed"] = also_timed
   return result
 
 

@@ -135,3 +135,36 @@ def test_calibrate_cli_refuses_bad_settings(workdir, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], (argv, err)
   early_exit.parse("last_scale")  # The registry is intact.
+
+
+def test_sweep_and_calibration_in_one_process_share_the_splits_and_the_exit_path(
+    workdir, tmp_path, monkeypatch, capsys):
+  """`--exit-sweep DIR --exit-calibrate`: each split runs once, the exit path compiles
+  once, and the calibrated threshold and the no-exit point are timed in the sweep's
+  pairs (the numbers both files report are the same measurement)."""
+  from scanformer_jax import exit_sweep
+  collected, programs = [], []
+  collect, program = exit_sweep.collect_split, exit_sweep.ExitScan
+  monkeypatch.setattr(exit_sweep, "collect_split",
+                      lambda *a, **k: collected.append(a[4]) or collect(*a, **k))
+  monkeypatch.setattr(exit_sweep, "ExitScan", lambda *a: programs.append(1) or program(*a))
+  monkeypatch.setattr(exit_sweep, "PAIRED_PASSES", 2)
+  out = tmp_path / "sweep"
+  assert eval_cmd.main(["--workdir", str(workdir), "--no-progress", "--exit-calibrate",
+                        "--exit-sweep", str(out), "--split", "validation", "--report-split",
+                        "test", "--risk", "0.5", "--delta", "0.5",
+                        "--exit-criteria", "iou_head"]) == 0
+  assert collected == ["validation", "test"] and len(programs) == 1
+  sweep = json.load(open(out / "exit_sweep.json"))
+  saved = json.load(open(workdir / "exit_calibration.json"))
+  # The sweep draws every criterion; --exit-criteria names what is calibrated.
+  assert {"iou_head", "box_stability", "selection_mass"} <= set(sweep["criteria"])
+  assert set(saved["criteria"]) == {"iou_head"} and "also_timed" not in sweep
+  assert sweep["reported_on"] == saved["reported_on"] == "test"
+  held = saved["report"]["criteria"]["iou_head"]
+  assert held["spec"] == saved["criteria"]["iou_head"]["spec"] != "last_scale"
+  assert held["speedup_spread"]["n"] == 2 and held["exit_scale_agreement"] == 1.0
+  assert saved["report"]["no_exit_over_plain"] == sweep["reported"]["no_exit"][
+      "paired_over_plain"]
+  printed = capsys.readouterr().out
+  assert "operating points" in printed and "reported on test" in printed

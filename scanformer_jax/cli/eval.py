@@ -9,7 +9,8 @@ Evaluates the newest readable checkpoint of W (or `--step N`) with the sparse pa
 `--exit-calibrate` chooses exit thresholds with a risk guarantee and writes
 W/exit_calibration.json (scanformer_jax/exit_calibration.py), which
 `--exit-criterion calibrated:<name>` then runs. Both choose on `--split` and, with
-`--report-split S`, report on S (held out).
+`--report-split S`, report on S (held out); given together they share one run of each
+split and one compiled exit path.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="with --exit-sweep: comma-separated criteria (e.g. "
                       "iou_head:0.7,box_stability:0.9); default every registered one "
                       "at every threshold of its grid; with --exit-calibrate: names "
-                      "(their calibration grid) or name:threshold specs")
+                      "(their calibration grid) or name:threshold specs to calibrate (with "
+                      "both, the sweep takes every criterion)")
   parser.add_argument("--exit-criterion", metavar="SPEC",
                       help="report this early-exit criterion beside the full scan (sets "
                       "eval.exit_criterion), e.g. halt_head:0.9 or calibrated:halt_head "
@@ -96,9 +98,9 @@ def _check_gallery_args(args, splits: list[str]) -> None:
     if len(splits) != 1:
       raise UserError(f"--exit-calibrate calibrates on one split, got {', '.join(splits)}: "
                       "add --split NAME")
-    if args.exit_sweep or args.gallery or args.mode == "dense" or args.exit_criterion:
-      raise UserError("--exit-calibrate runs alone: drop --exit-sweep / --gallery / --mode / "
-                      "--exit-criterion")
+    if args.gallery or args.mode == "dense" or args.exit_criterion:
+      raise UserError("--exit-calibrate runs alone or with --exit-sweep: drop --gallery / "
+                      "--mode / --exit-criterion")
     for key, default in CALIBRATION_DEFAULTS.items():
       if getattr(args, key) is None:
         setattr(args, key, default)
@@ -209,12 +211,19 @@ def write_json_report(reports: dict[str, dict], path: str) -> None:
 
 def _exit_sweep(args, config, run, split: str) -> int:
   """`--exit-sweep DIR`: scanformer_jax/exit_sweep.py's curves of `split`."""
-  import jax  # pylint: disable=g-import-not-at-top
   from scanformer_jax import exit_sweep  # pylint: disable=g-import-not-at-top
   specs = [c.strip() for c in args.exit_criteria.split(",") if c.strip()]
   result = exit_sweep.run_sweep(config, run.params, run.mesh, run.param_shardings, split,
                                 specs or None, progress=not args.no_progress,
                                 report_split=args.report_split)
+  _write_sweep(args, config, run, split, result)
+  return 0
+
+
+def _write_sweep(args, config, run, split: str, result: dict) -> None:
+  """Writes and prints a sweep's result (process 0)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from scanformer_jax import exit_sweep  # pylint: disable=g-import-not-at-top
   result = {"step": run.step, **result}
   if jax.process_index() == 0:
     clean, _ = strict_json(result)
@@ -223,7 +232,6 @@ def _exit_sweep(args, config, run, split: str) -> int:
     print(f"checkpoint step {run.step}, split {split}, {result['count']} expressions")
     print(exit_sweep.format_sweep(result))
     print(f"wrote {json_path} and {png_path}")
-  return 0
 
 
 def _exit_calibrate(args, config, run, split: str) -> int:
@@ -245,17 +253,33 @@ def _exit_calibrate(args, config, run, split: str) -> int:
   result = exit_calibration.calibrate(cfg, metrics, split, grids, args.risk, args.delta,
                                       args.guarantee, args.loss, args.margin, args.p_value)
   result = {"step": run.step, **result}
+  held_metrics = metrics
+  if args.report_split and args.report_split != split:
+    held_metrics = collect(args.report_split)
+  chosen = sorted({e["spec"] for e in result["criteria"].values() if e["threshold"] is not None})
+  if args.exit_sweep:
+    # The curves from the same rows, and the chosen thresholds timed in the sweep's
+    # program and passes: each split runs once, the exit path compiles once.
+    sweep = exit_sweep.run_sweep(
+        config, run.params, run.mesh, run.param_shardings, split, measure=not args.no_timing,
+        progress=progress, report_split=args.report_split, collected=(metrics, held_metrics),
+        also_time=chosen if args.report_split else ())
+    timed_by_sweep = sweep.pop("also_timed", None)
+    _write_sweep(args, config, run, split, sweep)
   if args.report_split:
-    held_metrics = metrics if args.report_split == split else collect(args.report_split)
     held = exit_calibration.report(cfg, held_metrics, args.report_split, result)
-    chosen = sorted({e["spec"] for e in result["criteria"].values() if e["threshold"] is not None})
     if not args.no_timing:
-      timed = evaluate.first_device_batches(config, args.report_split, run.mesh)
-      measured, plain = exit_sweep.measure_exit_path(
-          config, run.params, run.mesh, run.param_shardings, timed, [*chosen, "last_scale"],
-          held_metrics, paired=chosen, progress=progress)
+      if args.exit_sweep:
+        measured, plain = timed_by_sweep, sweep["plain_eval_samples_per_s"]
+        no_exit = (sweep.get("reported") or sweep)["no_exit"]
+      else:
+        timed = evaluate.first_device_batches(config, args.report_split, run.mesh)
+        measured, plain = exit_sweep.measure_exit_path(
+            config, run.params, run.mesh, run.param_shardings, timed,
+            [*chosen, "last_scale"], held_metrics, paired=chosen, progress=progress)
+        no_exit = measured["last_scale"]
       held["plain_eval_samples_per_s"] = plain
-      held["no_exit_over_plain"] = measured["last_scale"]["paired_over_plain"]
+      held["no_exit_over_plain"] = no_exit["paired_over_plain"]
       for entry in held["criteria"].values():
         if entry["spec"] in chosen:
           spread = measured[entry["spec"]]["paired_speedup"]
@@ -294,10 +318,10 @@ def main(argv: list[str]) -> int:
     from scanformer_jax import exit_calibration  # pylint: disable=g-import-not-at-top
     calibration = exit_calibration.activate(args.workdir)
     run = workdir.load_for_inference(args.workdir, config, args.step, config.mesh)
-    if args.exit_sweep:
-      return _exit_sweep(args, config, run, splits[0])
     if args.exit_calibrate:
       return _exit_calibrate(args, config, run, splits[0])
+    if args.exit_sweep:
+      return _exit_sweep(args, config, run, splits[0])
     mode, plan_line = eval_plan(args, config)
     reports = evaluate.evaluate_params(config, run.params, run.mesh, run.param_shardings,
                                        splits, progress=not args.no_progress,
