@@ -175,7 +175,13 @@ def parse(spec: str):
   name, sep, arg = spec.strip().partition(":")
   if name not in _REGISTRY:
     raise ValueError(f"unknown exit criterion {name!r}; known: {', '.join(names())}")
-  return _REGISTRY[name].from_arg(arg.strip() if sep else None)
+  try:
+    return _REGISTRY[name].from_arg(arg.strip() if sep else None)
+  except TypeError as e:  # e.g. float(None): a class that needs a threshold and has no grid.
+    if sep:
+      raise
+    raise ValueError(f"exit criterion {name} needs a threshold, e.g. {name}:T (a sweep "
+                     f"tries a class's `grid`; this one has none): {e}") from None
 
 
 def model_outputs(rows: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

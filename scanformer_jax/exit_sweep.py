@@ -57,11 +57,6 @@ def usable_specs(config: ExperimentConfig, specs: Optional[Sequence[str]]
       if specs:
         raise
       skipped.setdefault(spec.split(":")[0], str(e))
-    except (TypeError, ValueError) as e:  # A criterion with no `grid` that needs a threshold.
-      if specs:
-        raise UserError(f"exit criterion {spec!r}: {e}") from None
-      skipped.setdefault(spec, f"has no threshold grid and needs a threshold ({e}): "
-                         f"give it as --exit-criteria {spec}:T, or give its class a `grid`")
   for needed in ("last_scale", "oracle"):  # The two reference points, always.
     if not any(spec.split(":")[0] == needed for spec in chosen):
       chosen.append(needed)

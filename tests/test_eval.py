@@ -10,7 +10,7 @@ from data_pipelines.contract import DEVICE_KEYS
 import fake_data
 import train_helpers
 from scanformer_jax import config_io, early_exit, evaluate, sharding, train_state
-from scanformer_jax.config import EvalConfig, MeshConfig
+from scanformer_jax.config import EvalConfig, ExperimentConfig, MeshConfig, ModelConfig
 from scanformer_jax.errors import UserError
 from scanformer_jax.eval_step import EvalStep
 
@@ -193,3 +193,14 @@ def test_a_new_criterion_is_one_registered_class(monkeypatch):
   criterion = early_exit.parse("test_stable_box:0.1")
   assert criterion == StableBox(0.1) and "test_stable_box" in early_exit.names()
   np.testing.assert_array_equal(criterion.exit_scale({"boxes": boxes}), [1, 2])
+  # It has no `grid`: a default sweep skips it and says how to give a threshold; asked
+  # for by name without one, a one-line error.
+  from scanformer_jax import exit_sweep  # pylint: disable=g-import-not-at-top
+  config = ExperimentConfig(model=ModelConfig.tiny())
+  chosen, skipped = exit_sweep.usable_specs(config, None)
+  assert "box_stability:0.9" in chosen and "last_scale" in chosen
+  assert not any(spec.startswith("test_stable_box") for spec in chosen)
+  assert "test_stable_box:T" in skipped["test_stable_box"]
+  assert exit_sweep.usable_specs(config, ["test_stable_box:0.2"])[0][0] == "test_stable_box:0.2"
+  with pytest.raises(UserError, match="exit criterion 'test_stable_box'.*needs a threshold"):
+    exit_sweep.usable_specs(config, ["test_stable_box"])

@@ -95,35 +95,3 @@ def test_demo_rows_of_a_calibration():
   assert rows[1][1] == "no threshold of iou_head meets ..." and rows[1][3] is None
   assert rows[2][1].startswith("2.00x median of 3 paired ratios")
 
-
-def test_a_criterion_without_a_grid_is_skipped_with_the_reason(monkeypatch):
-  """A fork's criterion that needs a threshold and declares no `grid`: the default
-  sweep names it among the skipped with what to do; asked for by name, a clear error."""
-  import dataclasses
-  import pytest
-  from scanformer_jax import early_exit
-  from scanformer_jax.config import ExperimentConfig, ModelConfig
-  from scanformer_jax.errors import UserError
-  monkeypatch.setattr(early_exit, "_REGISTRY", dict(early_exit._REGISTRY))
-
-  @early_exit.register("test_no_grid")
-  @dataclasses.dataclass(frozen=True)
-  class NoGrid:
-    tol: float
-    name: str = "test_no_grid"
-
-    @classmethod
-    def from_arg(cls, arg):
-      return cls(float(arg))
-
-    def exit_scale(self, outputs):
-      return np.full(len(outputs["boxes"]), outputs["boxes"].shape[1] - 1, np.int32)
-
-  config = ExperimentConfig(model=ModelConfig.tiny())
-  chosen, skipped = exit_sweep.usable_specs(config, None)
-  assert "box_stability:0.9" in chosen and "last_scale" in chosen
-  assert not any(spec.startswith("test_no_grid") for spec in chosen)
-  assert "--exit-criteria test_no_grid:T" in skipped["test_no_grid"]
-  assert exit_sweep.usable_specs(config, ["test_no_grid:0.2"])[0][0] == "test_no_grid:0.2"
-  with pytest.raises(UserError, match="exit criterion 'test_no_grid'"):
-    exit_sweep.usable_specs(config, ["test_no_grid"])
